@@ -1,0 +1,136 @@
+// The compute Backend: the one door from model/ and attention/ to hardware.
+// Coarse operations over activation buffers and weights that live in the
+// backend's memory (host memory for the CPU backend, HBM for a CUDA backend).
+//
+// Thread-compatible: one thread (the engine's step loop) drives a Backend at
+// a time; each operation may use the backend's own worker threads inside.
+// All pointers passed to operations are backend memory obtained from
+// AllocBuffer or UploadWeight, and are borrowed for the duration of the call.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string_view>
+
+#include "common/status.h"
+#include "kernels/dtype.h"
+
+namespace mnemo::kernels {
+
+// A 2-D weight matrix, row-major: `rows` output features, each a contiguous
+// row of `cols` input features encoded as `type` (GGUF's ne[0] = cols,
+// ne[1] = rows). `data` is backend memory (see Backend::UploadWeight).
+struct Weight {
+  DType type = DType::kF32;
+  int64_t rows = 0;
+  int64_t cols = 0;
+  const void* data = nullptr;
+  size_t row_bytes() const { return RowBytes(type, cols); }
+};
+
+enum class RopeStyle : uint8_t {
+  kAdjacent,  // llama: rotate pairs (x[2i], x[2i+1])
+  kHalves,    // neox/qwen2: rotate pairs (x[i], x[i + rot_dims/2])
+};
+
+// Geometry of one KV page: `page_tokens` consecutive tokens of one sequence
+// for one layer, K then V, each [n_kv_heads][page_tokens][head_dim] fp16.
+struct KvLayout {
+  int32_t page_tokens = 16;
+  int32_t n_kv_heads = 0;
+  int32_t head_dim = 0;
+  size_t page_bytes() const {
+    return 2u * static_cast<size_t>(page_tokens) * n_kv_heads * head_dim * sizeof(uint16_t);
+  }
+  // Element offset of K[head][slot][0] and V[head][slot][0] within a page
+  // viewed as uint16_t[].
+  size_t k_offset(int head, int slot) const {
+    return (static_cast<size_t>(head) * page_tokens + slot) * head_dim;
+  }
+  size_t v_offset(int head, int slot) const {
+    return static_cast<size_t>(n_kv_heads) * page_tokens * head_dim + k_offset(head, slot);
+  }
+};
+
+// One sequence's pages for the layer being computed, in token order.
+struct AttentionSeq {
+  const void* const* pages = nullptr;  // n_pages page base pointers
+  int32_t n_pages = 0;
+};
+
+// Batched causal attention for one layer. Query row t attends to the first
+// kv_len[t] tokens of sequence seq[t] (its own token included, already
+// written with WriteKv).
+struct AttentionArgs {
+  KvLayout layout;
+  int32_t n_heads = 0;  // query heads; a multiple of layout.n_kv_heads (GQA)
+  float scale = 1.0f;   // usually 1/sqrt(head_dim)
+  int64_t n_tokens = 0;
+  const float* q = nullptr;        // [n_tokens][n_heads*head_dim]
+  float* out = nullptr;            // [n_tokens][n_heads*head_dim]
+  const int32_t* seq = nullptr;    // [n_tokens] index into seqs
+  const int32_t* kv_len = nullptr; // [n_tokens]
+  const AttentionSeq* seqs = nullptr;
+  int32_t n_seqs = 0;
+};
+
+// Where each new token's K and V go: page base pointer and slot in the page.
+struct KvWriteArgs {
+  KvLayout layout;
+  int64_t n_tokens = 0;
+  const float* k = nullptr;       // [n_tokens][n_kv_heads*head_dim]
+  const float* v = nullptr;       // [n_tokens][n_kv_heads*head_dim]
+  void* const* page = nullptr;    // [n_tokens]
+  const int32_t* slot = nullptr;  // [n_tokens], 0 <= slot < page_tokens
+};
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+
+  virtual std::string_view name() const = 0;
+  // Worker threads the backend computes with (CPU) or 1.
+  virtual int threads() const = 0;
+
+  // --- Memory ---------------------------------------------------------------
+  // 64-byte aligned (page-aligned for sizes >= 4 KiB). Null when exhausted.
+  virtual void* AllocBuffer(size_t bytes) = 0;
+  virtual void FreeBuffer(void* p) = 0;
+  // Makes a host weight usable by the backend. The CPU backend returns `host`
+  // itself (zero-copy over the mmap'd model); a device backend copies.
+  // `host` must outlive the returned pointer on the CPU backend.
+  virtual Result<const void*> UploadWeight(const void* host, size_t bytes) = 0;
+  virtual void CopyToHost(void* dst_host, const void* src, size_t bytes) = 0;
+  virtual void CopyFromHost(void* dst, const void* src_host, size_t bytes) = 0;
+
+  // --- Operations (f32 activations, row-major) -------------------------------
+  // y[n][w.rows] = x[n][w.cols] · wᵀ. Activations are quantized to the
+  // weight's dot-product type first, as llama.cpp does (Q8_1 for Q4_1, Q8_0 for
+  // Q4_0/Q8_0, Q8_K for K-quants, f16 for F16, bf16 for BF16).
+  virtual void MatMul(const Weight& w, const float* x, int64_t n, float* y) = 0;
+  // out[i][:] = dequantized row ids[i] of `table`.
+  virtual void GetRows(const Weight& table, const int32_t* ids, int64_t n, float* out) = 0;
+  // y = x / rms(x) * gain, per row of `dim`; y may alias x.
+  virtual void RmsNorm(const float* x, const float* gain, int64_t n, int64_t dim, float eps,
+                       float* y) = 0;
+  // Rotates the first rot_dims of each head of x[n][n_heads*head_dim] in place
+  // by angle pos[t] * base^(-2i/rot_dims).
+  virtual void Rope(float* x, int64_t n, int32_t n_heads, int32_t head_dim, int32_t rot_dims,
+                    const int32_t* pos, float freq_base, RopeStyle style) = 0;
+  // gate[i] = silu(gate[i]) * up[i].
+  virtual void SiluMul(float* gate, const float* up, int64_t count) = 0;
+  // y[i] += x[i].
+  virtual void Add(float* y, const float* x, int64_t count) = 0;
+  // y[t][j] += bias[j] for t < n, j < dim.
+  virtual void AddBias(float* y, const float* bias, int64_t n, int64_t dim) = 0;
+  // Converts K and V to fp16 into their page slots.
+  virtual void WriteKv(const KvWriteArgs& args) = 0;
+  virtual void Attention(const AttentionArgs& args) = 0;
+};
+
+// The CPU backend with `threads` workers (0: all cores). Never fails: the CPU
+// path always exists.
+std::unique_ptr<Backend> MakeCpuBackend(int threads);
+
+}  // namespace mnemo::kernels
