@@ -4,8 +4,11 @@
 //
 // Thread-compatible: one thread (the engine's step loop) drives a Backend at
 // a time; each operation may use the backend's own worker threads inside.
-// All pointers passed to operations are backend memory obtained from
-// AllocBuffer or UploadWeight, and are borrowed for the duration of the call.
+// Activation and weight pointers passed to operations are backend memory
+// obtained from AllocBuffer or UploadWeight; small index arrays (token ids,
+// positions, sequence indices, KV lengths, page-pointer and slot arrays) are
+// host memory, which a device backend uploads itself. Everything is borrowed
+// for the duration of the call.
 #pragma once
 
 #include <cstddef>
