@@ -1,0 +1,121 @@
+// Page pool and page tables: page boundaries, sharing, copy-on-write,
+// truncation and exhaustion.
+#include "attention/kv_cache.h"
+
+#include <gtest/gtest.h>
+
+#include <cstring>
+
+namespace mnemo::attention {
+namespace {
+
+struct Fixture {
+  std::unique_ptr<kernels::Backend> backend = kernels::MakeCpuBackend(1);
+  kernels::KvLayout layout{4, 2, 8};
+  std::unique_ptr<PagePool> pool;
+  explicit Fixture(size_t pages) {
+    auto p = PagePool::Create(backend.get(), layout, pages * layout.page_bytes());
+    EXPECT_TRUE(p.ok());
+    pool = std::move(p).value();
+  }
+};
+
+TEST(PagePool, BudgetBoundsPagesAndRefsFree) {
+  Fixture f(3);
+  EXPECT_EQ(f.pool->capacity_pages(), 3u);
+  EXPECT_EQ(f.layout.page_bytes(), 2u * 4 * 2 * 8 * 2);
+  auto a = f.pool->Allocate(), b = f.pool->Allocate(), c = f.pool->Allocate();
+  ASSERT_TRUE(a.ok() && b.ok() && c.ok());
+  auto d = f.pool->Allocate();
+  EXPECT_EQ(d.status().code(), StatusCode::kResourceExhausted);
+  f.pool->Ref(*b);
+  f.pool->Unref(*b);
+  EXPECT_EQ(f.pool->free_pages(), 0u);
+  f.pool->Unref(*b);
+  EXPECT_EQ(f.pool->free_pages(), 1u);
+  auto e = f.pool->Allocate();
+  ASSERT_TRUE(e.ok());
+  EXPECT_EQ(*e, *b);  // reused
+  // Distinct pages do not overlap.
+  std::memset(f.pool->Data(*a), 1, f.pool->page_bytes());
+  std::memset(f.pool->Data(*c), 2, f.pool->page_bytes());
+  EXPECT_EQ(static_cast<uint8_t*>(f.pool->Data(*a))[f.pool->page_bytes() - 1], 1);
+}
+
+TEST(PagePool, RejectsBudgetBelowOnePage) {
+  auto backend = kernels::MakeCpuBackend(1);
+  kernels::KvLayout layout{16, 3, 64};
+  EXPECT_EQ(PagePool::Create(backend.get(), layout, 100).status().code(),
+            StatusCode::kInvalidArgument);
+}
+
+TEST(KvCache, ReservesWholePagesPerLayerAtBoundaries) {
+  Fixture f(64);
+  KvCache kv(f.pool.get(), 3);
+  SeqId s = kv.CreateSeq();
+  ASSERT_TRUE(kv.Reserve(s, 4).ok());
+  EXPECT_EQ(kv.Get(s)->layers[0].size(), 1u);
+  EXPECT_EQ(f.pool->used_pages(), 3u);
+  kv.Advance(s, 4);
+  ASSERT_TRUE(kv.Reserve(s, 1).ok());  // position 4 opens page 2
+  EXPECT_EQ(kv.Get(s)->layers[2].size(), 2u);
+  kv.Advance(s, 1);
+  ASSERT_TRUE(kv.Reserve(s, 3).ok());  // positions 5..7 fit in page 2
+  EXPECT_EQ(kv.Get(s)->layers[1].size(), 2u);
+  kv.Advance(s, 3);
+  int32_t slot = -1;
+  void* p = kv.PageFor(s, 1, 7, &slot);
+  EXPECT_EQ(slot, 3);
+  EXPECT_EQ(p, f.pool->Data(kv.Get(s)->layers[1][1]));
+  ASSERT_TRUE(kv.Truncate(s, 4).ok());
+  EXPECT_EQ(f.pool->used_pages(), 3u);
+  EXPECT_EQ(*kv.Length(s), 4);
+  EXPECT_EQ(kv.Truncate(s, 9).code(), StatusCode::kOutOfRange);
+  ASSERT_TRUE(kv.FreeSeq(s).ok());
+  EXPECT_EQ(f.pool->used_pages(), 0u);
+  EXPECT_EQ(kv.FreeSeq(s).code(), StatusCode::kNotFound);
+}
+
+TEST(KvCache, ForkSharesPagesAndCopiesThePartialPageOnWrite) {
+  Fixture f(64);
+  KvCache kv(f.pool.get(), 2);
+  SeqId a = kv.CreateSeq();
+  ASSERT_TRUE(kv.Reserve(a, 6).ok());
+  kv.Advance(a, 6);
+  for (int l = 0; l < 2; ++l)
+    for (PageId p : kv.Get(a)->layers[l]) std::memset(f.pool->Data(p), 0x40 + l, f.pool->page_bytes());
+  EXPECT_EQ(f.pool->used_pages(), 4u);
+  auto b = kv.Fork(a);
+  ASSERT_TRUE(b.ok());
+  EXPECT_EQ(f.pool->used_pages(), 4u);
+  EXPECT_EQ(kv.Get(*b)->layers, kv.Get(a)->layers);
+  ASSERT_TRUE(kv.Reserve(*b, 1).ok());  // writes into the shared half page
+  EXPECT_EQ(f.pool->used_pages(), 6u);
+  for (int l = 0; l < 2; ++l) {
+    EXPECT_EQ(kv.Get(*b)->layers[l][0], kv.Get(a)->layers[l][0]);  // full page still shared
+    const PageId pb = kv.Get(*b)->layers[l][1], pa = kv.Get(a)->layers[l][1];
+    EXPECT_NE(pb, pa);
+    EXPECT_EQ(std::memcmp(f.pool->Data(pb), f.pool->Data(pa), f.pool->page_bytes()), 0);
+  }
+  ASSERT_TRUE(kv.FreeSeq(a).ok());
+  EXPECT_EQ(f.pool->used_pages(), 4u);
+  ASSERT_TRUE(kv.FreeSeq(*b).ok());
+  EXPECT_EQ(f.pool->used_pages(), 0u);
+  EXPECT_EQ(kv.Fork(12345).status().code(), StatusCode::kNotFound);
+}
+
+TEST(KvCache, ExhaustionIsAllOrNothing) {
+  Fixture f(5);
+  KvCache kv(f.pool.get(), 2);
+  SeqId a = kv.CreateSeq();
+  ASSERT_TRUE(kv.Reserve(a, 8).ok());  // 2 pages x 2 layers
+  kv.Advance(a, 8);
+  Status s = kv.Reserve(a, 1);         // needs 2 more, 1 free
+  EXPECT_EQ(s.code(), StatusCode::kResourceExhausted);
+  EXPECT_NE(s.message().find("exhausted"), std::string_view::npos);
+  EXPECT_EQ(kv.Get(a)->layers[0].size(), 2u);
+  EXPECT_EQ(f.pool->used_pages(), 4u);
+}
+
+}  // namespace
+}  // namespace mnemo::attention
