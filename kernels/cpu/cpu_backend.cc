@@ -1,0 +1,261 @@
+// The CPU Backend: splits each operation into tasks for its thread pool and
+// runs the runtime-dispatched SIMD kernels on them.
+#include <sched.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#include "common/check.h"
+#include "kernels/backend.h"
+#include "kernels/cpu/quants.h"
+#include "kernels/cpu/simd.h"
+#include "kernels/cpu/thread_pool.h"
+
+namespace mnemo::kernels {
+namespace cpu {
+namespace {
+
+// Matmuls with at most this many activation rows stream the weights once,
+// computing every row of x per weight tile (decode); larger ones tile x too.
+constexpr int64_t kDecodeRows = 16;
+// Activation rows per task in the tiled (prefill) regime: x tile in L2.
+constexpr int64_t kPrefillRowsX = 48;
+// Weight rows per task in the tiled regime.
+constexpr int64_t kPrefillRowsW = 64;
+// Element-wise ops smaller than this run on the calling thread alone.
+constexpr int64_t kParallelElems = 1 << 15;
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+
+int DefaultThreads() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) {
+    const int n = CPU_COUNT(&set);
+    if (n > 0) return n;
+  }
+  const unsigned n = std::thread::hardware_concurrency();
+  return n > 0 ? static_cast<int>(n) : 1;
+}
+
+int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Thread-compatible (see Backend).
+class CpuBackend final : public Backend {
+ public:
+  explicit CpuBackend(int threads) : pool_(threads), scratch_(static_cast<size_t>(threads)) {}
+
+  std::string_view name() const override { return "cpu"; }
+  int threads() const override { return pool_.size(); }
+
+  void* AllocBuffer(size_t bytes) override {
+    const size_t align = bytes >= 4096 ? 4096 : 64;
+    const size_t size = std::max<size_t>((bytes + align - 1) / align * align, align);
+    return std::aligned_alloc(align, size);
+  }
+  void FreeBuffer(void* p) override { std::free(p); }
+  Result<const void*> UploadWeight(const void* host, size_t bytes) override { return host; }
+  void CopyToHost(void* dst_host, const void* src, size_t bytes) override {
+    std::memcpy(dst_host, src, bytes);
+  }
+  void CopyFromHost(void* dst, const void* src_host, size_t bytes) override {
+    std::memcpy(dst, src_host, bytes);
+  }
+
+  void MatMul(const Weight& w, const float* x, int64_t n, float* y) override;
+  void GetRows(const Weight& table, const int32_t* ids, int64_t n, float* out) override;
+  void RmsNorm(const float* x, const float* gain, int64_t n, int64_t dim, float eps,
+               float* y) override;
+  void Rope(float* x, int64_t n, int32_t n_heads, int32_t head_dim, int32_t rot_dims,
+            const int32_t* pos, float freq_base, RopeStyle style) override;
+  void SiluMul(float* gate, const float* up, int64_t count) override;
+  void Add(float* y, const float* x, int64_t count) override;
+  void AddBias(float* y, const float* bias, int64_t n, int64_t dim) override;
+  void WriteKv(const KvWriteArgs& args) override;
+  void Attention(const AttentionArgs& args) override;
+
+ private:
+  uint8_t* ActBuffer(size_t bytes) {
+    if (act_bytes_ < bytes) {
+      act_bytes_ = (bytes + 4095) / 4096 * 4096;
+      act_.reset(static_cast<uint8_t*>(std::aligned_alloc(4096, act_bytes_)));
+      MNEMO_CHECK(act_ != nullptr);
+    }
+    return act_.get();
+  }
+
+  // Splits [0, count) into chunks for element-wise ops.
+  template <class F>
+  void ForChunks(int64_t count, F&& fn) {
+    if (count < kParallelElems || pool_.size() == 1) {
+      fn(int64_t{0}, count);
+      return;
+    }
+    const int64_t chunk = std::max<int64_t>(4096, CeilDiv(count, 4 * pool_.size()) / 64 * 64);
+    pool_.ParallelFor(CeilDiv(count, chunk), [&](int64_t t, int) {
+      fn(t * chunk, std::min(count, (t + 1) * chunk));
+    });
+  }
+
+  ThreadPool pool_;
+  // Per-worker scratch (attention), sized on the driving thread before a job.
+  std::vector<std::vector<float>> scratch_;
+  std::unique_ptr<uint8_t, FreeDeleter> act_;  // quantized activations
+  size_t act_bytes_ = 0;
+};
+
+void CpuBackend::MatMul(const Weight& w, const float* x, int64_t n, float* y) {
+  MNEMO_CHECK(IsWeightType(w.type));
+  MNEMO_CHECK(w.cols % Info(w.type).block_elems == 0);
+  if (n <= 0 || w.rows <= 0) return;
+  const ActFormat format = MakeActFormat(VecDotType(w.type), w.cols);
+  uint8_t* act = ActBuffer(static_cast<size_t>(n) * format.row_bytes);
+
+  // 1. Quantize x as llama.cpp does for this weight type.
+  const int64_t q_rows_per_task = 8;
+  if (n >= 2 * q_rows_per_task && pool_.size() > 1) {
+    pool_.ParallelFor(CeilDiv(n, q_rows_per_task), [&](int64_t t, int) {
+      for (int64_t i = t * q_rows_per_task; i < std::min(n, (t + 1) * q_rows_per_task); ++i) {
+        QuantizeActRow(format, x + i * w.cols, act + i * format.row_bytes);
+      }
+    });
+  } else {
+    for (int64_t i = 0; i < n; ++i) {
+      QuantizeActRow(format, x + i * w.cols, act + i * format.row_bytes);
+    }
+  }
+
+  // 2. Output rows in block-aligned chunks; x tiled only for long batches.
+  GemmArgs args;
+  args.w_type = w.type;
+  args.w = static_cast<const uint8_t*>(w.data);
+  args.w_row_bytes = w.row_bytes();
+  args.x = act;
+  args.format = format;
+  args.y = y;
+  args.ldy = w.rows;
+  int64_t rows_w, rows_x;
+  if (n <= kDecodeRows) {
+    rows_x = n;
+    // Enough tasks per thread to absorb imbalance, each a multiple of the
+    // 4-row tile.
+    rows_w = std::max<int64_t>(16, CeilDiv(CeilDiv(w.rows, 8 * pool_.size()), 4) * 4);
+  } else {
+    rows_x = kPrefillRowsX;
+    rows_w = kPrefillRowsW;
+  }
+  const int64_t tasks_w = CeilDiv(w.rows, rows_w);
+  const int64_t tasks_x = CeilDiv(n, rows_x);
+  pool_.ParallelFor(tasks_w * tasks_x, [&](int64_t t, int) {
+    const int64_t tx = t / tasks_w;
+    const int64_t tw = t % tasks_w;
+    Gemm(args, tw * rows_w, std::min(w.rows, (tw + 1) * rows_w), tx * rows_x,
+         std::min(n, (tx + 1) * rows_x));
+  });
+}
+
+void CpuBackend::GetRows(const Weight& table, const int32_t* ids, int64_t n, float* out) {
+  const size_t row_bytes = table.row_bytes();
+  for (int64_t i = 0; i < n; ++i) {
+    MNEMO_CHECK(ids[i] >= 0 && ids[i] < table.rows);
+    ref::DequantizeRow(table.type, static_cast<const uint8_t*>(table.data) + ids[i] * row_bytes,
+                       out + i * table.cols, table.cols);
+  }
+}
+
+void CpuBackend::RmsNorm(const float* x, const float* gain, int64_t n, int64_t dim, float eps,
+                         float* y) {
+  if (n * dim < kParallelElems || n == 1) {
+    for (int64_t i = 0; i < n; ++i) RmsNormRow(x + i * dim, gain, dim, eps, y + i * dim);
+    return;
+  }
+  pool_.ParallelFor(n, [&](int64_t i, int) { RmsNormRow(x + i * dim, gain, dim, eps, y + i * dim); });
+}
+
+void CpuBackend::Rope(float* x, int64_t n, int32_t n_heads, int32_t head_dim, int32_t rot_dims,
+                      const int32_t* pos, float freq_base, RopeStyle style) {
+  MNEMO_CHECK(rot_dims % 2 == 0 && rot_dims <= head_dim && rot_dims <= 1024);
+  const int32_t half = rot_dims / 2;
+  // theta_i = pos * base^(-2i/rot_dims), built by repeated multiplication
+  // in float exactly as GGML's rope cache, so angles match llama.cpp's.
+  const float theta_scale = std::pow(freq_base, -2.0f / static_cast<float>(rot_dims));
+  auto row = [&](int64_t t) {
+    float cos_sin[1024];
+    float theta = static_cast<float>(pos[t]);
+    for (int32_t i = 0; i < half; ++i) {
+      cos_sin[i] = std::cos(theta);
+      cos_sin[half + i] = std::sin(theta);
+      theta *= theta_scale;
+    }
+    RopeRow(x + t * static_cast<int64_t>(n_heads) * head_dim, n_heads, head_dim, rot_dims, cos_sin,
+            style);
+  };
+  if (n < 4) {
+    for (int64_t t = 0; t < n; ++t) row(t);
+    return;
+  }
+  pool_.ParallelFor(n, [&](int64_t t, int) { row(t); });
+}
+
+void CpuBackend::SiluMul(float* gate, const float* up, int64_t count) {
+  ForChunks(count, [&](int64_t b, int64_t e) { cpu::SiluMul(gate + b, up + b, e - b); });
+}
+
+void CpuBackend::Add(float* y, const float* x, int64_t count) {
+  ForChunks(count, [&](int64_t b, int64_t e) { AddInPlace(y + b, x + b, e - b); });
+}
+
+void CpuBackend::AddBias(float* y, const float* bias, int64_t n, int64_t dim) {
+  if (n * dim < kParallelElems || n == 1) {
+    for (int64_t t = 0; t < n; ++t) AddInPlace(y + t * dim, bias, dim);
+    return;
+  }
+  pool_.ParallelFor(n, [&](int64_t t, int) { AddInPlace(y + t * dim, bias, dim); });
+}
+
+void CpuBackend::WriteKv(const KvWriteArgs& a) {
+  const KvLayout& L = a.layout;
+  const int64_t kv_dim = static_cast<int64_t>(L.n_kv_heads) * L.head_dim;
+  auto token = [&](int64_t t) {
+    MNEMO_CHECK(a.slot[t] >= 0 && a.slot[t] < L.page_tokens);
+    auto* page = static_cast<uint16_t*>(a.page[t]);
+    for (int32_t h = 0; h < L.n_kv_heads; ++h) {
+      F32ToF16Row(a.k + t * kv_dim + h * L.head_dim, page + L.k_offset(h, a.slot[t]), L.head_dim);
+      F32ToF16Row(a.v + t * kv_dim + h * L.head_dim, page + L.v_offset(h, a.slot[t]), L.head_dim);
+    }
+  };
+  if (a.n_tokens * kv_dim < kParallelElems) {
+    for (int64_t t = 0; t < a.n_tokens; ++t) token(t);
+    return;
+  }
+  pool_.ParallelFor(a.n_tokens, [&](int64_t t, int) { token(t); });
+}
+
+void CpuBackend::Attention(const AttentionArgs& a) {
+  MNEMO_CHECK(a.layout.n_kv_heads > 0 && a.n_heads % a.layout.n_kv_heads == 0);
+  const size_t floats = AttentionScratchFloats(a);
+  for (auto& s : scratch_) {
+    if (s.size() < floats) s.resize(floats);
+  }
+  const int32_t kv_heads = a.layout.n_kv_heads;
+  pool_.ParallelFor(a.n_tokens * kv_heads, [&](int64_t item, int worker) {
+    AttentionItem(a, item / kv_heads, static_cast<int32_t>(item % kv_heads),
+                  scratch_[static_cast<size_t>(worker)].data());
+  });
+}
+
+}  // namespace
+}  // namespace cpu
+
+std::unique_ptr<Backend> MakeCpuBackend(int threads) {
+  if (threads <= 0) threads = cpu::DefaultThreads();
+  threads = std::min(threads, 256);
+  return std::make_unique<cpu::CpuBackend>(threads);
+}
+
+}  // namespace mnemo::kernels

@@ -1,0 +1,749 @@
+// Activation quantization and quantized matmul tiles, compiled once per
+// Highway target. The int8 dot products use maddubs/madd (SSSE3..AVX-512) or
+// vpdpbusd (AVX-512 VNNI) through small target-specific helpers: Highway
+// 1.0.3 has no u8 x i8 widening multiply-add.
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "common/check.h"
+#include "kernels/cpu/quants.h"
+#include "kernels/cpu/simd.h"
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kernels/cpu/gemm.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
+#include "kernels/cpu/f16-inl.h"
+
+HWY_BEFORE_NAMESPACE();
+#if HWY_TARGET == HWY_AVX3_DL
+// Highway's AVX3_DL target implies AVX512-VNNI at run time (it checks the
+// CPUID bit) but does not enable it for the compiler.
+#pragma GCC target("avx512vnni")
+#endif
+namespace mnemo::kernels::cpu {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+HWY_INLINE float HalfToFloat(uint16_t h) {
+#if HWY_ARCH_X86 && (HWY_TARGET <= HWY_AVX2)
+  return _cvtsh_ss(h);
+#else
+  return F16ToF32(h);
+#endif
+}
+
+using DF = hn::CappedTag<float, 8>;
+using VF = hn::Vec<DF>;
+
+HWY_INLINE float SumF(VF v) { return hn::GetLane(hn::SumOfLanes(DF(), v)); }
+
+// Sum of a[i] * b[i] over n floats.
+HWY_INLINE float DotF32(const float* HWY_RESTRICT a, const float* HWY_RESTRICT b, int64_t n) {
+  const DF df;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  VF acc = hn::Zero(df);
+  int64_t i = 0;
+  for (; i + N <= n; i += N) acc = hn::MulAdd(hn::LoadU(df, a + i), hn::LoadU(df, b + i), acc);
+  float sum = SumF(acc);
+  for (; i < n; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+struct ActView {
+  const uint8_t* base;
+  size_t stride;
+  const ActFormat* f;
+  const int8_t* qs(int64_t i) const { return reinterpret_cast<const int8_t*>(base + i * stride); }
+  const float* d(int64_t i) const {
+    return reinterpret_cast<const float*>(base + i * stride + f->d_offset);
+  }
+  const float* s(int64_t i) const {
+    return reinterpret_cast<const float*>(base + i * stride + f->s_offset);
+  }
+  const int16_t* bsums(int64_t i) const {
+    return reinterpret_cast<const int16_t*>(base + i * stride + f->s_offset);
+  }
+};
+
+// Per-thread scratch for decoded weight scales.
+float* ScaleScratch(size_t floats) {
+  thread_local std::vector<float> buf;
+  if (buf.size() < floats) buf.resize(floats);
+  return buf.data();
+}
+
+#if HWY_TARGET != HWY_SCALAR
+
+// One quant block (32 int8) is processed as 1 (256-bit targets) or 2
+// (128-bit targets) vectors; 512-bit targets use their 256-bit half, as
+// llama.cpp does, so that one vector is one block with one scale.
+using DU8 = hn::CappedTag<uint8_t, 32>;
+using DI8 = hn::CappedTag<int8_t, 32>;
+using DI32 = hn::CappedTag<int32_t, 8>;
+using VU8 = hn::Vec<DU8>;
+using VI8 = hn::Vec<DI8>;
+using VI32 = hn::Vec<DI32>;
+constexpr size_t kN8 = hn::MaxLanes(DU8());
+constexpr int kParts = static_cast<int>(32 / kN8);
+static_assert(kN8 == 16 || kN8 == 32, "unsupported vector width");
+
+// i32 lane k = sum over bytes 4k..4k+3 of a[j] * b[j]; a unsigned, b signed.
+// Callers keep |a[2j]*b[2j] + a[2j+1]*b[2j+1]| < 2^15 (maddubs saturates).
+HWY_INLINE VI32 DotU8I8(VU8 a, VI8 b) {
+#if HWY_TARGET == HWY_AVX3_DL
+  return VI32{_mm256_dpbusd_epi32(_mm256_setzero_si256(), a.raw, b.raw)};
+#elif HWY_TARGET == HWY_AVX2 || HWY_TARGET == HWY_AVX3
+  return VI32{_mm256_madd_epi16(_mm256_maddubs_epi16(a.raw, b.raw), _mm256_set1_epi16(1))};
+#elif HWY_TARGET == HWY_SSSE3 || HWY_TARGET == HWY_SSE4
+  return VI32{_mm_madd_epi16(_mm_maddubs_epi16(a.raw, b.raw), _mm_set1_epi16(1))};
+#else
+  const DI32 d32;
+  const hn::Repartition<int16_t, DI32> d16;
+  const hn::Repartition<uint16_t, DI32> du16;
+  const auto a16 = hn::BitCast(du16, a);
+  const auto a_even = hn::BitCast(d16, hn::And(a16, hn::Set(du16, 0xFF)));
+  const auto a_odd = hn::BitCast(d16, hn::ShiftRight<8>(a16));
+  const auto b16 = hn::BitCast(d16, b);
+  const auto b_even = hn::ShiftRight<8>(hn::ShiftLeft<8>(b16));
+  const auto b_odd = hn::ShiftRight<8>(b16);
+  VI32 sum1 = hn::Zero(d32);
+  VI32 sum0 = hn::ReorderWidenMulAccumulate(d32, a_even, b_even, hn::Zero(d32), sum1);
+  sum0 = hn::ReorderWidenMulAccumulate(d32, a_odd, b_odd, sum0, sum1);
+  return hn::RearrangeToOddPlusEven(sum0, sum1);
+#endif
+}
+
+// x where s > 0, -x where s < 0 (x where s == 0: callers multiply by |s|).
+HWY_INLINE VI8 ApplySign(VI8 x, VI8 s) {
+#if HWY_TARGET == HWY_AVX2 || HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+  return VI8{_mm256_sign_epi8(x.raw, s.raw)};
+#elif HWY_TARGET == HWY_SSSE3 || HWY_TARGET == HWY_SSE4
+  return VI8{_mm_sign_epi8(x.raw, s.raw)};
+#else
+  const DI8 d;
+  return hn::IfThenElse(hn::Lt(s, hn::Zero(d)), hn::Neg(x), x);
+#endif
+}
+
+// ---------------------------------------------------------------- Q4_0, Q4_1
+
+// 16 bytes of nibbles -> 32 u8 values in element order (low nibbles are
+// elements 0..15, high nibbles 16..31).
+HWY_INLINE void UnpackNibbles(const uint8_t* HWY_RESTRICT qs, VU8 out[kParts]) {
+  const DU8 du8;
+  if constexpr (kParts == 1) {
+    const hn::Half<DU8> dh;
+    const auto v = hn::LoadU(dh, qs);
+    const auto mask = hn::Set(dh, 0x0F);
+    out[0] = hn::Combine(du8, hn::ShiftRight<4>(v), hn::And(v, mask));
+  } else {
+    const auto v = hn::LoadU(du8, qs);
+    out[0] = hn::And(v, hn::Set(du8, 0x0F));
+    out[1] = hn::ShiftRight<4>(v);
+  }
+}
+
+// RM weight rows x RN activation rows over all blocks. Q4_0 is Q4_1 with
+// m = -8d: sum (q - 8) d x = d sum(q x) - 8 d sum(x).
+template <int RM, int RN, size_t kBlockBytes, size_t kQsOffset>
+HWY_INLINE void TileQ4(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
+                       const float* HWY_RESTRICT wd, const float* HWY_RESTRICT wm,
+                       const ActView& x, int64_t i, float* HWY_RESTRICT y, int64_t ldy) {
+  const DF df;
+  const DI8 di8;
+  VF acc[RM][RN];
+  for (int r = 0; r < RM; ++r)
+    for (int c = 0; c < RN; ++c) acc[r][c] = hn::Zero(df);
+  const int8_t* xq[RN];
+  const float* xd[RN];
+  for (int c = 0; c < RN; ++c) {
+    xq[c] = x.qs(i + c);
+    xd[c] = x.d(i + c);
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    VU8 wv[RM][kParts];
+    VF wdv[RM];
+    for (int r = 0; r < RM; ++r) {
+      UnpackNibbles(w + r * ws + b * kBlockBytes + kQsOffset, wv[r]);
+      wdv[r] = hn::Set(df, wd[r * nb + b]);
+    }
+    for (int c = 0; c < RN; ++c) {
+      VI8 xv[kParts];
+      for (int p = 0; p < kParts; ++p) xv[p] = hn::Load(di8, xq[c] + b * 32 + p * kN8);
+      const VF dx = hn::Set(df, xd[c][b]);
+      for (int r = 0; r < RM; ++r) {
+        VI32 dot = DotU8I8(wv[r][0], xv[0]);
+        if constexpr (kParts == 2) dot = hn::Add(dot, DotU8I8(wv[r][1], xv[1]));
+        acc[r][c] = hn::MulAdd(hn::ConvertTo(df, dot), hn::Mul(dx, wdv[r]), acc[r][c]);
+      }
+    }
+  }
+  for (int c = 0; c < RN; ++c) {
+    const float* xs = x.s(i + c);
+    for (int r = 0; r < RM; ++r) {
+      y[(i + c) * ldy + r] = SumF(acc[r][c]) + DotF32(wm + r * nb, xs, nb);
+    }
+  }
+}
+
+template <int RM, int RN, bool kQ41>
+HWY_INLINE void TileQ4Dispatch(const uint8_t* w, size_t ws, int64_t nb, const float* wd,
+                               const float* wm, const ActView& x, int64_t i, float* y,
+                               int64_t ldy) {
+  if constexpr (kQ41) {
+    TileQ4<RM, RN, sizeof(BlockQ4_1), 4>(w, ws, nb, wd, wm, x, i, y, ldy);
+  } else {
+    TileQ4<RM, RN, sizeof(BlockQ4_0), 2>(w, ws, nb, wd, wm, x, i, y, ldy);
+  }
+}
+
+// Runs RM-row tiles over activation rows [i0, i1) in groups of up to kRN.
+template <int RM, int kRN, bool kQ41>
+HWY_INLINE void RowsQ4(const uint8_t* w, size_t ws, int64_t nb, const float* wd, const float* wm,
+                       const ActView& x, int64_t i0, int64_t i1, float* y, int64_t ldy) {
+  int64_t i = i0;
+  for (; i + kRN <= i1; i += kRN) TileQ4Dispatch<RM, kRN, kQ41>(w, ws, nb, wd, wm, x, i, y, ldy);
+  switch (i1 - i) {
+    case 0:
+      break;
+    case 1:
+      TileQ4Dispatch<RM, 1, kQ41>(w, ws, nb, wd, wm, x, i, y, ldy);
+      break;
+    case 2:
+      if constexpr (kRN > 2) TileQ4Dispatch<RM, 2, kQ41>(w, ws, nb, wd, wm, x, i, y, ldy);
+      break;
+    case 3:
+      if constexpr (kRN > 3) TileQ4Dispatch<RM, 3, kQ41>(w, ws, nb, wd, wm, x, i, y, ldy);
+      break;
+    default:
+      MNEMO_CHECK(false);
+  }
+}
+
+template <bool kQ41>
+void GemmQ4(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
+  constexpr int kRM = 4;
+  constexpr int kRN = 3;
+  constexpr size_t kBlockBytes = kQ41 ? sizeof(BlockQ4_1) : sizeof(BlockQ4_0);
+  const int64_t nb = a.format.blocks;
+  const ActView x{a.x, a.format.row_bytes, &a.format};
+  float* wd = ScaleScratch(static_cast<size_t>(2 * kRM * nb));
+  float* wm = wd + kRM * nb;
+  for (int64_t r = r0; r < r1;) {
+    const int rm = r1 - r >= kRM ? kRM : 1;
+    const uint8_t* w = a.w + r * a.w_row_bytes;
+    for (int rr = 0; rr < rm; ++rr) {
+      const uint8_t* row = w + rr * a.w_row_bytes;
+      for (int64_t b = 0; b < nb; ++b) {
+        const uint8_t* blk = row + b * kBlockBytes;
+        uint16_t h[2];
+        std::memcpy(h, blk, 4);
+        const float d = HalfToFloat(h[0]);
+        wd[rr * nb + b] = d;
+        wm[rr * nb + b] = kQ41 ? HalfToFloat(h[1]) : -8.0f * d;
+      }
+    }
+    float* yr = a.y + r;
+    if (rm == kRM) {
+      RowsQ4<kRM, kRN, kQ41>(w, a.w_row_bytes, nb, wd, wm, x, i0, i1, yr, a.ldy);
+    } else {
+      RowsQ4<1, kRN, kQ41>(w, a.w_row_bytes, nb, wd, wm, x, i0, i1, yr, a.ldy);
+    }
+    r += rm;
+  }
+}
+
+// ---------------------------------------------------------------------- Q8_0
+
+template <int RM, int RN>
+HWY_INLINE void TileQ8_0(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
+                         const float* HWY_RESTRICT wd, const ActView& x, int64_t i,
+                         float* HWY_RESTRICT y, int64_t ldy) {
+  const DF df;
+  const DI8 di8;
+  const DU8 du8;
+  VF acc[RM][RN];
+  for (int r = 0; r < RM; ++r)
+    for (int c = 0; c < RN; ++c) acc[r][c] = hn::Zero(df);
+  const int8_t* xq[RN];
+  const float* xd[RN];
+  for (int c = 0; c < RN; ++c) {
+    xq[c] = x.qs(i + c);
+    xd[c] = x.d(i + c);
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    VI8 wq[RM][kParts];
+    VU8 wa[RM][kParts];
+    VF wdv[RM];
+    for (int r = 0; r < RM; ++r) {
+      const int8_t* q =
+          reinterpret_cast<const int8_t*>(w + r * ws + b * sizeof(BlockQ8_0) + 2);
+      for (int p = 0; p < kParts; ++p) {
+        wq[r][p] = hn::LoadU(di8, q + p * kN8);
+        wa[r][p] = hn::BitCast(du8, hn::Abs(wq[r][p]));
+      }
+      wdv[r] = hn::Set(df, wd[r * nb + b]);
+    }
+    for (int c = 0; c < RN; ++c) {
+      VI8 xv[kParts];
+      for (int p = 0; p < kParts; ++p) xv[p] = hn::Load(di8, xq[c] + b * 32 + p * kN8);
+      const VF dx = hn::Set(df, xd[c][b]);
+      for (int r = 0; r < RM; ++r) {
+        VI32 dot = DotU8I8(wa[r][0], ApplySign(xv[0], wq[r][0]));
+        if constexpr (kParts == 2) dot = hn::Add(dot, DotU8I8(wa[r][1], ApplySign(xv[1], wq[r][1])));
+        acc[r][c] = hn::MulAdd(hn::ConvertTo(df, dot), hn::Mul(dx, wdv[r]), acc[r][c]);
+      }
+    }
+  }
+  for (int c = 0; c < RN; ++c)
+    for (int r = 0; r < RM; ++r) y[(i + c) * ldy + r] = SumF(acc[r][c]);
+}
+
+template <int RM, int kRN>
+HWY_INLINE void RowsQ8_0(const uint8_t* w, size_t ws, int64_t nb, const float* wd,
+                         const ActView& x, int64_t i0, int64_t i1, float* y, int64_t ldy) {
+  int64_t i = i0;
+  for (; i + kRN <= i1; i += kRN) TileQ8_0<RM, kRN>(w, ws, nb, wd, x, i, y, ldy);
+  switch (i1 - i) {
+    case 0:
+      break;
+    case 1:
+      TileQ8_0<RM, 1>(w, ws, nb, wd, x, i, y, ldy);
+      break;
+    case 2:
+      if constexpr (kRN > 2) TileQ8_0<RM, 2>(w, ws, nb, wd, x, i, y, ldy);
+      break;
+    case 3:
+      if constexpr (kRN > 3) TileQ8_0<RM, 3>(w, ws, nb, wd, x, i, y, ldy);
+      break;
+    default:
+      MNEMO_CHECK(false);
+  }
+}
+
+void GemmQ8_0(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
+  constexpr int kRM = 4;
+  constexpr int kRN = 2;
+  const int64_t nb = a.format.blocks;
+  const ActView x{a.x, a.format.row_bytes, &a.format};
+  float* wd = ScaleScratch(static_cast<size_t>(kRM * nb));
+  for (int64_t r = r0; r < r1;) {
+    const int rm = r1 - r >= kRM ? kRM : 1;
+    const uint8_t* w = a.w + r * a.w_row_bytes;
+    for (int rr = 0; rr < rm; ++rr) {
+      const uint8_t* row = w + rr * a.w_row_bytes;
+      for (int64_t b = 0; b < nb; ++b) {
+        uint16_t h;
+        std::memcpy(&h, row + b * sizeof(BlockQ8_0), 2);
+        wd[rr * nb + b] = HalfToFloat(h);
+      }
+    }
+    float* yr = a.y + r;
+    if (rm == kRM) {
+      RowsQ8_0<kRM, kRN>(w, a.w_row_bytes, nb, wd, x, i0, i1, yr, a.ldy);
+    } else {
+      RowsQ8_0<1, kRN>(w, a.w_row_bytes, nb, wd, x, i0, i1, yr, a.ldy);
+    }
+    r += rm;
+  }
+}
+
+// ---------------------------------------------------------------- Q4_K, Q6_K
+
+// Q4_K x Q8_K for one weight row and one activation row.
+float DotQ4K(const BlockQ4_K* HWY_RESTRICT w, const ActView& x, int64_t i, int64_t nb) {
+  const DF df;
+  const DU8 du8;
+  const DI8 di8;
+  const DI32 di32;
+  const int8_t* xq = x.qs(i);
+  const float* xd = x.d(i);
+  const int16_t* bsums = x.bsums(i);
+  VF acc = hn::Zero(df);
+  float acc_min = 0.0f;
+  for (int64_t b = 0; b < nb; ++b) {
+    uint8_t sc[8], mn[8];
+    for (int j = 0; j < 8; ++j) Q4KScaleMin(j, w[b].scales, &sc[j], &mn[j]);
+    VI32 sumi = hn::Zero(di32);
+    for (int chunk = 0; chunk < 4; ++chunk) {
+      const VI32 s_lo = hn::Set(di32, sc[2 * chunk]);
+      const VI32 s_hi = hn::Set(di32, sc[2 * chunk + 1]);
+      for (int p = 0; p < kParts; ++p) {
+        const VU8 q = hn::LoadU(du8, w[b].qs + chunk * 32 + p * kN8);
+        const VI8 x_lo = hn::Load(di8, xq + b * kQKK + chunk * 64 + p * kN8);
+        const VI8 x_hi = hn::Load(di8, xq + b * kQKK + chunk * 64 + 32 + p * kN8);
+        sumi = hn::Add(sumi, hn::Mul(DotU8I8(hn::And(q, hn::Set(du8, 0x0F)), x_lo), s_lo));
+        sumi = hn::Add(sumi, hn::Mul(DotU8I8(hn::ShiftRight<4>(q), x_hi), s_hi));
+      }
+    }
+    int summ = 0;
+    for (int j = 0; j < 16; ++j) summ += bsums[b * 16 + j] * mn[j / 2];
+    acc = hn::MulAdd(hn::ConvertTo(df, sumi), hn::Set(df, HalfToFloat(w[b].d) * xd[b]), acc);
+    acc_min += HalfToFloat(w[b].dmin) * xd[b] * static_cast<float>(summ);
+  }
+  return SumF(acc) - acc_min;
+}
+
+// Q6_K x Q8_K: 6-bit values taken as unsigned 0..63; the -32 offset comes
+// back through the activation's 16-element sums.
+float DotQ6K(const BlockQ6_K* HWY_RESTRICT w, const ActView& x, int64_t i, int64_t nb) {
+  const DF df;
+  const DU8 du8;
+  const DI8 di8;
+  const DI32 di32;
+  const int8_t* xq = x.qs(i);
+  const float* xd = x.d(i);
+  const int16_t* bsums = x.bsums(i);
+  const auto m4 = hn::Set(du8, 0x0F);
+  const auto m2 = hn::Set(du8, 0x03);
+  VF acc = hn::Zero(df);
+  float acc_offset = 0.0f;
+  for (int64_t b = 0; b < nb; ++b) {
+    // Scale of each i32 lane: lane k covers bytes 4k..4k+3, sub-block (4k)/16.
+    alignas(64) int32_t lane_scale[kQKK / 4];
+    for (int k = 0; k < kQKK / 4; ++k) lane_scale[k] = w[b].scales[k / 4];
+    int offset = 0;
+    for (int j = 0; j < 16; ++j) offset += w[b].scales[j] * bsums[b * 16 + j];
+    VI32 sumi = hn::Zero(di32);
+    const int8_t* xb = xq + b * kQKK;
+    for (int half = 0; half < 2; ++half) {
+      const uint8_t* ql = w[b].ql + half * 64;
+      const uint8_t* qh = w[b].qh + half * 32;
+      for (int p = 0; p < kParts; ++p) {
+        const int l0 = static_cast<int>(p * kN8);
+        const VU8 ql0 = hn::LoadU(du8, ql + l0);
+        const VU8 ql1 = hn::LoadU(du8, ql + 32 + l0);
+        const VU8 h = hn::LoadU(du8, qh + l0);
+        const VU8 a0 = hn::Or(hn::And(ql0, m4), hn::ShiftLeft<4>(hn::And(h, m2)));
+        const VU8 a1 = hn::Or(hn::And(ql1, m4), hn::ShiftLeft<4>(hn::And(hn::ShiftRight<2>(h), m2)));
+        const VU8 a2 = hn::Or(hn::ShiftRight<4>(ql0), hn::ShiftLeft<4>(hn::And(hn::ShiftRight<4>(h), m2)));
+        const VU8 a3 = hn::Or(hn::ShiftRight<4>(ql1), hn::ShiftLeft<4>(hn::ShiftRight<6>(h)));
+        const VU8 a[4] = {a0, a1, a2, a3};
+        for (int k = 0; k < 4; ++k) {
+          const int e = half * 128 + k * 32 + l0;  // element index of lane 0
+          const VI8 xv = hn::Load(di8, xb + e);
+          sumi = hn::Add(sumi, hn::Mul(DotU8I8(a[k], xv), hn::Load(di32, lane_scale + e / 4)));
+        }
+      }
+    }
+    const float d = HalfToFloat(w[b].d) * xd[b];
+    acc = hn::MulAdd(hn::ConvertTo(df, sumi), hn::Set(df, d), acc);
+    acc_offset += d * 32.0f * static_cast<float>(offset);
+  }
+  return SumF(acc) - acc_offset;
+}
+
+template <typename Block, float (*kDot)(const Block*, const ActView&, int64_t, int64_t)>
+void GemmK(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
+  const int64_t nb = a.format.blocks;
+  const ActView x{a.x, a.format.row_bytes, &a.format};
+  for (int64_t r = r0; r < r1; ++r) {
+    const auto* w = reinterpret_cast<const Block*>(a.w + r * a.w_row_bytes);
+    for (int64_t i = i0; i < i1; ++i) a.y[i * a.ldy + r] = kDot(w, x, i, nb);
+  }
+}
+
+#else  // HWY_TARGET == HWY_SCALAR
+
+// The single-lane fallback: plain integer dot products per block.
+float DotQuantScalar(DType type, const uint8_t* w, const ActView& x, int64_t i, int64_t nb) {
+  const int8_t* xq = x.qs(i);
+  const float* xd = x.d(i);
+  float sum = 0.0f;
+  for (int64_t b = 0; b < nb; ++b) {
+    switch (type) {
+      case DType::kQ4_0:
+      case DType::kQ4_1: {
+        const bool q41 = type == DType::kQ4_1;
+        const uint8_t* blk = w + b * (q41 ? sizeof(BlockQ4_1) : sizeof(BlockQ4_0));
+        uint16_t h[2];
+        std::memcpy(h, blk, 4);
+        const uint8_t* qs = blk + (q41 ? 4 : 2);
+        int sumi = 0;
+        for (int j = 0; j < 16; ++j) {
+          sumi += (qs[j] & 0xF) * xq[b * 32 + j] + (qs[j] >> 4) * xq[b * 32 + 16 + j];
+        }
+        const float d = F16ToF32(h[0]);
+        const float m = q41 ? F16ToF32(h[1]) : -8.0f * d;
+        sum += static_cast<float>(sumi) * (d * xd[b]) + m * x.s(i)[b];
+        break;
+      }
+      case DType::kQ8_0: {
+        const auto* blk = reinterpret_cast<const BlockQ8_0*>(w) + b;
+        int sumi = 0;
+        for (int j = 0; j < 32; ++j) sumi += blk->qs[j] * xq[b * 32 + j];
+        sum += static_cast<float>(sumi) * (F16ToF32(blk->d) * xd[b]);
+        break;
+      }
+      case DType::kQ4_K: {
+        const auto& blk = reinterpret_cast<const BlockQ4_K*>(w)[b];
+        uint8_t q[kQKK], sc[8], mn[8];
+        UnpackQ4_K(blk, q, sc, mn);
+        int sumi = 0, summ = 0;
+        for (int j = 0; j < kQKK; ++j) sumi += sc[j / 32] * q[j] * xq[b * kQKK + j];
+        for (int j = 0; j < 16; ++j) summ += x.bsums(i)[b * 16 + j] * mn[j / 2];
+        sum += F16ToF32(blk.d) * xd[b] * static_cast<float>(sumi) -
+               F16ToF32(blk.dmin) * xd[b] * static_cast<float>(summ);
+        break;
+      }
+      case DType::kQ6_K: {
+        const auto& blk = reinterpret_cast<const BlockQ6_K*>(w)[b];
+        int8_t q[kQKK];
+        UnpackQ6_K(blk, q);
+        int sumi = 0;
+        for (int j = 0; j < kQKK; ++j) sumi += blk.scales[j / 16] * q[j] * xq[b * kQKK + j];
+        sum += F16ToF32(blk.d) * xd[b] * static_cast<float>(sumi);
+        break;
+      }
+      default:
+        MNEMO_CHECK(false);
+    }
+  }
+  return sum;
+}
+
+void GemmQuantScalar(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
+  const ActView x{a.x, a.format.row_bytes, &a.format};
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t i = i0; i < i1; ++i) {
+      a.y[i * a.ldy + r] =
+          DotQuantScalar(a.w_type, a.w + r * a.w_row_bytes, x, i, a.format.blocks);
+    }
+  }
+}
+
+#endif  // HWY_TARGET != HWY_SCALAR
+
+// ------------------------------------------------------------ F32, F16, BF16
+
+template <DType kType>
+HWY_INLINE VF LoadAsF32(const uint8_t* p, int64_t k) {
+  const DF df;
+  if constexpr (kType == DType::kF32) {
+    return hn::LoadU(df, reinterpret_cast<const float*>(p) + k);
+  } else if constexpr (kType == DType::kF16) {
+    return LoadF16(df, reinterpret_cast<const uint16_t*>(p) + k);
+  } else {
+    const hn::Rebind<uint16_t, DF> du16;
+    const hn::RebindToUnsigned<DF> du32;
+    const auto u = hn::PromoteTo(du32, hn::LoadU(du16, reinterpret_cast<const uint16_t*>(p) + k));
+    return hn::BitCast(df, hn::ShiftLeft<16>(u));
+  }
+}
+
+template <DType kType>
+float ScalarAt(const uint8_t* p, int64_t k) {
+  if constexpr (kType == DType::kF32) {
+    return reinterpret_cast<const float*>(p)[k];
+  } else if constexpr (kType == DType::kF16) {
+    return F16ToF32(reinterpret_cast<const uint16_t*>(p)[k]);
+  } else {
+    return BF16ToF32(reinterpret_cast<const uint16_t*>(p)[k]);
+  }
+}
+
+template <DType kType>
+void GemmFloat(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
+  const DF df;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  const int64_t cols = a.format.cols;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* w = a.w + r * a.w_row_bytes;
+    for (int64_t i = i0; i < i1; ++i) {
+      const uint8_t* x = a.x + i * a.format.row_bytes;
+      VF acc0 = hn::Zero(df), acc1 = hn::Zero(df);
+      int64_t k = 0;
+      for (; k + 2 * N <= cols; k += 2 * N) {
+        acc0 = hn::MulAdd(LoadAsF32<kType>(w, k), LoadAsF32<kType>(x, k), acc0);
+        acc1 = hn::MulAdd(LoadAsF32<kType>(w, k + N), LoadAsF32<kType>(x, k + N), acc1);
+      }
+      for (; k + N <= cols; k += N) {
+        acc0 = hn::MulAdd(LoadAsF32<kType>(w, k), LoadAsF32<kType>(x, k), acc0);
+      }
+      float sum = SumF(hn::Add(acc0, acc1));
+      for (; k < cols; ++k) sum += ScalarAt<kType>(w, k) * ScalarAt<kType>(x, k);
+      a.y[i * a.ldy + r] = sum;
+    }
+  }
+}
+
+void GemmImpl(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
+  switch (a.w_type) {
+#if HWY_TARGET != HWY_SCALAR
+    case DType::kQ4_0:
+      return GemmQ4<false>(a, r0, r1, i0, i1);
+    case DType::kQ4_1:
+      return GemmQ4<true>(a, r0, r1, i0, i1);
+    case DType::kQ8_0:
+      return GemmQ8_0(a, r0, r1, i0, i1);
+    case DType::kQ4_K:
+      return GemmK<BlockQ4_K, DotQ4K>(a, r0, r1, i0, i1);
+    case DType::kQ6_K:
+      return GemmK<BlockQ6_K, DotQ6K>(a, r0, r1, i0, i1);
+#else
+    case DType::kQ4_0:
+    case DType::kQ4_1:
+    case DType::kQ8_0:
+    case DType::kQ4_K:
+    case DType::kQ6_K:
+      return GemmQuantScalar(a, r0, r1, i0, i1);
+#endif
+    case DType::kF32:
+      return GemmFloat<DType::kF32>(a, r0, r1, i0, i1);
+    case DType::kF16:
+      return GemmFloat<DType::kF16>(a, r0, r1, i0, i1);
+    case DType::kBF16:
+      return GemmFloat<DType::kBF16>(a, r0, r1, i0, i1);
+    default:
+      MNEMO_CHECK_MSG(false, "not a weight type");
+  }
+}
+
+// ------------------------------------------------------ Activation quantizer
+
+void QuantizeQ8Blocks(const ActFormat& f, const float* HWY_RESTRICT x, uint8_t* row) {
+  const hn::ScalableTag<float> df;
+  const hn::RebindToSigned<decltype(df)> di32;
+  const hn::Rebind<int8_t, decltype(di32)> di8;
+  const size_t N = hn::Lanes(df);
+  auto* qs = reinterpret_cast<int8_t*>(row);
+  auto* dd = reinterpret_cast<float*>(row + f.d_offset);
+  auto* ss = reinterpret_cast<float*>(row + f.s_offset);
+  for (int64_t b = 0; b < f.blocks; ++b) {
+    const float* xb = x + b * kQK;
+    auto vmax = hn::Zero(df);
+    for (size_t j = 0; j < kQK; j += N) vmax = hn::Max(vmax, hn::Abs(hn::LoadU(df, xb + j)));
+    const float amax = hn::GetLane(hn::MaxOfLanes(df, vmax));
+    const float d = amax / 127.0f;
+    const float id = amax != 0.0f ? 127.0f / amax : 0.0f;
+    const auto vid = hn::Set(df, id);
+    auto vsum = hn::Zero(di32);
+    for (size_t j = 0; j < kQK; j += N) {
+      const auto q = hn::NearestInt(hn::Mul(hn::LoadU(df, xb + j), vid));
+      vsum = hn::Add(vsum, q);
+      hn::StoreU(hn::DemoteTo(di8, q), di8, qs + b * kQK + j);
+    }
+    const float sum = static_cast<float>(hn::GetLane(hn::SumOfLanes(di32, vsum)));
+    dd[b] = RoundF16(d);
+    ss[b] = f.type == DType::kQ8_1 ? RoundF16(d * sum) : dd[b] * sum;
+  }
+}
+
+void QuantizeQ8KBlocks(const ActFormat& f, const float* HWY_RESTRICT x, uint8_t* row) {
+  const hn::ScalableTag<float> df;
+  const hn::RebindToSigned<decltype(df)> di32;
+  const hn::Rebind<int8_t, decltype(di32)> di8;
+  const size_t N = hn::Lanes(df);
+  auto* qs = reinterpret_cast<int8_t*>(row);
+  auto* dd = reinterpret_cast<float*>(row + f.d_offset);
+  auto* bsums = reinterpret_cast<int16_t*>(row + f.s_offset);
+  for (int64_t b = 0; b < f.blocks; ++b) {
+    const float* xb = x + b * kQKK;
+    int8_t* qb = qs + b * kQKK;
+    auto vmax = hn::Zero(df);
+    for (size_t j = 0; j < kQKK; j += N) vmax = hn::Max(vmax, hn::Abs(hn::LoadU(df, xb + j)));
+    const float amax = hn::GetLane(hn::MaxOfLanes(df, vmax));
+    if (amax == 0.0f) {
+      std::memset(qb, 0, kQKK);
+      std::memset(bsums + b * 16, 0, 32);
+      dd[b] = 0.0f;
+      continue;
+    }
+    // The reference keeps the sign of the first element of largest magnitude.
+    float max = 0.0f;
+    for (int j = 0; j < kQKK; ++j) {
+      if (std::fabs(xb[j]) == amax) {
+        max = xb[j];
+        break;
+      }
+    }
+    const float iscale = -127.0f / max;
+    const auto vis = hn::Set(df, iscale);
+    const auto v127 = hn::Set(di32, 127);
+    for (int g = 0; g < kQKK / 16; ++g) {
+      auto vsum = hn::Zero(di32);
+      for (size_t j = g * 16; j < static_cast<size_t>(g + 1) * 16; j += N) {
+        const auto q = hn::Min(hn::NearestInt(hn::Mul(vis, hn::LoadU(df, xb + j))), v127);
+        vsum = hn::Add(vsum, q);
+        hn::StoreU(hn::DemoteTo(di8, q), di8, qb + j);
+      }
+      bsums[b * 16 + g] = static_cast<int16_t>(hn::GetLane(hn::SumOfLanes(di32, vsum)));
+    }
+    dd[b] = 1.0f / iscale;
+  }
+}
+
+void F32ToF16RowImpl(const float* HWY_RESTRICT x, uint16_t* HWY_RESTRICT y, int64_t n) {
+  const hn::ScalableTag<float> df;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  int64_t i = 0;
+  for (; i + N <= n; i += N) StoreF16(df, hn::LoadU(df, x + i), y + i);
+  for (; i < n; ++i) y[i] = F32ToF16(x[i]);
+}
+
+void F32ToBF16Row(const float* HWY_RESTRICT x, uint16_t* HWY_RESTRICT y, int64_t n) {
+  const hn::ScalableTag<float> df;
+  const hn::RebindToUnsigned<decltype(df)> du32;
+  const hn::Rebind<uint16_t, decltype(df)> du16;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  int64_t i = 0;
+  for (; i + N <= n; i += N) {
+    const auto u = hn::BitCast(du32, hn::LoadU(df, x + i));
+    const auto rounded = hn::ShiftRight<16>(
+        hn::Add(u, hn::Add(hn::Set(du32, 0x7fff), hn::And(hn::ShiftRight<16>(u), hn::Set(du32, 1)))));
+    const auto nan = hn::Or(hn::ShiftRight<16>(u), hn::Set(du32, 64));
+    const auto is_nan = hn::Gt(hn::And(u, hn::Set(du32, 0x7fffffff)), hn::Set(du32, 0x7f800000));
+    const hn::RebindToSigned<decltype(du32)> di32;
+    hn::StoreU(hn::DemoteTo(du16, hn::BitCast(di32, hn::IfThenElse(is_nan, nan, rounded))), du16,
+               y + i);
+  }
+  for (; i < n; ++i) y[i] = F32ToBF16(x[i]);
+}
+
+void QuantizeActRowImpl(const ActFormat& f, const float* x, void* row) {
+  auto* out = static_cast<uint8_t*>(row);
+  switch (f.type) {
+    case DType::kQ8_0:
+    case DType::kQ8_1:
+      return QuantizeQ8Blocks(f, x, out);
+    case DType::kQ8_K:
+      return QuantizeQ8KBlocks(f, x, out);
+    case DType::kF16:
+      return F32ToF16RowImpl(x, reinterpret_cast<uint16_t*>(out), f.cols);
+    case DType::kBF16:
+      return F32ToBF16Row(x, reinterpret_cast<uint16_t*>(out), f.cols);
+    case DType::kF32:
+      std::memcpy(out, x, static_cast<size_t>(f.cols) * 4);
+      return;
+    default:
+      MNEMO_CHECK_MSG(false, "not an activation type");
+  }
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace mnemo::kernels::cpu
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace mnemo::kernels::cpu {
+
+HWY_EXPORT(GemmImpl);
+HWY_EXPORT(QuantizeActRowImpl);
+HWY_EXPORT(F32ToF16RowImpl);
+
+void Gemm(const GemmArgs& args, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
+  HWY_DYNAMIC_DISPATCH(GemmImpl)(args, r0, r1, i0, i1);
+}
+
+void QuantizeActRow(const ActFormat& format, const float* x, void* row) {
+  HWY_DYNAMIC_DISPATCH(QuantizeActRowImpl)(format, x, row);
+}
+
+void F32ToF16Row(const float* x, uint16_t* y, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(F32ToF16RowImpl)(x, y, n);
+}
+
+}  // namespace mnemo::kernels::cpu
+#endif  // HWY_ONCE

@@ -1,0 +1,204 @@
+// Element-wise kernels (RMSNorm, RoPE, SiLU*mul, add, softmax, fp16
+// conversion), compiled once per Highway target, and the target controls.
+#include <cmath>
+#include <cstring>
+
+#include "common/check.h"
+#include "kernels/cpu/quants.h"
+#include "kernels/cpu/simd.h"
+
+#undef HWY_TARGET_INCLUDE
+#define HWY_TARGET_INCLUDE "kernels/cpu/ops.cc"
+#include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/highway.h"
+#include "hwy/contrib/math/math-inl.h"
+#include "kernels/cpu/f16-inl.h"
+
+HWY_BEFORE_NAMESPACE();
+namespace mnemo::kernels::cpu {
+namespace HWY_NAMESPACE {
+namespace hn = hwy::HWY_NAMESPACE;
+
+using DF = hn::ScalableTag<float>;
+using VF = hn::Vec<DF>;
+
+void RmsNormRowImpl(const float* HWY_RESTRICT x, const float* HWY_RESTRICT gain, int64_t dim,
+                    float eps, float* y) {
+  const DF df;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  VF s0 = hn::Zero(df), s1 = hn::Zero(df);
+  int64_t i = 0;
+  for (; i + 2 * N <= dim; i += 2 * N) {
+    const VF a = hn::LoadU(df, x + i);
+    const VF b = hn::LoadU(df, x + i + N);
+    s0 = hn::MulAdd(a, a, s0);
+    s1 = hn::MulAdd(b, b, s1);
+  }
+  for (; i + N <= dim; i += N) {
+    const VF a = hn::LoadU(df, x + i);
+    s0 = hn::MulAdd(a, a, s0);
+  }
+  float sum = hn::GetLane(hn::SumOfLanes(df, hn::Add(s0, s1)));
+  for (; i < dim; ++i) sum += x[i] * x[i];
+  const float scale = 1.0f / std::sqrt(sum / static_cast<float>(dim) + eps);
+  const VF vscale = hn::Set(df, scale);
+  i = 0;
+  for (; i + N <= dim; i += N) {
+    hn::StoreU(hn::Mul(hn::Mul(hn::LoadU(df, x + i), vscale), hn::LoadU(df, gain + i)), df, y + i);
+  }
+  for (; i < dim; ++i) y[i] = x[i] * scale * gain[i];
+}
+
+void RopeRowImpl(float* HWY_RESTRICT x, int32_t n_heads, int32_t head_dim, int32_t rot_dims,
+                 const float* HWY_RESTRICT cos_sin, RopeStyle style) {
+  const DF df;
+  const int32_t N = static_cast<int32_t>(hn::Lanes(df));
+  const int32_t half = rot_dims / 2;
+  const float* cs = cos_sin;
+  const float* sn = cos_sin + half;
+  for (int32_t h = 0; h < n_heads; ++h) {
+    float* xh = x + static_cast<int64_t>(h) * head_dim;
+    int32_t i = 0;
+    if (style == RopeStyle::kAdjacent) {
+      for (; i + N <= half; i += N) {
+        VF a, b;
+        hn::LoadInterleaved2(df, xh + 2 * i, a, b);
+        const VF c = hn::LoadU(df, cs + i);
+        const VF s = hn::LoadU(df, sn + i);
+        const VF ra = hn::NegMulAdd(b, s, hn::Mul(a, c));
+        const VF rb = hn::MulAdd(a, s, hn::Mul(b, c));
+        hn::StoreInterleaved2(ra, rb, df, xh + 2 * i);
+      }
+      for (; i < half; ++i) {
+        const float a = xh[2 * i], b = xh[2 * i + 1];
+        xh[2 * i] = a * cs[i] - b * sn[i];
+        xh[2 * i + 1] = a * sn[i] + b * cs[i];
+      }
+    } else {
+      for (; i + N <= half; i += N) {
+        const VF a = hn::LoadU(df, xh + i);
+        const VF b = hn::LoadU(df, xh + i + half);
+        const VF c = hn::LoadU(df, cs + i);
+        const VF s = hn::LoadU(df, sn + i);
+        hn::StoreU(hn::NegMulAdd(b, s, hn::Mul(a, c)), df, xh + i);
+        hn::StoreU(hn::MulAdd(a, s, hn::Mul(b, c)), df, xh + i + half);
+      }
+      for (; i < half; ++i) {
+        const float a = xh[i], b = xh[i + half];
+        xh[i] = a * cs[i] - b * sn[i];
+        xh[i + half] = a * sn[i] + b * cs[i];
+      }
+    }
+  }
+}
+
+void SiluMulImpl(float* HWY_RESTRICT gate, const float* HWY_RESTRICT up, int64_t count) {
+  const DF df;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  const VF one = hn::Set(df, 1.0f);
+  int64_t i = 0;
+  for (; i + N <= count; i += N) {
+    const VF g = hn::LoadU(df, gate + i);
+    // silu(g) = g / (1 + exp(-g)). Highway's Exp is valid up to ~104:
+    // clamp, the quotient is ~0 there anyway.
+    const VF e = hn::Exp(df, hn::Min(hn::Neg(g), hn::Set(df, 88.0f)));
+    hn::StoreU(hn::Mul(hn::Div(g, hn::Add(one, e)), hn::LoadU(df, up + i)), df, gate + i);
+  }
+  for (; i < count; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
+}
+
+void AddInPlaceImpl(float* HWY_RESTRICT y, const float* HWY_RESTRICT x, int64_t count) {
+  const DF df;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  int64_t i = 0;
+  for (; i + N <= count; i += N) {
+    hn::StoreU(hn::Add(hn::LoadU(df, y + i), hn::LoadU(df, x + i)), df, y + i);
+  }
+  for (; i < count; ++i) y[i] += x[i];
+}
+
+void SoftmaxImpl(float* HWY_RESTRICT x, int64_t n) {
+  const DF df;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  VF vmax = hn::Set(df, -INFINITY);
+  int64_t i = 0;
+  for (; i + N <= n; i += N) vmax = hn::Max(vmax, hn::LoadU(df, x + i));
+  float mx = hn::GetLane(hn::MaxOfLanes(df, vmax));
+  for (; i < n; ++i) mx = std::fmax(mx, x[i]);
+  const VF vm = hn::Set(df, mx);
+  VF vsum = hn::Zero(df);
+  i = 0;
+  for (; i + N <= n; i += N) {
+    const VF e = hn::Exp(df, hn::Sub(hn::LoadU(df, x + i), vm));
+    hn::StoreU(e, df, x + i);
+    vsum = hn::Add(vsum, e);
+  }
+  float sum = hn::GetLane(hn::SumOfLanes(df, vsum));
+  for (; i < n; ++i) {
+    x[i] = std::exp(x[i] - mx);
+    sum += x[i];
+  }
+  const float inv = 1.0f / sum;
+  const VF vinv = hn::Set(df, inv);
+  i = 0;
+  for (; i + N <= n; i += N) hn::StoreU(hn::Mul(hn::LoadU(df, x + i), vinv), df, x + i);
+  for (; i < n; ++i) x[i] *= inv;
+}
+
+void F16ToF32RowImpl(const uint16_t* HWY_RESTRICT x, float* HWY_RESTRICT y, int64_t n) {
+  const DF df;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  int64_t i = 0;
+  for (; i + N <= n; i += N) hn::StoreU(LoadF16(df, x + i), df, y + i);
+  for (; i < n; ++i) y[i] = F16ToF32(x[i]);
+}
+
+}  // namespace HWY_NAMESPACE
+}  // namespace mnemo::kernels::cpu
+HWY_AFTER_NAMESPACE();
+
+#if HWY_ONCE
+namespace mnemo::kernels::cpu {
+
+HWY_EXPORT(RmsNormRowImpl);
+HWY_EXPORT(RopeRowImpl);
+HWY_EXPORT(SiluMulImpl);
+HWY_EXPORT(AddInPlaceImpl);
+HWY_EXPORT(SoftmaxImpl);
+HWY_EXPORT(F16ToF32RowImpl);
+
+void RmsNormRow(const float* x, const float* gain, int64_t dim, float eps, float* y) {
+  HWY_DYNAMIC_DISPATCH(RmsNormRowImpl)(x, gain, dim, eps, y);
+}
+void RopeRow(float* x, int32_t n_heads, int32_t head_dim, int32_t rot_dims, const float* cos_sin,
+             RopeStyle style) {
+  HWY_DYNAMIC_DISPATCH(RopeRowImpl)(x, n_heads, head_dim, rot_dims, cos_sin, style);
+}
+void SiluMul(float* gate, const float* up, int64_t count) {
+  HWY_DYNAMIC_DISPATCH(SiluMulImpl)(gate, up, count);
+}
+void AddInPlace(float* y, const float* x, int64_t count) {
+  HWY_DYNAMIC_DISPATCH(AddInPlaceImpl)(y, x, count);
+}
+void Softmax(float* x, int64_t n) { HWY_DYNAMIC_DISPATCH(SoftmaxImpl)(x, n); }
+void F16ToF32Row(const uint16_t* x, float* y, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(F16ToF32RowImpl)(x, y, n);
+}
+
+std::vector<int64_t> SimdTargets() {
+  // Evaluated in this file so it reflects the targets the kernels were
+  // compiled for, not those of the caller's translation unit.
+  std::vector<int64_t> out;
+  const int64_t supported = hwy::SupportedTargets();
+  for (int64_t bit = 1; bit != 0 && bit <= HWY_SCALAR; bit <<= 1) {
+    if ((HWY_TARGETS & bit) && (supported & bit)) out.push_back(bit);
+  }
+  return out;
+}
+
+std::string SimdTargetName(int64_t target) { return hwy::TargetName(target); }
+
+void SetSimdTargetForTest(int64_t target) { hwy::SetSupportedTargetsForTest(target); }
+
+}  // namespace mnemo::kernels::cpu
+#endif  // HWY_ONCE

@@ -1,0 +1,71 @@
+// Entry points of the SIMD kernels, each compiled for every Highway target
+// and dispatched at run time to the best one the CPU supports. The CPU
+// backend splits work across threads and calls these on its pieces.
+//
+// Stateless; safe for concurrent calls on disjoint outputs.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "kernels/backend.h"
+#include "kernels/cpu/quants.h"
+
+namespace mnemo::kernels::cpu {
+
+// --- Matmul -------------------------------------------------------------------
+
+struct GemmArgs {
+  DType w_type = DType::kF32;
+  const uint8_t* w = nullptr;  // rows of w_row_bytes
+  size_t w_row_bytes = 0;
+  const uint8_t* x = nullptr;  // activation rows in `format`, format.row_bytes apart
+  ActFormat format;            // MakeActFormat(VecDotType(w_type), cols)
+  float* y = nullptr;          // y[i * ldy + r]
+  int64_t ldy = 0;
+};
+
+// Quantizes one row of format.cols floats into the internal layout `row`.
+void QuantizeActRow(const ActFormat& format, const float* x, void* row);
+
+// y[i][r] for weight rows r in [r0, r1) and activation rows i in [i0, i1).
+void Gemm(const GemmArgs& args, int64_t r0, int64_t r1, int64_t i0, int64_t i1);
+
+// --- Element-wise -------------------------------------------------------------
+
+// y = x * gain / sqrt(mean(x^2) + eps); y may alias x.
+void RmsNormRow(const float* x, const float* gain, int64_t dim, float eps, float* y);
+
+// Rotates the first rot_dims of each of n_heads heads of x (one token) in
+// place. cos_sin: rot_dims/2 cosines followed by rot_dims/2 sines, one per
+// rotated pair.
+void RopeRow(float* x, int32_t n_heads, int32_t head_dim, int32_t rot_dims,
+             const float* cos_sin, RopeStyle style);
+
+void SiluMul(float* gate, const float* up, int64_t count);
+void AddInPlace(float* y, const float* x, int64_t count);
+// x = exp(x - max(x)) / sum, over n > 0 values.
+void Softmax(float* x, int64_t n);
+void F32ToF16Row(const float* x, uint16_t* y, int64_t n);
+void F16ToF32Row(const uint16_t* x, float* y, int64_t n);
+
+// --- Attention ----------------------------------------------------------------
+
+// Floats of scratch one AttentionItem call needs.
+size_t AttentionScratchFloats(const AttentionArgs& args);
+
+// Attention of query token t for all query heads that share kv head kv_head.
+void AttentionItem(const AttentionArgs& args, int64_t t, int32_t kv_head, float* scratch);
+
+// --- Targets (for tests and benchmarks) ---------------------------------------
+
+// The compiled targets this CPU supports, best first.
+std::vector<int64_t> SimdTargets();
+std::string SimdTargetName(int64_t target);
+// Restricts dispatch to `target` (one of SimdTargets()); 0 restores the best.
+// Not thread-safe: call while no kernel runs.
+void SetSimdTargetForTest(int64_t target);
+
+}  // namespace mnemo::kernels::cpu

@@ -1,0 +1,93 @@
+// Fork/join: generation counter, spin-then-futex wait, shared task counter.
+#include "kernels/cpu/thread_pool.h"
+
+#include <chrono>
+
+#include "common/check.h"
+
+namespace mnemo::kernels::cpu {
+namespace {
+
+inline void CpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// How long an idle worker spins before sleeping: long enough to cover the
+// gap between two ops of a decode step, short enough not to burn a core
+// while the engine waits for requests.
+constexpr auto kSpin = std::chrono::microseconds(300);
+
+}  // namespace
+
+ThreadPool::ThreadPool(int threads) {
+  MNEMO_CHECK(threads >= 1);
+  workers_.reserve(static_cast<size_t>(threads - 1));
+  for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { WorkerLoop(i); });
+}
+
+ThreadPool::~ThreadPool() {
+  stop_ = true;
+  pending_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+  generation_.fetch_add(1);
+  generation_.notify_all();
+  for (std::thread& t : workers_) t.join();
+}
+
+void ThreadPool::DrainTasks(int worker) {
+  for (;;) {
+    const int64_t t = next_task_.fetch_add(1, std::memory_order_relaxed);
+    if (t >= n_tasks_) return;
+    fn_(ctx_, t, worker);
+  }
+}
+
+void ThreadPool::Run(int64_t n_tasks, TaskFn fn, void* ctx) {
+  n_tasks_ = n_tasks;
+  fn_ = fn;
+  ctx_ = ctx;
+  next_task_.store(0, std::memory_order_relaxed);
+  pending_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+  // seq_cst pairs with the worker's sleepers_ increment: either we see the
+  // sleeper and notify, or the sleeper sees the new generation.
+  generation_.fetch_add(1);
+  if (sleepers_.load() > 0) generation_.notify_all();
+  DrainTasks(0);
+  uint32_t spins = 0;
+  while (pending_.load(std::memory_order_acquire) != 0) {
+    CpuRelax();
+    // A worker preempted mid-task: stop competing with it for the core.
+    if (++spins > 4096) std::this_thread::yield();
+  }
+}
+
+void ThreadPool::WorkerLoop(int worker) {
+  uint32_t seen = 0;
+  for (;;) {
+    uint32_t gen = generation_.load(std::memory_order_acquire);
+    if (gen == seen) {
+      const auto deadline = std::chrono::steady_clock::now() + kSpin;
+      for (uint32_t i = 1;; ++i) {
+        CpuRelax();
+        gen = generation_.load(std::memory_order_acquire);
+        if (gen != seen) break;
+        if ((i & 63) == 0 && std::chrono::steady_clock::now() > deadline) {
+          sleepers_.fetch_add(1);
+          generation_.wait(seen);
+          sleepers_.fetch_sub(1);
+          gen = generation_.load(std::memory_order_acquire);
+          if (gen != seen) break;
+        }
+      }
+    }
+    seen = gen;
+    if (stop_) return;
+    DrainTasks(worker);
+    pending_.fetch_sub(1, std::memory_order_release);
+  }
+}
+
+}  // namespace mnemo::kernels::cpu
