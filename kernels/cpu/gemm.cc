@@ -62,6 +62,9 @@ struct ActView {
   const float* s(int64_t i) const {
     return reinterpret_cast<const float*>(base + i * stride + f->s_offset);
   }
+  const float* ds(int64_t i) const {
+    return reinterpret_cast<const float*>(base + i * stride + f->ds_offset);
+  }
   const int16_t* bsums(int64_t i) const {
     return reinterpret_cast<const int16_t*>(base + i * stride + f->s_offset);
   }
@@ -129,15 +132,34 @@ HWY_INLINE VI8 ApplySign(VI8 x, VI8 s) {
 
 // ---------------------------------------------------------------- Q4_0, Q4_1
 
+using D2 = hn::Full64<float>;
+using V2 = hn::Vec<D2>;
+
+// The fp16 values at p[0..1] and p[2..3] as two float lanes (one F16C
+// instruction; it reads 8 bytes, every block has more).
+HWY_INLINE V2 LoadHalfPair(const uint8_t* p) {
+#if MNEMO_HAVE_F16C
+  return V2{_mm_cvtph_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))};
+#else
+  uint16_t h[2];
+  std::memcpy(h, p, 4);
+  alignas(16) const float f[4] = {F16ToF32(h[0]), F16ToF32(h[1]), 0.0f, 0.0f};
+  return hn::Load(D2(), f);
+#endif
+}
+
 // 16 bytes of nibbles -> 32 u8 values in element order (low nibbles are
 // elements 0..15, high nibbles 16..31).
 HWY_INLINE void UnpackNibbles(const uint8_t* HWY_RESTRICT qs, VU8 out[kParts]) {
   const DU8 du8;
   if constexpr (kParts == 1) {
-    const hn::Half<DU8> dh;
-    const auto v = hn::LoadU(dh, qs);
-    const auto mask = hn::Set(dh, 0x0F);
-    out[0] = hn::Combine(du8, hn::ShiftRight<4>(v), hn::And(v, mask));
+    // The 16 bytes in both halves; the upper half shifted right by 4 within
+    // 32-bit lanes, so that masking leaves the high nibbles there.
+    const hn::Repartition<uint32_t, DU8> du32;
+    const hn::Half<decltype(du32)> dh32;
+    const auto shift = hn::Combine(du32, hn::Set(dh32, 4u), hn::Zero(dh32));
+    const auto v = hn::BitCast(du32, hn::LoadDup128(du8, qs));
+    out[0] = hn::And(hn::BitCast(du8, v >> shift), hn::Set(du8, 0x0F));
   } else {
     const auto v = hn::LoadU(du8, qs);
     out[0] = hn::And(v, hn::Set(du8, 0x0F));
@@ -145,8 +167,46 @@ HWY_INLINE void UnpackNibbles(const uint8_t* HWY_RESTRICT qs, VU8 out[kParts]) {
   }
 }
 
-// RM weight rows x RN activation rows over all blocks. Q4_0 is Q4_1 with
-// m = -8d: sum (q - 8) d x = d sum(q x) - 8 d sum(x).
+// One activation row (decode): RM weight rows; scales converted inline, the
+// m * s term (or Q4_0's d * s, times -8) accumulated in lane 1 of a pair.
+template <int RM, size_t kBlockBytes, size_t kQsOffset, bool kQ41>
+HWY_INLINE void TileQ4N1(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
+                         const int8_t* HWY_RESTRICT xq, const float* HWY_RESTRICT xds,
+                         float* HWY_RESTRICT y) {
+  const DF df;
+  const DI8 di8;
+  const D2 d2;
+  VF acc[RM];
+  V2 ms[RM];
+  for (int r = 0; r < RM; ++r) {
+    acc[r] = hn::Zero(df);
+    ms[r] = hn::Zero(d2);
+  }
+  for (int64_t b = 0; b < nb; ++b) {
+    VI8 xv[kParts];
+    for (int p = 0; p < kParts; ++p) xv[p] = hn::Load(di8, xq + b * 32 + p * kN8);
+    const V2 xp = hn::LoadU(d2, xds + 2 * b);  // (dx, s)
+    for (int r = 0; r < RM; ++r) {
+      const uint8_t* blk = w + r * ws + b * kBlockBytes;
+      V2 wdm = LoadHalfPair(blk);  // (d, m); Q4_0: (d, junk)
+      if constexpr (!kQ41) wdm = hn::Broadcast<0>(wdm);
+      const V2 p = hn::Mul(wdm, xp);  // (d * dx, m * s)
+      ms[r] = hn::Add(ms[r], p);
+      VU8 wv[kParts];
+      UnpackNibbles(blk + kQsOffset, wv);
+      VI32 dot = DotU8I8(wv[0], xv[0]);
+      if constexpr (kParts == 2) dot = hn::Add(dot, DotU8I8(wv[1], xv[1]));
+      acc[r] = hn::MulAdd(hn::ConvertTo(df, dot), hn::Set(df, hn::GetLane(p)), acc[r]);
+    }
+  }
+  for (int r = 0; r < RM; ++r) {
+    y[r] = SumF(acc[r]) + (kQ41 ? 1.0f : -8.0f) * hn::ExtractLane(ms[r], 1);
+  }
+}
+
+// RM weight rows x RN activation rows over all blocks, with the weight
+// scales decoded beforehand (wd, wm) since each is used RN times. Q4_0 is
+// Q4_1 with m = -8d: sum (q - 8) d x = d sum(q x) - 8 d sum(x).
 template <int RM, int RN, size_t kBlockBytes, size_t kQsOffset>
 HWY_INLINE void TileQ4(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
                        const float* HWY_RESTRICT wd, const float* HWY_RESTRICT wm,
@@ -188,34 +248,25 @@ HWY_INLINE void TileQ4(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
   }
 }
 
-template <int RM, int RN, bool kQ41>
-HWY_INLINE void TileQ4Dispatch(const uint8_t* w, size_t ws, int64_t nb, const float* wd,
-                               const float* wm, const ActView& x, int64_t i, float* y,
-                               int64_t ldy) {
-  if constexpr (kQ41) {
-    TileQ4<RM, RN, sizeof(BlockQ4_1), 4>(w, ws, nb, wd, wm, x, i, y, ldy);
-  } else {
-    TileQ4<RM, RN, sizeof(BlockQ4_0), 2>(w, ws, nb, wd, wm, x, i, y, ldy);
-  }
-}
-
 // Runs RM-row tiles over activation rows [i0, i1) in groups of up to kRN.
 template <int RM, int kRN, bool kQ41>
 HWY_INLINE void RowsQ4(const uint8_t* w, size_t ws, int64_t nb, const float* wd, const float* wm,
                        const ActView& x, int64_t i0, int64_t i1, float* y, int64_t ldy) {
+  constexpr size_t kBB = kQ41 ? sizeof(BlockQ4_1) : sizeof(BlockQ4_0);
+  constexpr size_t kQO = kQ41 ? 4 : 2;
   int64_t i = i0;
-  for (; i + kRN <= i1; i += kRN) TileQ4Dispatch<RM, kRN, kQ41>(w, ws, nb, wd, wm, x, i, y, ldy);
+  for (; i + kRN <= i1; i += kRN) TileQ4<RM, kRN, kBB, kQO>(w, ws, nb, wd, wm, x, i, y, ldy);
   switch (i1 - i) {
     case 0:
       break;
     case 1:
-      TileQ4Dispatch<RM, 1, kQ41>(w, ws, nb, wd, wm, x, i, y, ldy);
+      TileQ4<RM, 1, kBB, kQO>(w, ws, nb, wd, wm, x, i, y, ldy);
       break;
     case 2:
-      if constexpr (kRN > 2) TileQ4Dispatch<RM, 2, kQ41>(w, ws, nb, wd, wm, x, i, y, ldy);
+      if constexpr (kRN > 2) TileQ4<RM, 2, kBB, kQO>(w, ws, nb, wd, wm, x, i, y, ldy);
       break;
     case 3:
-      if constexpr (kRN > 3) TileQ4Dispatch<RM, 3, kQ41>(w, ws, nb, wd, wm, x, i, y, ldy);
+      if constexpr (kRN > 3) TileQ4<RM, 3, kBB, kQO>(w, ws, nb, wd, wm, x, i, y, ldy);
       break;
     default:
       MNEMO_CHECK(false);
@@ -226,9 +277,23 @@ template <bool kQ41>
 void GemmQ4(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
   constexpr int kRM = 4;
   constexpr int kRN = 3;
-  constexpr size_t kBlockBytes = kQ41 ? sizeof(BlockQ4_1) : sizeof(BlockQ4_0);
+  constexpr size_t kBB = kQ41 ? sizeof(BlockQ4_1) : sizeof(BlockQ4_0);
+  constexpr size_t kQO = kQ41 ? 4 : 2;
   const int64_t nb = a.format.blocks;
   const ActView x{a.x, a.format.row_bytes, &a.format};
+  if (i1 - i0 == 1) {
+    const int8_t* xq = x.qs(i0);
+    const float* xds = x.ds(i0);
+    float* y = a.y + i0 * a.ldy;
+    int64_t r = r0;
+    for (; r + kRM <= r1; r += kRM) {
+      TileQ4N1<kRM, kBB, kQO, kQ41>(a.w + r * a.w_row_bytes, a.w_row_bytes, nb, xq, xds, y + r);
+    }
+    for (; r < r1; ++r) {
+      TileQ4N1<1, kBB, kQO, kQ41>(a.w + r * a.w_row_bytes, a.w_row_bytes, nb, xq, xds, y + r);
+    }
+    return;
+  }
   float* wd = ScaleScratch(static_cast<size_t>(2 * kRM * nb));
   float* wm = wd + kRM * nb;
   for (int64_t r = r0; r < r1;) {
@@ -237,12 +302,10 @@ void GemmQ4(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
     for (int rr = 0; rr < rm; ++rr) {
       const uint8_t* row = w + rr * a.w_row_bytes;
       for (int64_t b = 0; b < nb; ++b) {
-        const uint8_t* blk = row + b * kBlockBytes;
-        uint16_t h[2];
-        std::memcpy(h, blk, 4);
-        const float d = HalfToFloat(h[0]);
+        const V2 dm = LoadHalfPair(row + b * kBB);
+        const float d = hn::GetLane(dm);
         wd[rr * nb + b] = d;
-        wm[rr * nb + b] = kQ41 ? HalfToFloat(h[1]) : -8.0f * d;
+        wm[rr * nb + b] = kQ41 ? hn::ExtractLane(dm, 1) : -8.0f * d;
       }
     }
     float* yr = a.y + r;
@@ -256,6 +319,39 @@ void GemmQ4(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
 }
 
 // ---------------------------------------------------------------------- Q8_0
+//
+// Signed x signed: maddubs(|w|, x * sign(w)) = sum x w. |w| as u8 is right
+// even for w = -128, which GGML's quantizer never writes but the format allows.
+
+template <int RM>
+HWY_INLINE void TileQ8_0N1(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
+                           const int8_t* HWY_RESTRICT xq, const float* HWY_RESTRICT xds,
+                           float* HWY_RESTRICT y) {
+  const DF df;
+  const DI8 di8;
+  const DU8 du8;
+  const D2 d2;
+  VF acc[RM];
+  for (int r = 0; r < RM; ++r) acc[r] = hn::Zero(df);
+  for (int64_t b = 0; b < nb; ++b) {
+    VI8 xv[kParts];
+    for (int p = 0; p < kParts; ++p) xv[p] = hn::Load(di8, xq + b * 32 + p * kN8);
+    const V2 xp = hn::LoadU(d2, xds + 2 * b);
+    for (int r = 0; r < RM; ++r) {
+      const uint8_t* blk = w + r * ws + b * sizeof(BlockQ8_0);
+      const V2 p = hn::Mul(LoadHalfPair(blk), xp);  // lane 0: d * dx
+      const auto* q = reinterpret_cast<const int8_t*>(blk + 2);
+      const VI8 w0 = hn::LoadU(di8, q);
+      VI32 dot = DotU8I8(hn::BitCast(du8, hn::Abs(w0)), ApplySign(xv[0], w0));
+      if constexpr (kParts == 2) {
+        const VI8 w1 = hn::LoadU(di8, q + kN8);
+        dot = hn::Add(dot, DotU8I8(hn::BitCast(du8, hn::Abs(w1)), ApplySign(xv[1], w1)));
+      }
+      acc[r] = hn::MulAdd(hn::ConvertTo(df, dot), hn::Set(df, hn::GetLane(p)), acc[r]);
+    }
+  }
+  for (int r = 0; r < RM; ++r) y[r] = SumF(acc[r]);
+}
 
 template <int RM, int RN>
 HWY_INLINE void TileQ8_0(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
@@ -328,6 +424,17 @@ void GemmQ8_0(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1)
   constexpr int kRN = 2;
   const int64_t nb = a.format.blocks;
   const ActView x{a.x, a.format.row_bytes, &a.format};
+  if (i1 - i0 == 1) {
+    const int8_t* xq = x.qs(i0);
+    const float* xds = x.ds(i0);
+    float* y = a.y + i0 * a.ldy;
+    int64_t r = r0;
+    for (; r + kRM <= r1; r += kRM) {
+      TileQ8_0N1<kRM>(a.w + r * a.w_row_bytes, a.w_row_bytes, nb, xq, xds, y + r);
+    }
+    for (; r < r1; ++r) TileQ8_0N1<1>(a.w + r * a.w_row_bytes, a.w_row_bytes, nb, xq, xds, y + r);
+    return;
+  }
   float* wd = ScaleScratch(static_cast<size_t>(kRM * nb));
   for (int64_t r = r0; r < r1;) {
     const int rm = r1 - r >= kRM ? kRM : 1;
@@ -335,9 +442,7 @@ void GemmQ8_0(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1)
     for (int rr = 0; rr < rm; ++rr) {
       const uint8_t* row = w + rr * a.w_row_bytes;
       for (int64_t b = 0; b < nb; ++b) {
-        uint16_t h;
-        std::memcpy(&h, row + b * sizeof(BlockQ8_0), 2);
-        wd[rr * nb + b] = HalfToFloat(h);
+        wd[rr * nb + b] = hn::GetLane(LoadHalfPair(row + b * sizeof(BlockQ8_0)));
       }
     }
     float* yr = a.y + r;
@@ -611,6 +716,7 @@ void QuantizeQ8Blocks(const ActFormat& f, const float* HWY_RESTRICT x, uint8_t* 
   auto* qs = reinterpret_cast<int8_t*>(row);
   auto* dd = reinterpret_cast<float*>(row + f.d_offset);
   auto* ss = reinterpret_cast<float*>(row + f.s_offset);
+  auto* ds = reinterpret_cast<float*>(row + f.ds_offset);
   for (int64_t b = 0; b < f.blocks; ++b) {
     const float* xb = x + b * kQK;
     auto vmax = hn::Zero(df);
@@ -628,6 +734,8 @@ void QuantizeQ8Blocks(const ActFormat& f, const float* HWY_RESTRICT x, uint8_t* 
     const float sum = static_cast<float>(hn::GetLane(hn::SumOfLanes(di32, vsum)));
     dd[b] = RoundF16(d);
     ss[b] = f.type == DType::kQ8_1 ? RoundF16(d * sum) : dd[b] * sum;
+    ds[2 * b] = dd[b];
+    ds[2 * b + 1] = ss[b];
   }
 }
 

@@ -162,7 +162,8 @@ inline void UnpackQ6_K(const BlockQ6_K& b, int8_t q[kQKK]) {
 // loop), scales as f32 arrays. The numbers are the same as GGML's: d is the
 // fp16-rounded block scale, so dot products equal llama.cpp's.
 //   Q8_0: qs[cols] int8 | d[nb] f32 | s[nb] f32 = d * sum(qs) (for Q4_0's -8)
-//   Q8_1: qs[cols] int8 | d[nb] f32 | s[nb] f32 = GGML's fp16 s
+//         | ds[2*nb] f32: (d, s) pairs again, for one-load access per block
+//   Q8_1: as Q8_0, with s = GGML's fp16 s
 //   Q8_K: qs[cols] int8 | d[nb] f32 | bsums[nb*16] int16
 //   F16, BF16: uint16[cols];  F32: float[cols]
 struct ActFormat {
@@ -171,6 +172,7 @@ struct ActFormat {
   int64_t blocks = 0;
   size_t d_offset = 0;
   size_t s_offset = 0;  // s (Q8_0/Q8_1) or bsums (Q8_K)
+  size_t ds_offset = 0; // (d, s) pairs (Q8_0/Q8_1)
   size_t row_bytes = 0; // multiple of 64
 };
 ActFormat MakeActFormat(DType act_type, int64_t cols);

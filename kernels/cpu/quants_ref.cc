@@ -111,7 +111,8 @@ ActFormat MakeActFormat(DType act_type, int64_t cols) {
       f.blocks = cols / kQK;
       f.d_offset = RoundUp64(static_cast<size_t>(cols));
       f.s_offset = f.d_offset + RoundUp64(static_cast<size_t>(f.blocks) * 4);
-      f.row_bytes = f.s_offset + RoundUp64(static_cast<size_t>(f.blocks) * 4);
+      f.ds_offset = f.s_offset + RoundUp64(static_cast<size_t>(f.blocks) * 4);
+      f.row_bytes = f.ds_offset + RoundUp64(static_cast<size_t>(f.blocks) * 8);
       break;
     case DType::kQ8_K:
       MNEMO_CHECK(cols % kQKK == 0);
@@ -353,6 +354,7 @@ void BlocksToActRow(const ActFormat& f, const void* blocks, void* row) {
   auto* base = static_cast<uint8_t*>(row);
   auto* qs = reinterpret_cast<int8_t*>(base);
   auto* d = reinterpret_cast<float*>(base + f.d_offset);
+  auto* ds = reinterpret_cast<float*>(base + f.ds_offset);
   switch (f.type) {
     case DType::kQ8_0: {
       const auto* b = static_cast<const BlockQ8_0*>(blocks);
@@ -363,6 +365,8 @@ void BlocksToActRow(const ActFormat& f, const void* blocks, void* row) {
         int sum = 0;
         for (int j = 0; j < kQK; ++j) sum += b[i].qs[j];
         s[i] = d[i] * static_cast<float>(sum);
+        ds[2 * i] = d[i];
+        ds[2 * i + 1] = s[i];
       }
       return;
     }
@@ -373,6 +377,8 @@ void BlocksToActRow(const ActFormat& f, const void* blocks, void* row) {
         std::memcpy(qs + i * kQK, b[i].qs, kQK);
         d[i] = F16ToF32(b[i].d);
         s[i] = F16ToF32(b[i].s);
+        ds[2 * i] = d[i];
+        ds[2 * i + 1] = s[i];
       }
       return;
     }

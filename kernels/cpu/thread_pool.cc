@@ -1,4 +1,5 @@
-// Fork/join: generation counter, spin-then-futex wait, shared task counter.
+// Fork/join: generation counter, spin-then-futex wait, open/close joining,
+// shared task counter.
 #include "kernels/cpu/thread_pool.h"
 
 #include <chrono>
@@ -21,6 +22,10 @@ inline void CpuRelax() {
 // while the engine waits for requests.
 constexpr auto kSpin = std::chrono::microseconds(300);
 
+constexpr uint64_t kOpen = uint64_t{1} << 31;
+constexpr uint64_t kJoinedMask = kOpen - 1;
+inline uint32_t GenOf(uint64_t s) { return static_cast<uint32_t>(s >> 32); }
+
 }  // namespace
 
 ThreadPool::ThreadPool(int threads) {
@@ -31,7 +36,6 @@ ThreadPool::ThreadPool(int threads) {
 
 ThreadPool::~ThreadPool() {
   stop_ = true;
-  pending_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
   generation_.fetch_add(1);
   generation_.notify_all();
   for (std::thread& t : workers_) t.join();
@@ -50,14 +54,20 @@ void ThreadPool::Run(int64_t n_tasks, TaskFn fn, void* ctx) {
   fn_ = fn;
   ctx_ = ctx;
   next_task_.store(0, std::memory_order_relaxed);
-  pending_.store(static_cast<int>(workers_.size()), std::memory_order_relaxed);
+  finished_.store(0, std::memory_order_relaxed);
+  const uint32_t gen = generation_.load(std::memory_order_relaxed) + 1;
+  // Release: a worker whose join CAS reads this sees the job above.
+  state_.store((static_cast<uint64_t>(gen) << 32) | kOpen, std::memory_order_release);
   // seq_cst pairs with the worker's sleepers_ increment: either we see the
   // sleeper and notify, or the sleeper sees the new generation.
-  generation_.fetch_add(1);
+  generation_.store(gen);
   if (sleepers_.load() > 0) generation_.notify_all();
   DrainTasks(0);
+  // Close the job; only the workers that joined can still be running tasks.
+  const uint64_t closed = state_.fetch_and(~kOpen, std::memory_order_acq_rel);
+  const uint32_t joined = static_cast<uint32_t>(closed & kJoinedMask);
   uint32_t spins = 0;
-  while (pending_.load(std::memory_order_acquire) != 0) {
+  while (finished_.load(std::memory_order_acquire) != joined) {
     CpuRelax();
     // A worker preempted mid-task: stop competing with it for the core.
     if (++spins > 4096) std::this_thread::yield();
@@ -85,8 +95,20 @@ void ThreadPool::WorkerLoop(int worker) {
     }
     seen = gen;
     if (stop_) return;
+    // Join the newest job if it is still open.
+    uint64_t s = state_.load(std::memory_order_acquire);
+    bool joined = false;
+    while ((s & kOpen) != 0) {
+      if (state_.compare_exchange_weak(s, s + 1, std::memory_order_acq_rel,
+                                       std::memory_order_acquire)) {
+        joined = true;
+        break;
+      }
+    }
+    if (!joined) continue;  // closed already: wait for the next generation
+    seen = GenOf(s);
     DrainTasks(worker);
-    pending_.fetch_sub(1, std::memory_order_release);
+    finished_.fetch_add(1, std::memory_order_release);
   }
 }
 

@@ -48,17 +48,23 @@ class ThreadPool {
   // Constant after construction.
   std::vector<std::thread> workers_;
 
-  // The current job: written by the caller before generation_ is bumped,
-  // read by workers after they observe the new generation.
+  // The current job: written by the caller before it opens the job in
+  // state_, read by workers after they join it.
   int64_t n_tasks_ = 0;
   TaskFn fn_ = nullptr;
   void* ctx_ = nullptr;
   bool stop_ = false;
 
+  // Workers wait (spin, then futex) for generation_ to change.
   alignas(64) std::atomic<uint32_t> generation_{0};
+  // Job generation (high 32 bits) | open flag (bit 31) | workers joined.
+  // A worker may only join an open job, so the caller never waits for a
+  // worker that was not scheduled while the job ran; it closes the job when
+  // its own share is done and waits just for those that joined.
+  alignas(64) std::atomic<uint64_t> state_{0};
   alignas(64) std::atomic<int64_t> next_task_{0};
-  alignas(64) std::atomic<int> pending_{0};   // workers still in the job
-  alignas(64) std::atomic<int> sleepers_{0};  // workers blocked in wait()
+  alignas(64) std::atomic<uint32_t> finished_{0};  // joined workers done
+  alignas(64) std::atomic<int> sleepers_{0};       // workers blocked in wait()
 };
 
 }  // namespace mnemo::kernels::cpu

@@ -61,6 +61,10 @@ TEST_P(SimdTest, QuantizeActRowMatchesReference) {
         const size_t s_bytes = t == DType::kQ8_K ? static_cast<size_t>(f.blocks) * 32 : d_bytes;
         EXPECT_EQ(0, std::memcmp(got.data() + f.s_offset, want.data() + f.s_offset, s_bytes))
             << Info(t).name << " sums differ";
+        if (t != DType::kQ8_K) {
+          EXPECT_EQ(0, std::memcmp(got.data() + f.ds_offset, want.data() + f.ds_offset, 2 * d_bytes))
+              << Info(t).name << " pairs differ";
+        }
       }
     }
   }
