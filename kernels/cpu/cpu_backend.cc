@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <utility>
 #include <vector>
 
 #include "common/check.h"
@@ -105,6 +106,7 @@ class CpuBackend final : public Backend {
   ThreadPool pool_;
   // Per-worker scratch (attention), sized on the driving thread before a job.
   std::vector<std::vector<float>> scratch_;
+  std::vector<std::pair<int64_t, int64_t>> blocks_;  // attention token runs
   std::unique_ptr<uint8_t, FreeDeleter> act_;  // quantized activations
   size_t act_bytes_ = 0;
 };
@@ -242,10 +244,25 @@ void CpuBackend::Attention(const AttentionArgs& a) {
   for (auto& s : scratch_) {
     if (s.size() < floats) s.resize(floats);
   }
+  // Runs of consecutive tokens of one sequence (prefill) share K/V page
+  // conversions; a lone token (decode) takes the per-token path.
+  blocks_.clear();
+  for (int64_t t = 0; t < a.n_tokens;) {
+    int64_t e = t + 1;
+    while (e < a.n_tokens && e - t < kAttentionBlockTokens && a.seq[e] == a.seq[t]) ++e;
+    blocks_.push_back({t, e});
+    t = e;
+  }
   const int32_t kv_heads = a.layout.n_kv_heads;
-  pool_.ParallelFor(a.n_tokens * kv_heads, [&](int64_t item, int worker) {
-    AttentionItem(a, item / kv_heads, static_cast<int32_t>(item % kv_heads),
-                  scratch_[static_cast<size_t>(worker)].data());
+  pool_.ParallelFor(static_cast<int64_t>(blocks_.size()) * kv_heads, [&](int64_t item, int worker) {
+    const auto [t0, t1] = blocks_[static_cast<size_t>(item / kv_heads)];
+    const int32_t kvh = static_cast<int32_t>(item % kv_heads);
+    float* scratch = scratch_[static_cast<size_t>(worker)].data();
+    if (t1 - t0 == 1) {
+      AttentionItem(a, t0, kvh, scratch);
+    } else {
+      AttentionBlock(a, t0, t1, kvh, scratch);
+    }
   });
 }
 

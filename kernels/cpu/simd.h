@@ -59,6 +59,14 @@ size_t AttentionScratchFloats(const AttentionArgs& args);
 // Attention of query token t for all query heads that share kv head kv_head.
 void AttentionItem(const AttentionArgs& args, int64_t t, int32_t kv_head, float* scratch);
 
+// Most query tokens one AttentionBlock call takes.
+inline constexpr int64_t kAttentionBlockTokens = 16;
+
+// Attention of query tokens [t0, t1), all of one sequence, for the query
+// heads of kv head kv_head: the K and V pages are converted once for all.
+void AttentionBlock(const AttentionArgs& args, int64_t t0, int64_t t1, int32_t kv_head,
+                    float* scratch);
+
 // --- Targets (for tests and benchmarks) ---------------------------------------
 
 // The compiled targets this CPU supports, best first.

@@ -223,15 +223,20 @@ TEST_P(BackendTest, AttentionMatchesNaive) {
     seqs[s].pages = cpages[s].data();
     seqs[s].n_pages = static_cast<int32_t>(cpages[s].size());
   }
-  // Batch: the last 8 tokens of seq 0 (prefill-like, causal), decode rows
-  // of seq 1 and 2, and the very first token of seq 0.
+  // Batch: the last 20 tokens of seq 0 (prefill-like, causal: one full
+  // block of 16 and a short one), decode rows of seq 1 and 2, two tokens of
+  // seq 2, and the very first token of seq 0.
   std::vector<int32_t> tok_seq, kv_len;
-  for (int32_t t = 29; t < 37; ++t) {
+  for (int32_t t = 17; t < 37; ++t) {
     tok_seq.push_back(0);
     kv_len.push_back(t + 1);
   }
   tok_seq.push_back(1);
   kv_len.push_back(16);
+  tok_seq.push_back(2);
+  kv_len.push_back(5);
+  tok_seq.push_back(2);
+  kv_len.push_back(4);
   tok_seq.push_back(2);
   kv_len.push_back(5);
   tok_seq.push_back(0);
