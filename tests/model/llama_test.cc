@@ -199,12 +199,25 @@ testutil::TinyModelSpec Spec(DType m, DType e, bool tied, const char* arch = "ll
   return s;
 }
 
+// SmolLM2-135M's geometry (odd block counts per row, 9 heads over 3 KV heads,
+// head_dim 64, rope base 1e5) with one layer.
+testutil::TinyModelSpec SmolShape() {
+  testutil::TinyModelSpec s;
+  s.n_layers = 1;
+  s.dim = 576;
+  s.n_heads = 9;
+  s.n_kv_heads = 3;
+  s.ffn_dim = 1536;
+  s.rope_base = 100000.0f;
+  return s;
+}
+
 INSTANTIATE_TEST_SUITE_P(
     Types, LlamaVsReference,
     ::testing::Values(Spec(DType::kQ4_1, DType::kQ8_0, true), Spec(DType::kQ4_0, DType::kQ8_0, false),
                       Spec(DType::kQ8_0, DType::kQ8_0, false), Spec(DType::kF16, DType::kF16, true),
                       Spec(DType::kF32, DType::kF32, false), Spec(DType::kBF16, DType::kQ8_0, true),
-                      Spec(DType::kQ4_1, DType::kQ8_0, true, "qwen2")));
+                      Spec(DType::kQ4_1, DType::kQ8_0, true, "qwen2"), SmolShape()));
 
 // Incremental decoding through pages equals one big prefill.
 TEST(Llama, TokenByTokenEqualsPrefillAcrossPages) {
@@ -345,3 +358,4 @@ TEST(Llama, RejectsUnsupportedArchitecture) {
 
 }  // namespace
 }  // namespace mnemo::model
+
