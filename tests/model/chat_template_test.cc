@@ -7,10 +7,13 @@
 #include <gtest/gtest.h>
 
 #include <filesystem>
+#include <fstream>
+#include <nlohmann/json.hpp>
 #include <vector>
 
 #include "model/gguf.h"
 #include "model/gguf_writer.h"
+#include "model/tokenizer.h"
 
 namespace mnemo::model {
 namespace {
@@ -386,6 +389,41 @@ TEST(ChatTemplate, RealSmolLmModel) {
   ASSERT_TRUE(t.ok()) << t.status().ToString();
   EXPECT_EQ((*t)->family(), Family::kChatMl);
   EXPECT_EQ((*t)->default_system_prompt(), kSmolLmSystem);
+}
+
+// llama.cpp's greedy reference prompts (tests/data/ref/greedy.json) are the
+// SmolLM2 template applied to one user message: the rendering, its token ids
+// and the end-of-generation ids must all agree.
+TEST(ChatTemplate, MatchesGreedyReferencePrompts) {
+  const std::string root = MNEMO_SOURCE_DIR;
+  const std::string model = root + "/models/SmolLM2-135M-Instruct.Q4_1.gguf";
+  const std::string ref = root + "/tests/data/ref/greedy.json";
+  if (!std::filesystem::exists(model)) GTEST_SKIP() << model << " absent";
+  std::ifstream in(ref);
+  if (!in) GTEST_SKIP() << ref << " absent";
+  const nlohmann::json doc = nlohmann::json::parse(in);
+  auto f = GgufFile::Open(model);
+  ASSERT_TRUE(f.ok()) << f.status().ToString();
+  auto chat = ChatTemplateFromGguf(**f);
+  ASSERT_TRUE(chat.ok()) << chat.status().ToString();
+  auto cfg = TokenizerConfigFromGguf(**f);
+  ASSERT_TRUE(cfg.ok()) << cfg.status().ToString();
+  auto tok = Tokenizer::Create(std::move(*cfg));
+  ASSERT_TRUE(tok.ok()) << tok.status().ToString();
+  EXPECT_EQ((*chat)->default_system_prompt(), doc.at("system_prompt").get<std::string>());
+  EXPECT_EQ((*tok)->eog_ids(), doc.at("eog_ids").get<std::vector<int32_t>>());
+  int n = 0;
+  for (const nlohmann::json& c : doc.at("cases")) {
+    const Msgs msgs = {{"user", c.at("user").get<std::string>()}};
+    auto prompt = (*chat)->Render(msgs, /*add_generation_prompt=*/true);
+    ASSERT_TRUE(prompt.ok());
+    EXPECT_EQ(*prompt, c.at("prompt").get<std::string>()) << c.at("name");
+    EXPECT_EQ((*tok)->Encode(*prompt, /*add_special=*/true, /*parse_special=*/true),
+              c.at("prompt_ids").get<std::vector<int32_t>>())
+        << c.at("name");
+    ++n;
+  }
+  EXPECT_GT(n, 0);
 }
 
 }  // namespace
