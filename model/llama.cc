@@ -204,6 +204,14 @@ void LlamaModel::EnsureScratch(int64_t n, int64_t n_logits) {
   }
 }
 
+void LlamaModel::Observe(std::string_view name, int layer, const float* data, int64_t rows,
+                         int64_t cols) {
+  if (!observer_) return;
+  observed_.resize(static_cast<size_t>(rows * cols));
+  backend_->CopyToHost(observed_.data(), data, observed_.size() * sizeof(float));
+  observer_(name, layer, observed_.data(), rows, cols);
+}
+
 Status LlamaModel::Forward(std::span<const BatchSeq> batch, attention::KvCache* kv,
                            std::vector<float>* logits) {
   const LlamaConfig& c = cfg_;
@@ -265,6 +273,7 @@ Status LlamaModel::Forward(std::span<const BatchSeq> batch, attention::KvCache* 
   for (int32_t l = 0; l < c.n_layers; ++l) {
     const Layer& L = layers_[l];
     be.RmsNorm(x_, L.attn_norm, n, c.dim, c.rms_eps, xb_);
+    Observe("attn_norm", l, xb_, n, c.dim);
     be.MatMul(L.wq, xb_, n, q_);
     be.MatMul(L.wk, xb_, n, k_);
     be.MatMul(L.wv, xb_, n, v_);
@@ -273,6 +282,9 @@ Status LlamaModel::Forward(std::span<const BatchSeq> batch, attention::KvCache* 
     if (L.bv) be.AddBias(v_, L.bv, n, kv_dim);
     be.Rope(q_, n, c.n_heads, c.head_dim, c.rope_dims, pos_.data(), c.rope_base, c.rope_style);
     be.Rope(k_, n, c.n_kv_heads, c.head_dim, c.rope_dims, pos_.data(), c.rope_base, c.rope_style);
+    Observe("Qcur", l, q_, n, q_dim);
+    Observe("Kcur", l, k_, n, kv_dim);
+    Observe("Vcur", l, v_, n, kv_dim);
 
     // Page tables of this layer.
     page_ptrs_.clear();
@@ -314,14 +326,23 @@ Status LlamaModel::Forward(std::span<const BatchSeq> batch, attention::KvCache* 
     a.n_seqs = static_cast<int32_t>(batch.size());
     be.Attention(a);
 
+    Observe("kqv_out", l, att_, n, q_dim);
     be.MatMul(L.wo, att_, n, xb_);
+    Observe("attn_out", l, xb_, n, c.dim);
     be.Add(x_, xb_, n * c.dim);
+    Observe("ffn_inp", l, x_, n, c.dim);
     be.RmsNorm(x_, L.ffn_norm, n, c.dim, c.rms_eps, xb_);
+    Observe("ffn_norm", l, xb_, n, c.dim);
     be.MatMul(L.w_gate, xb_, n, gate_);
     be.MatMul(L.w_up, xb_, n, up_);
+    Observe("ffn_gate", l, gate_, n, c.ffn_dim);
+    Observe("ffn_up", l, up_, n, c.ffn_dim);
     be.SiluMul(gate_, up_, n * c.ffn_dim);
+    Observe("ffn_swiglu", l, gate_, n, c.ffn_dim);
     be.MatMul(L.w_down, gate_, n, xb_);
+    Observe("ffn_out", l, xb_, n, c.dim);
     be.Add(x_, xb_, n * c.dim);
+    Observe("l_out", l, x_, n, c.dim);
   }
 
   // Gather the rows that need logits, then norm and project only those.
@@ -342,7 +363,9 @@ Status LlamaModel::Forward(std::span<const BatchSeq> batch, attention::KvCache* 
     rows = out_rows_;
   }
   be.RmsNorm(rows, output_norm_, n_logits, c.dim, c.rms_eps, out_rows_);
+  Observe("result_norm", -1, out_rows_, n_logits, c.dim);
   be.MatMul(output_, out_rows_, n_logits, logits_);
+  Observe("result_output", -1, logits_, n_logits, c.vocab_size);
   logits->resize(static_cast<size_t>(n_logits) * c.vocab_size);
   be.CopyToHost(logits->data(), logits_, logits->size() * sizeof(float));
 

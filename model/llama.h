@@ -8,6 +8,8 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
+#include <string_view>
 #include <memory>
 #include <span>
 #include <string>
@@ -78,6 +80,14 @@ class LlamaModel {
   Status Forward(std::span<const BatchSeq> batch, attention::KvCache* kv,
                  std::vector<float>* logits);
 
+  // Debugging and numerical comparison with other implementations: when
+  // set, Forward reports each intermediate activation (host copy, [rows][cols])
+  // under llama.cpp's tensor names ("attn_norm", "Qcur", ..., "l_out" with
+  // the layer; "result_norm", "result_output" with layer -1).
+  using Observer = std::function<void(std::string_view name, int layer, const float* data,
+                                      int64_t rows, int64_t cols)>;
+  void set_observer(Observer observer) { observer_ = std::move(observer); }
+
  private:
   struct Layer {
     const float* attn_norm = nullptr;
@@ -92,6 +102,7 @@ class LlamaModel {
   Result<kernels::Weight> BindMatrix(const std::string& name, int64_t cols, int64_t rows);
   Result<const float*> BindVector(const std::string& name, int64_t n, bool optional);
   void EnsureScratch(int64_t n_tokens, int64_t n_logits);
+  void Observe(std::string_view name, int layer, const float* data, int64_t rows, int64_t cols);
 
   // constant after Load
   std::shared_ptr<const GgufFile> file_;
@@ -103,6 +114,8 @@ class LlamaModel {
   const float* output_norm_ = nullptr;
   std::vector<Layer> layers_;
   std::vector<void*> owned_;  // backend buffers for uploaded vectors
+  Observer observer_;
+  std::vector<float> observed_;
 
   // Scratch, grown on demand (backend memory).
   int64_t scratch_tokens_ = 0;

@@ -26,23 +26,16 @@ void RmsNormRowImpl(const float* HWY_RESTRICT x, const float* HWY_RESTRICT gain,
                     float eps, float* y) {
   const DF df;
   const int64_t N = static_cast<int64_t>(hn::Lanes(df));
-  VF s0 = hn::Zero(df), s1 = hn::Zero(df);
-  int64_t i = 0;
-  for (; i + 2 * N <= dim; i += 2 * N) {
-    const VF a = hn::LoadU(df, x + i);
-    const VF b = hn::LoadU(df, x + i + N);
-    s0 = hn::MulAdd(a, a, s0);
-    s1 = hn::MulAdd(b, b, s1);
-  }
-  for (; i + N <= dim; i += N) {
-    const VF a = hn::LoadU(df, x + i);
-    s0 = hn::MulAdd(a, a, s0);
-  }
-  float sum = hn::GetLane(hn::SumOfLanes(df, hn::Add(s0, s1)));
-  for (; i < dim; ++i) sum += x[i] * x[i];
-  const float scale = 1.0f / std::sqrt(sum / static_cast<float>(dim) + eps);
+  // Squares rounded to float, summed in double, as llama.cpp does: the norm
+  // scale then agrees to the last bit, and with it the rounding of the next
+  // matmul's activation quantization (a one-ulp difference flips quantized
+  // values that sit on a rounding boundary).
+  double sum = 0.0;
+  for (int64_t j = 0; j < dim; ++j) sum += static_cast<double>(x[j] * x[j]);
+  const float mean = static_cast<float>(sum / static_cast<double>(dim));
+  const float scale = 1.0f / std::sqrt(mean + eps);
   const VF vscale = hn::Set(df, scale);
-  i = 0;
+  int64_t i = 0;
   for (; i + N <= dim; i += N) {
     hn::StoreU(hn::Mul(hn::Mul(hn::LoadU(df, x + i), vscale), hn::LoadU(df, gain + i)), df, y + i);
   }
@@ -92,6 +85,37 @@ void RopeRowImpl(float* HWY_RESTRICT x, int32_t n_heads, int32_t head_dim, int32
   }
 }
 
+// exp(x) by the exact sequence of operations of GGML's ggml_v_expf (a
+// polynomial adapted from Arm's optimized routines; max error ~1.5 ulp), so
+// that silu agrees with llama.cpp bit for bit and the following matmul
+// quantizes the same values.
+template <class D, class V = hn::Vec<D>>
+HWY_INLINE V GgmlExp(D d, V x) {
+  const hn::RebindToSigned<D> di;
+  const V r = hn::Set(d, 0x1.8p23f);
+  const V z = hn::MulAdd(x, hn::Set(d, 0x1.715476p+0f), r);
+  const V n = hn::Sub(z, r);
+  const V b = hn::NegMulAdd(n, hn::Set(d, 0x1.7f7d1cp-20f),
+                            hn::NegMulAdd(n, hn::Set(d, 0x1.62e4p-1f), x));
+  const auto e = hn::ShiftLeft<23>(hn::BitCast(di, z));
+  const V k = hn::BitCast(d, hn::Add(e, hn::BitCast(di, hn::Set(d, 1.0f))));
+  const auto c = hn::Gt(hn::Abs(n), hn::Set(d, 126.0f));
+  const V u = hn::Mul(b, b);
+  const V j = hn::MulAdd(
+      hn::MulAdd(hn::MulAdd(hn::Set(d, 0x1.0e4020p-7f), b, hn::Set(d, 0x1.573e2ep-5f)), u,
+                 hn::MulAdd(hn::Set(d, 0x1.555e66p-3f), b, hn::Set(d, 0x1.fffdb6p-2f))),
+      u, hn::Mul(hn::Set(d, 0x1.ffffecp-1f), b));
+  const V normal = hn::MulAdd(j, k, k);
+  if (hn::AllFalse(d, c)) return normal;
+  const auto g = hn::And(hn::BitCast(di, hn::VecFromMask(d, hn::Le(n, hn::Zero(d)))),
+                         hn::Set(di, static_cast<int32_t>(0x82000000u)));
+  const V s1 = hn::BitCast(d, hn::Add(g, hn::Set(di, 0x7f000000)));
+  const V s2 = hn::BitCast(d, hn::Sub(e, g));
+  const auto huge = hn::Gt(hn::Abs(n), hn::Set(d, 192.0f));
+  return hn::IfThenElse(huge, hn::Mul(s1, s1),
+                        hn::IfThenElse(c, hn::Mul(hn::MulAdd(s2, j, s2), s1), normal));
+}
+
 void SiluMulImpl(float* HWY_RESTRICT gate, const float* HWY_RESTRICT up, int64_t count) {
   const DF df;
   const int64_t N = static_cast<int64_t>(hn::Lanes(df));
@@ -99,9 +123,7 @@ void SiluMulImpl(float* HWY_RESTRICT gate, const float* HWY_RESTRICT up, int64_t
   int64_t i = 0;
   for (; i + N <= count; i += N) {
     const VF g = hn::LoadU(df, gate + i);
-    // silu(g) = g / (1 + exp(-g)). Highway's Exp is valid up to ~104:
-    // clamp, the quotient is ~0 there anyway.
-    const VF e = hn::Exp(df, hn::Min(hn::Neg(g), hn::Set(df, 88.0f)));
+    const VF e = GgmlExp(df, hn::Sub(hn::Zero(df), g));
     hn::StoreU(hn::Mul(hn::Div(g, hn::Add(one, e)), hn::LoadU(df, up + i)), df, gate + i);
   }
   for (; i < count; ++i) gate[i] = gate[i] / (1.0f + std::exp(-gate[i])) * up[i];
