@@ -24,7 +24,16 @@ Result<std::unique_ptr<Engine>> Engine::Open(const EngineOptions& options) {
   MNEMO_ASSIGN_OR_RETURN(e->model_, LlamaModel::Load(e->file_, e->backend_.get()));
   MNEMO_ASSIGN_OR_RETURN(TokenizerConfig tc, TokenizerConfigFromGguf(*e->file_));
   MNEMO_ASSIGN_OR_RETURN(e->tokenizer_, Tokenizer::Create(std::move(tc)));
-  MNEMO_ASSIGN_OR_RETURN(e->chat_, ChatTemplateFromGguf(*e->file_));
+  Result<std::unique_ptr<ChatTemplate>> chat = ChatTemplateFromGguf(*e->file_);
+  if (chat.ok()) {
+    e->chat_ = std::move(chat).value();
+  } else if (chat.status().code() == StatusCode::kUnsupported) {
+    // Raw prompts still work; chat requests use ChatML, the most common
+    // format of instruction-tuned GGUFs, rather than refusing the model.
+    e->chat_ = ChatTemplate::ChatMl();
+  } else {
+    return chat.status();
+  }
   const LlamaConfig& c = e->model_->config();
   e->max_context_ = options.max_context > 0 ? options.max_context : c.context_length;
   MNEMO_ASSIGN_OR_RETURN(e->pool_, attention::PagePool::Create(
