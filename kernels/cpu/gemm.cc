@@ -13,15 +13,28 @@
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kernels/cpu/gemm.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/cache_control.h"
 #include "hwy/highway.h"
 #include "kernels/cpu/f16-inl.h"
 
-HWY_BEFORE_NAMESPACE();
-#if HWY_TARGET == HWY_AVX3_DL
-// Highway's AVX3_DL target implies AVX512-VNNI at run time (it checks the
-// CPUID bit) but does not enable it for the compiler.
-#pragma GCC target("avx512vnni")
+// Decode (one activation row) streams one weight row at a time: several rows
+// interleaved defeat the hardware prefetcher (measured: -40% GB/s).
+#ifndef MNEMO_N1_RM
+#define MNEMO_N1_RM 1
 #endif
+#ifndef MNEMO_PF
+#define MNEMO_PF 2048  // bytes of weights prefetched ahead in the decode path
+#endif
+#ifndef MNEMO_Q4_RM  // tile shape, overridable for tuning experiments
+#define MNEMO_Q4_RM 4
+#define MNEMO_Q4_RN 3
+#endif
+#ifndef MNEMO_Q8_RM
+#define MNEMO_Q8_RM 4
+#define MNEMO_Q8_RN 2
+#endif
+
+HWY_BEFORE_NAMESPACE();
 namespace mnemo::kernels::cpu {
 namespace HWY_NAMESPACE {
 namespace hn = hwy::HWY_NAMESPACE;
@@ -96,7 +109,12 @@ static_assert(kN8 == 16 || kN8 == 32, "unsupported vector width");
 // Callers keep |a[2j]*b[2j] + a[2j+1]*b[2j+1]| < 2^15 (maddubs saturates).
 HWY_INLINE VI32 DotU8I8(VU8 a, VI8 b) {
 #if HWY_TARGET == HWY_AVX3_DL
-  return VI32{_mm256_dpbusd_epi32(_mm256_setzero_si256(), a.raw, b.raw)};
+  // AVX3_DL implies AVX512-VNNI (Highway checks the CPUID bit). The EVEX
+  // encoding is spelled out: compilers may pick the VEX one (AVX-VNNI),
+  // which Ice Lake and Zen 4 lack.
+  __m256i acc = _mm256_setzero_si256();
+  asm("%{evex%} vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(a.raw), "v"(b.raw));
+  return VI32{acc};
 #elif HWY_TARGET == HWY_AVX2 || HWY_TARGET == HWY_AVX3
   return VI32{_mm256_madd_epi16(_mm256_maddubs_epi16(a.raw, b.raw), _mm256_set1_epi16(1))};
 #elif HWY_TARGET == HWY_SSSE3 || HWY_TARGET == HWY_SSE4
@@ -188,6 +206,9 @@ HWY_INLINE void TileQ4N1(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
     const V2 xp = hn::LoadU(d2, xds + 2 * b);  // (dx, s)
     for (int r = 0; r < RM; ++r) {
       const uint8_t* blk = w + r * ws + b * kBlockBytes;
+#if MNEMO_PF
+      hwy::Prefetch(blk + MNEMO_PF);
+#endif
       V2 wdm = LoadHalfPair(blk);  // (d, m); Q4_0: (d, junk)
       if constexpr (!kQ41) wdm = hn::Broadcast<0>(wdm);
       const V2 p = hn::Mul(wdm, xp);  // (d * dx, m * s)
@@ -275,8 +296,8 @@ HWY_INLINE void RowsQ4(const uint8_t* w, size_t ws, int64_t nb, const float* wd,
 
 template <bool kQ41>
 void GemmQ4(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
-  constexpr int kRM = 4;
-  constexpr int kRN = 3;
+  constexpr int kRM = MNEMO_Q4_RM;
+  constexpr int kRN = MNEMO_Q4_RN;
   constexpr size_t kBB = kQ41 ? sizeof(BlockQ4_1) : sizeof(BlockQ4_0);
   constexpr size_t kQO = kQ41 ? 4 : 2;
   const int64_t nb = a.format.blocks;
@@ -286,8 +307,9 @@ void GemmQ4(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
     const float* xds = x.ds(i0);
     float* y = a.y + i0 * a.ldy;
     int64_t r = r0;
-    for (; r + kRM <= r1; r += kRM) {
-      TileQ4N1<kRM, kBB, kQO, kQ41>(a.w + r * a.w_row_bytes, a.w_row_bytes, nb, xq, xds, y + r);
+    constexpr int kRM1 = MNEMO_N1_RM;
+    for (; r + kRM1 <= r1; r += kRM1) {
+      TileQ4N1<kRM1, kBB, kQO, kQ41>(a.w + r * a.w_row_bytes, a.w_row_bytes, nb, xq, xds, y + r);
     }
     for (; r < r1; ++r) {
       TileQ4N1<1, kBB, kQO, kQ41>(a.w + r * a.w_row_bytes, a.w_row_bytes, nb, xq, xds, y + r);
@@ -339,6 +361,9 @@ HWY_INLINE void TileQ8_0N1(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
     const V2 xp = hn::LoadU(d2, xds + 2 * b);
     for (int r = 0; r < RM; ++r) {
       const uint8_t* blk = w + r * ws + b * sizeof(BlockQ8_0);
+#if MNEMO_PF
+      hwy::Prefetch(blk + MNEMO_PF);
+#endif
       const V2 p = hn::Mul(LoadHalfPair(blk), xp);  // lane 0: d * dx
       const auto* q = reinterpret_cast<const int8_t*>(blk + 2);
       const VI8 w0 = hn::LoadU(di8, q);
@@ -420,8 +445,8 @@ HWY_INLINE void RowsQ8_0(const uint8_t* w, size_t ws, int64_t nb, const float* w
 }
 
 void GemmQ8_0(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
-  constexpr int kRM = 4;
-  constexpr int kRN = 2;
+  constexpr int kRM = MNEMO_Q8_RM;
+  constexpr int kRN = MNEMO_Q8_RN;
   const int64_t nb = a.format.blocks;
   const ActView x{a.x, a.format.row_bytes, &a.format};
   if (i1 - i0 == 1) {
@@ -429,8 +454,9 @@ void GemmQ8_0(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1)
     const float* xds = x.ds(i0);
     float* y = a.y + i0 * a.ldy;
     int64_t r = r0;
-    for (; r + kRM <= r1; r += kRM) {
-      TileQ8_0N1<kRM>(a.w + r * a.w_row_bytes, a.w_row_bytes, nb, xq, xds, y + r);
+    constexpr int kRM1 = MNEMO_N1_RM;
+    for (; r + kRM1 <= r1; r += kRM1) {
+      TileQ8_0N1<kRM1>(a.w + r * a.w_row_bytes, a.w_row_bytes, nb, xq, xds, y + r);
     }
     for (; r < r1; ++r) TileQ8_0N1<1>(a.w + r * a.w_row_bytes, a.w_row_bytes, nb, xq, xds, y + r);
     return;
