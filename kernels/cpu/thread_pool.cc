@@ -28,7 +28,7 @@ inline uint32_t GenOf(uint64_t s) { return static_cast<uint32_t>(s >> 32); }
 
 }  // namespace
 
-ThreadPool::ThreadPool(int threads) {
+ThreadPool::ThreadPool(int threads) : segments_(new Segment[static_cast<size_t>(threads)]) {
   MNEMO_CHECK(threads >= 1);
   workers_.reserve(static_cast<size_t>(threads - 1));
   for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { WorkerLoop(i); });
@@ -42,10 +42,14 @@ ThreadPool::~ThreadPool() {
 }
 
 void ThreadPool::DrainTasks(int worker) {
-  for (;;) {
-    const int64_t t = next_task_.fetch_add(1, std::memory_order_relaxed);
-    if (t >= n_tasks_) return;
-    fn_(ctx_, t, worker);
+  const int n = size();
+  for (int k = 0; k < n; ++k) {
+    Segment& seg = segments_[static_cast<size_t>((worker + k) % n)];
+    for (;;) {
+      const int64_t t = seg.next.fetch_add(1, std::memory_order_relaxed);
+      if (t >= seg.end) break;
+      fn_(ctx_, t, worker);
+    }
   }
 }
 
@@ -53,7 +57,11 @@ void ThreadPool::Run(int64_t n_tasks, TaskFn fn, void* ctx) {
   n_tasks_ = n_tasks;
   fn_ = fn;
   ctx_ = ctx;
-  next_task_.store(0, std::memory_order_relaxed);
+  const int n = size();
+  for (int w = 0; w < n; ++w) {
+    segments_[static_cast<size_t>(w)].next.store(n_tasks * w / n, std::memory_order_relaxed);
+    segments_[static_cast<size_t>(w)].end = n_tasks * (w + 1) / n;
+  }
   finished_.store(0, std::memory_order_relaxed);
   const uint32_t gen = generation_.load(std::memory_order_relaxed) + 1;
   // Release: a worker whose join CAS reads this sees the job above.

@@ -9,6 +9,7 @@
 
 #include <atomic>
 #include <cstdint>
+#include <memory>
 #include <thread>
 #include <vector>
 
@@ -24,8 +25,10 @@ class ThreadPool {
 
   int size() const { return static_cast<int>(workers_.size()) + 1; }
 
-  // Calls fn(task, worker) once for every task in [0, n_tasks); tasks are
-  // handed out in order through a shared counter. Returns when all are done.
+  // Calls fn(task, worker) once for every task in [0, n_tasks). Each worker
+  // owns a contiguous segment of the tasks and runs it in order (one
+  // sequential stream of weights per thread for the prefetchers), then
+  // steals what is left of the others' segments. Returns when all are done.
   // `worker` is in [0, size()) and unique among concurrently running calls.
   template <class F>
   void ParallelFor(int64_t n_tasks, F&& fn) {
@@ -62,7 +65,11 @@ class ThreadPool {
   // worker that was not scheduled while the job ran; it closes the job when
   // its own share is done and waits just for those that joined.
   alignas(64) std::atomic<uint64_t> state_{0};
-  alignas(64) std::atomic<int64_t> next_task_{0};
+  struct alignas(64) Segment {
+    std::atomic<int64_t> next{0};
+    int64_t end = 0;
+  };
+  std::unique_ptr<Segment[]> segments_;  // one per worker, constant count
   alignas(64) std::atomic<uint32_t> finished_{0};  // joined workers done
   alignas(64) std::atomic<int> sleepers_{0};       // workers blocked in wait()
 };
