@@ -174,30 +174,24 @@ TEST_P(BackendTest, RopeMatchesReference) {
   }
 }
 
-// Attention over pages written with WriteKv, against a naive softmax(QK)V
-// over the fp16-rounded K and V.
-TEST_P(BackendTest, AttentionMatchesNaive) {
-  std::mt19937 rng(24);
-  KvLayout layout;
-  layout.page_tokens = 16;
-  layout.n_kv_heads = 3;
-  layout.head_dim = 64;
-  const int32_t n_heads = 9;
+// Writes random K/V for sequences of seq_len tokens with WriteKv, runs
+// Attention for the batch rows (sequence, kv_len), and checks against a
+// naive softmax(QK)V over the fp16-rounded K and V.
+void CheckAttention(Backend& backend, const KvLayout& layout, int32_t n_heads,
+                    const std::vector<int32_t>& seq_len,
+                    const std::vector<std::pair<int32_t, int32_t>>& batch, uint32_t seed) {
+  std::mt19937 rng(seed);
   const int32_t kv_dim = layout.n_kv_heads * layout.head_dim;
   const int32_t q_dim = n_heads * layout.head_dim;
-  // Three sequences: 37 tokens (pages across a boundary, last one partial),
-  // exactly one page, and 5 tokens.
-  const int32_t seq_len[] = {37, 16, 5};
-  std::vector<std::vector<void*>> pages(3);
-  std::vector<std::vector<float>> k(3), v(3);
-  std::vector<void*> all_pages;
-  for (int s = 0; s < 3; ++s) {
+  const size_t n_seqs = seq_len.size();
+  std::vector<std::vector<void*>> pages(n_seqs);
+  std::vector<std::vector<float>> k(n_seqs), v(n_seqs);
+  for (size_t s = 0; s < n_seqs; ++s) {
     const int32_t n_pages = (seq_len[s] + layout.page_tokens - 1) / layout.page_tokens;
     for (int p = 0; p < n_pages; ++p) {
-      void* page = backend_->AllocBuffer(layout.page_bytes());
+      void* page = backend.AllocBuffer(layout.page_bytes());
       std::memset(page, 0xFF, layout.page_bytes());  // NaN garbage in unused slots
       pages[s].push_back(page);
-      all_pages.push_back(page);
     }
     k[s] = RandomFloats(rng, static_cast<size_t>(seq_len[s] * kv_dim));
     v[s] = RandomFloats(rng, static_cast<size_t>(seq_len[s] * kv_dim));
@@ -214,48 +208,35 @@ TEST_P(BackendTest, AttentionMatchesNaive) {
     wa.v = v[s].data();
     wa.page = tok_page.data();
     wa.slot = slot.data();
-    backend_->WriteKv(wa);
+    backend.WriteKv(wa);
   }
-  std::vector<AttentionSeq> seqs(3);
-  std::vector<std::vector<const void*>> cpages(3);
-  for (int s = 0; s < 3; ++s) {
+  std::vector<AttentionSeq> seqs(n_seqs);
+  std::vector<std::vector<const void*>> cpages(n_seqs);
+  for (size_t s = 0; s < n_seqs; ++s) {
     cpages[s].assign(pages[s].begin(), pages[s].end());
     seqs[s].pages = cpages[s].data();
     seqs[s].n_pages = static_cast<int32_t>(cpages[s].size());
   }
-  // Batch: the last 20 tokens of seq 0 (prefill-like, causal: one full
-  // block of 16 and a short one), decode rows of seq 1 and 2, two tokens of
-  // seq 2, and the very first token of seq 0.
   std::vector<int32_t> tok_seq, kv_len;
-  for (int32_t t = 17; t < 37; ++t) {
-    tok_seq.push_back(0);
-    kv_len.push_back(t + 1);
+  for (const auto& [sq, len] : batch) {
+    tok_seq.push_back(sq);
+    kv_len.push_back(len);
   }
-  tok_seq.push_back(1);
-  kv_len.push_back(16);
-  tok_seq.push_back(2);
-  kv_len.push_back(5);
-  tok_seq.push_back(2);
-  kv_len.push_back(4);
-  tok_seq.push_back(2);
-  kv_len.push_back(5);
-  tok_seq.push_back(0);
-  kv_len.push_back(1);
   const int64_t n_tokens = static_cast<int64_t>(tok_seq.size());
   auto q = RandomFloats(rng, static_cast<size_t>(n_tokens * q_dim));
   std::vector<float> out(q.size(), NAN);
   AttentionArgs a;
   a.layout = layout;
   a.n_heads = n_heads;
-  a.scale = 1.0f / 8.0f;
+  a.scale = 1.0f / std::sqrt(static_cast<float>(layout.head_dim));
   a.n_tokens = n_tokens;
   a.q = q.data();
   a.out = out.data();
   a.seq = tok_seq.data();
   a.kv_len = kv_len.data();
   a.seqs = seqs.data();
-  a.n_seqs = 3;
-  backend_->Attention(a);
+  a.n_seqs = static_cast<int32_t>(n_seqs);
+  backend.Attention(a);
 
   const int32_t group = n_heads / layout.n_kv_heads;
   for (int64_t t = 0; t < n_tokens; ++t) {
@@ -285,12 +266,48 @@ TEST_P(BackendTest, AttentionMatchesNaive) {
           want += p[j] / total * vv;
           mag += p[j] / total * std::fabs(vv);
         }
-        ASSERT_NEAR(out[t * q_dim + h * layout.head_dim + d], want, 1e-5 * mag + 1e-6)
+        ASSERT_NEAR(out[t * q_dim + h * layout.head_dim + d], want, 2e-5 * mag + 1e-6)
             << "token " << t << " head " << h << " dim " << d;
       }
     }
   }
-  for (void* p : all_pages) backend_->FreeBuffer(p);
+  for (auto& ps : pages)
+    for (void* p : ps) backend.FreeBuffer(p);
+}
+
+KvLayout Layout(int32_t page_tokens, int32_t n_kv_heads, int32_t head_dim) {
+  KvLayout l;
+  l.page_tokens = page_tokens;
+  l.n_kv_heads = n_kv_heads;
+  l.head_dim = head_dim;
+  return l;
+}
+
+TEST_P(BackendTest, AttentionMatchesNaive) {
+  // Three sequences: 37 tokens (pages across a boundary, last one partial),
+  // exactly one page, and 5 tokens. Batch: the last 20 tokens of seq 0
+  // (prefill-like, causal: a block of 16 and one of 4), decode rows of seq 1
+  // and 2, two tokens of seq 2, and the very first token of seq 0.
+  std::vector<std::pair<int32_t, int32_t>> batch;
+  for (int32_t t = 17; t < 37; ++t) batch.push_back({0, t + 1});
+  batch.insert(batch.end(), {{1, 16}, {2, 5}, {2, 4}, {2, 5}, {0, 1}});
+  CheckAttention(*backend_, Layout(16, 3, 64), 9, {37, 16, 5}, batch, 24);
+}
+
+TEST_P(BackendTest, AttentionLongContextSplitsAndCombines) {
+  // Decode rows over 1100 and 530 tokens take the split (flash-decoding)
+  // path; a prefill run of the long sequence takes the block path.
+  std::vector<std::pair<int32_t, int32_t>> batch = {{0, 1100}, {1, 530}, {1, 529}};
+  for (int32_t t = 1090; t < 1100; ++t) batch.push_back({0, t + 1});
+  CheckAttention(*backend_, Layout(16, 3, 64), 9, {1100, 530}, batch, 25);
+}
+
+TEST_P(BackendTest, AttentionOtherGeometries) {
+  // Multi-head (no GQA), head_dim 128, 32-token pages; and one kv head for
+  // eight query heads, head_dim 40 (not a multiple of the vector width).
+  CheckAttention(*backend_, Layout(32, 2, 128), 2, {70, 33},
+                 {{0, 70}, {0, 69}, {0, 68}, {1, 33}, {1, 1}}, 26);
+  CheckAttention(*backend_, Layout(8, 1, 40), 8, {29}, {{0, 29}, {0, 28}, {0, 9}, {0, 3}}, 27);
 }
 
 INSTANTIATE_TEST_SUITE_P(
