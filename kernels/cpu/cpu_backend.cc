@@ -3,7 +3,6 @@
 #include <sched.h>
 
 #include <algorithm>
-#include <climits>
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
@@ -28,9 +27,6 @@ constexpr int64_t kDecodeRows = 16;
 constexpr int64_t kPrefillRowsX = 48;
 // Weight rows per task in the tiled regime.
 constexpr int64_t kPrefillRowsW = 64;
-// Decode attention over longer contexts is split into page ranges of about
-// this many tokens, one task each.
-constexpr int64_t kSplitKvTokens = 512;
 // Element-wise ops smaller than this run on the calling thread alone.
 constexpr int64_t kParallelElems = 1 << 15;
 
@@ -110,21 +106,7 @@ class CpuBackend final : public Backend {
   ThreadPool pool_;
   // Per-worker scratch (attention), sized on the driving thread before a job.
   std::vector<std::vector<float>> scratch_;
-  // Attention work lists, rebuilt per call (kept to reuse their memory).
-  struct AttentionWork {
-    int64_t t0, t1;
-    int32_t kv_head, page_begin, page_end;
-    int64_t partial;  // index into partials_, or -1: write the output
-  };
-  struct AttentionSplit {
-    int64_t t;
-    int32_t kv_head;
-    int64_t first_partial;
-    int32_t n_partials;
-  };
-  std::vector<AttentionWork> work_;
-  std::vector<AttentionSplit> splits_;
-  std::vector<float> partials_;
+  std::vector<std::pair<int64_t, int64_t>> blocks_;  // attention token runs
   std::unique_ptr<uint8_t, FreeDeleter> act_;  // quantized activations
   size_t act_bytes_ = 0;
 };
@@ -262,53 +244,27 @@ void CpuBackend::Attention(const AttentionArgs& a) {
   for (auto& s : scratch_) {
     if (s.size() < floats) s.resize(floats);
   }
-  const int32_t kv_heads = a.layout.n_kv_heads;
-  const int32_t P = a.layout.page_tokens;
-  const int32_t chunk_pages = std::max<int32_t>(1, static_cast<int32_t>(kSplitKvTokens / P));
   // Runs of consecutive tokens of one sequence (prefill) share K/V page
-  // conversions; a lone token (decode) takes the per-token path, split into
-  // page ranges when its context is long.
-  work_.clear();
-  splits_.clear();
-  int64_t n_partials = 0;
+  // conversions; a lone token (decode) takes the per-token path.
+  blocks_.clear();
   for (int64_t t = 0; t < a.n_tokens;) {
     MNEMO_CHECK(a.seq[t] >= 0 && a.seq[t] < a.n_seqs);
     int64_t e = t + 1;
     while (e < a.n_tokens && e - t < kAttentionBlockTokens && a.seq[e] == a.seq[t]) ++e;
-    const int32_t pages = static_cast<int32_t>((a.kv_len[t] + P - 1) / P);
-    const int32_t chunks = e - t == 1 ? (pages + chunk_pages - 1) / chunk_pages : 1;
-    for (int32_t h = 0; h < kv_heads; ++h) {
-      if (chunks <= 1) {
-        work_.push_back({t, e, h, 0, INT32_MAX, -1});
-        continue;
-      }
-      splits_.push_back({t, h, n_partials, chunks});
-      for (int32_t c = 0; c < chunks; ++c) {
-        work_.push_back({t, e, h, c * chunk_pages, std::min(pages, (c + 1) * chunk_pages), n_partials++});
-      }
-    }
+    blocks_.push_back({t, e});
     t = e;
   }
-  const size_t partial_floats = AttentionPartialFloats(a);
-  if (partials_.size() < static_cast<size_t>(n_partials) * partial_floats) {
-    partials_.resize(static_cast<size_t>(n_partials) * partial_floats);
-  }
-  pool_.ParallelFor(static_cast<int64_t>(work_.size()), [&](int64_t i, int worker) {
-    const AttentionWork& w = work_[static_cast<size_t>(i)];
+  const int32_t kv_heads = a.layout.n_kv_heads;
+  pool_.ParallelFor(static_cast<int64_t>(blocks_.size()) * kv_heads, [&](int64_t item, int worker) {
+    const auto [t0, t1] = blocks_[static_cast<size_t>(item / kv_heads)];
+    const int32_t kvh = static_cast<int32_t>(item % kv_heads);
     float* scratch = scratch_[static_cast<size_t>(worker)].data();
-    if (w.partial >= 0) {
-      AttentionPartial(a, w.t0, w.kv_head, w.page_begin, w.page_end,
-                       partials_.data() + w.partial * partial_floats, scratch);
-    } else if (w.t1 - w.t0 == 1) {
-      AttentionItem(a, w.t0, w.kv_head, scratch);
+    if (t1 - t0 == 1) {
+      AttentionItem(a, t0, kvh, scratch);
     } else {
-      AttentionBlock(a, w.t0, w.t1, w.kv_head, scratch);
+      AttentionBlock(a, t0, t1, kvh, scratch);
     }
   });
-  for (const AttentionSplit& sp : splits_) {
-    AttentionCombine(a, sp.t, sp.kv_head, partials_.data() + sp.first_partial * partial_floats,
-                     sp.n_partials);
-  }
 }
 
 }  // namespace

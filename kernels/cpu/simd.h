@@ -59,19 +59,6 @@ size_t AttentionScratchFloats(const AttentionArgs& args);
 // Attention of query token t for all query heads that share kv head kv_head.
 void AttentionItem(const AttentionArgs& args, int64_t t, int32_t kv_head, float* scratch);
 
-// Long decode attention split into page ranges (flash-decoding), so that a
-// single sequence's few kv heads still spread over all threads: each range
-// writes an unnormalized partial (running max, sum, accumulator per query
-// head) and AttentionCombine merges them into the output.
-inline size_t AttentionPartialFloats(const AttentionArgs& args) {
-  const size_t group = static_cast<size_t>(args.n_heads / args.layout.n_kv_heads);
-  return group * (2 + static_cast<size_t>(args.layout.head_dim));
-}
-void AttentionPartial(const AttentionArgs& args, int64_t t, int32_t kv_head, int32_t page_begin,
-                      int32_t page_end, float* partial, float* scratch);
-void AttentionCombine(const AttentionArgs& args, int64_t t, int32_t kv_head, const float* partials,
-                      int32_t n_partials);
-
 // Most query tokens one AttentionBlock call takes.
 inline constexpr int64_t kAttentionBlockTokens = 16;
 
