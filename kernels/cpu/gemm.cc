@@ -52,18 +52,6 @@ using VF = hn::Vec<DF>;
 
 HWY_INLINE float SumF(VF v) { return hn::GetLane(hn::SumOfLanes(DF(), v)); }
 
-// Sum of a[i] * b[i] over n floats.
-HWY_INLINE float DotF32(const float* HWY_RESTRICT a, const float* HWY_RESTRICT b, int64_t n) {
-  const DF df;
-  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
-  VF acc = hn::Zero(df);
-  int64_t i = 0;
-  for (; i + N <= n; i += N) acc = hn::MulAdd(hn::LoadU(df, a + i), hn::LoadU(df, b + i), acc);
-  float sum = SumF(acc);
-  for (; i < n; ++i) sum += a[i] * b[i];
-  return sum;
-}
-
 struct ActView {
   const uint8_t* base;
   size_t stride;
@@ -211,8 +199,8 @@ HWY_INLINE void TileQ4N1(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
 #endif
       V2 wdm = LoadHalfPair(blk);  // (d, m); Q4_0: (d, junk)
       if constexpr (!kQ41) wdm = hn::Broadcast<0>(wdm);
-      const V2 p = hn::Mul(wdm, xp);  // (d * dx, m * s)
-      ms[r] = hn::Add(ms[r], p);
+      const V2 p = hn::Mul(wdm, xp);  // lane 0: d * dx
+      ms[r] = hn::MulAdd(wdm, xp, ms[r]);  // lane 1: += m * s, fused as GGML's
       VU8 wv[kParts];
       UnpackNibbles(blk + kQsOffset, wv);
       VI32 dot = DotU8I8(wv[0], xv[0]);
@@ -264,7 +252,11 @@ HWY_INLINE void TileQ4(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
   for (int c = 0; c < RN; ++c) {
     const float* xs = x.s(i + c);
     for (int r = 0; r < RM; ++r) {
-      y[(i + c) * ldy + r] = SumF(acc[r][c]) + DotF32(wm + r * nb, xs, nb);
+      // Sequential fused sum in block order, as GGML's vec_dot: the result
+      // is then bit-identical to llama.cpp's AVX2 build.
+      float summ = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) summ = std::fma(wm[r * nb + b], xs[b], summ);
+      y[(i + c) * ldy + r] = SumF(acc[r][c]) + summ;
     }
   }
 }
