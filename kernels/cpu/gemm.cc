@@ -249,15 +249,22 @@ HWY_INLINE void TileQ4(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
       }
     }
   }
+  // sum over blocks of m * s, fused and in block order as GGML's vec_dot
+  // (so results are bit-identical to llama.cpp's AVX2 build); the RM rows
+  // are the lanes, wm holds their m interleaved by block.
+  const hn::CappedTag<float, RM> dr;
+  hn::Vec<decltype(dr)> summ[RN];
+  for (int c = 0; c < RN; ++c) summ[c] = hn::Zero(dr);
+  const float* xs[RN];
+  for (int c = 0; c < RN; ++c) xs[c] = x.s(i + c);
+  for (int64_t b = 0; b < nb; ++b) {
+    const auto m = hn::LoadU(dr, wm + b * RM);
+    for (int c = 0; c < RN; ++c) summ[c] = hn::MulAdd(m, hn::Set(dr, xs[c][b]), summ[c]);
+  }
   for (int c = 0; c < RN; ++c) {
-    const float* xs = x.s(i + c);
-    for (int r = 0; r < RM; ++r) {
-      // Sequential fused sum in block order, as GGML's vec_dot: the result
-      // is then bit-identical to llama.cpp's AVX2 build.
-      float summ = 0.0f;
-      for (int64_t b = 0; b < nb; ++b) summ = std::fma(wm[r * nb + b], xs[b], summ);
-      y[(i + c) * ldy + r] = SumF(acc[r][c]) + summ;
-    }
+    alignas(16) float ms[RM];
+    hn::StoreU(summ[c], dr, ms);
+    for (int r = 0; r < RM; ++r) y[(i + c) * ldy + r] = SumF(acc[r][c]) + ms[r];
   }
 }
 
@@ -319,7 +326,7 @@ void GemmQ4(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
         const V2 dm = LoadHalfPair(row + b * kBB);
         const float d = hn::GetLane(dm);
         wd[rr * nb + b] = d;
-        wm[rr * nb + b] = kQ41 ? hn::ExtractLane(dm, 1) : -8.0f * d;
+        wm[b * rm + rr] = kQ41 ? hn::ExtractLane(dm, 1) : -8.0f * d;
       }
     }
     float* yr = a.y + r;
