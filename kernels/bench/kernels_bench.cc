@@ -238,10 +238,6 @@ void Run(int threads, const std::string& filter) {
                 per([&] { backend->MatMul(ws[0], x.data(), 1, y.data()); }),
                 per([&] { backend->MatMul(ws[4], x.data(), 1, y.data()); }),
                 per([&] { backend->MatMul(ws[6], x.data(), 1, y.data()); }));
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));  // backend workers sleep
-    ThreadPool pool(threads);
-    std::printf("empty fork/join (%d threads): %.2f us\n", threads,
-                per([&] { pool.ParallelFor(threads, [](int64_t, int) {}); }));
   }
 }
 
