@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <ostream>
 #include <random>
 #include <string>
 #include <tuple>
@@ -200,10 +201,14 @@ std::vector<float> LlamaCppRow(const float* q, const Keys& kv, int D, float scal
 struct Geometry {
   int32_t n_heads, n_kv_heads, head_dim, page_tokens;
 };
+void PrintTo(const Geometry& g, std::ostream* os) {
+  *os << g.n_heads << " heads, " << g.n_kv_heads << " kv heads, dim " << g.head_dim << ", "
+      << g.page_tokens << "-token pages";
+}
 
 // A query run: `rows` consecutive tokens of one sequence, the last with
 // `last_len` keys.
-struct Run {
+struct QueryRun {
   int32_t rows;
   int32_t last_len;
 };
@@ -228,7 +233,7 @@ class AttentionNumericsTest
 
   // One call of Attention over `runs`, each run its own sequence; every
   // output float compared to the model of llama.cpp.
-  void Check(const std::vector<Run>& runs, uint32_t seed) {
+  void Check(const std::vector<QueryRun>& runs, uint32_t seed) {
     const Geometry g = std::get<2>(GetParam());
     const bool exact = ExactTarget(std::get<0>(GetParam()));
     std::mt19937 rng(seed);
