@@ -58,14 +58,17 @@ void RopeRowImpl(float* HWY_RESTRICT x, int32_t n_heads, int32_t head_dim, int32
         hn::LoadInterleaved2(df, xh + 2 * i, a, b);
         const VF c = hn::LoadU(df, cs + i);
         const VF s = hn::LoadU(df, sn + i);
-        const VF ra = hn::NegMulAdd(b, s, hn::Mul(a, c));
+        // The FMA pattern GCC emits for GGML's rotate_pairs (x0*c - x1*s,
+        // x0*s + x1*c): x1*s and x1*c are rounded, the x0 products fused,
+        // so rotated values agree with llama.cpp bit for bit.
+        const VF ra = hn::MulSub(a, c, hn::Mul(b, s));
         const VF rb = hn::MulAdd(a, s, hn::Mul(b, c));
         hn::StoreInterleaved2(ra, rb, df, xh + 2 * i);
       }
       for (; i < half; ++i) {
         const float a = xh[2 * i], b = xh[2 * i + 1];
-        xh[2 * i] = a * cs[i] - b * sn[i];
-        xh[2 * i + 1] = a * sn[i] + b * cs[i];
+        xh[2 * i] = std::fma(a, cs[i], -(b * sn[i]));
+        xh[2 * i + 1] = std::fma(a, sn[i], b * cs[i]);
       }
     } else {
       for (; i + N <= half; i += N) {
@@ -73,13 +76,13 @@ void RopeRowImpl(float* HWY_RESTRICT x, int32_t n_heads, int32_t head_dim, int32
         const VF b = hn::LoadU(df, xh + i + half);
         const VF c = hn::LoadU(df, cs + i);
         const VF s = hn::LoadU(df, sn + i);
-        hn::StoreU(hn::NegMulAdd(b, s, hn::Mul(a, c)), df, xh + i);
+        hn::StoreU(hn::MulSub(a, c, hn::Mul(b, s)), df, xh + i);
         hn::StoreU(hn::MulAdd(a, s, hn::Mul(b, c)), df, xh + i + half);
       }
       for (; i < half; ++i) {
         const float a = xh[i], b = xh[i + half];
-        xh[i] = a * cs[i] - b * sn[i];
-        xh[i + half] = a * sn[i] + b * cs[i];
+        xh[i] = std::fma(a, cs[i], -(b * sn[i]));
+        xh[i + half] = std::fma(a, sn[i], b * cs[i]);
       }
     }
   }
