@@ -11,10 +11,10 @@
 //    0, per-tile max and ggml_v_expf softmax, f32 P·V (TiledRows).
 //  - One chunk (fewer rows): Q rounded to f16, ggml_vec_dot_f16 scores, a
 //    per-key online softmax with libm expf and an f16 V accumulator
-//    (OneChunkToken).
+//    (OneChunkRows).
 //  - Split KV (one row, padded cache >= 512 keys, i.e. decode past 256
 //    tokens): the one-chunk algorithm on kLlamaThreads key ranges, merged
-//    (OneChunkToken with split).
+//    (OneChunkRows with split).
 // Keys past a row's causal limit are masked to -inf in llama.cpp; they add
 // exact zeros there (x + 0, fma(0, v, acc)) or are skipped, so mnemo simply
 // leaves them out. Bit-exactness needs fused multiply-adds and F16C
@@ -107,24 +107,29 @@ HWY_INLINE V GgmlExp(D d, V x) {
                         hn::IfThenElse(c, hn::Mul(hn::MulAdd(s2, j, s2), s1), normal));
 }
 
-// K or V row of key `pos` of kv head `h` in a sequence's pages.
-HWY_INLINE const uint16_t* KRow(const AttentionSeq& seq, const KvLayout& L, int32_t h,
-                                int64_t pos) {
-  const auto* page = static_cast<const uint16_t*>(seq.pages[pos / L.page_tokens]);
-  return page + L.k_offset(h, static_cast<int>(pos % L.page_tokens));
-}
-HWY_INLINE const uint16_t* VRow(const AttentionSeq& seq, const KvLayout& L, int32_t h,
-                                int64_t pos) {
-  const auto* page = static_cast<const uint16_t*>(seq.pages[pos / L.page_tokens]);
-  return page + L.v_offset(h, static_cast<int>(pos % L.page_tokens));
-}
-
 HWY_INLINE void HalfRowToF32(const uint16_t* HWY_RESTRICT x, float* HWY_RESTRICT y, int64_t n) {
   const DF df;
   const int64_t N = static_cast<int64_t>(hn::Lanes(df));
   int64_t i = 0;
   for (; i + N <= n; i += N) hn::StoreU(LoadF16(df, x + i), df, y + i);
   for (; i < n; ++i) y[i] = F16ToF32(x[i]);
+}
+
+// Converts K or V rows of keys [j0, j0 + n) of kv head kvh to f32 rows of
+// out, page by page (a page's rows of one head are contiguous).
+HWY_INLINE void KeysToF32(const AttentionSeq& seq, const KvLayout& L, int32_t kvh, bool values,
+                          int64_t j0, int64_t n, float* HWY_RESTRICT out) {
+  const int64_t P = L.page_tokens;
+  const int64_t D = L.head_dim;
+  for (int64_t j = 0; j < n;) {
+    const int64_t slot = (j0 + j) % P;
+    const int64_t m = std::min(n - j, P - slot);
+    const auto* page = static_cast<const uint16_t*>(seq.pages[(j0 + j) / P]);
+    const uint16_t* src = page + (values ? L.v_offset(kvh, static_cast<int>(slot))
+                                         : L.k_offset(kvh, static_cast<int>(slot)));
+    HalfRowToF32(src, out + j * D, m * D);
+    j += m;
+  }
 }
 
 // ---------------------------------------------------------------------------
@@ -237,8 +242,8 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
   float* kt = scratch;        // [D][kTile], K tile transposed
   float* vf = kt + D * kTile;  // [kTile][D]
   float* s = vf + kTile * D;   // [kTile]
-  float* tmp = s + kTile;      // [D]
-  float* acc = tmp + D;        // [rows][D]
+  float* kf = s + kTile;       // [kTile][D]
+  float* acc = kf + kTile * D;  // [rows][D]
   float* m = acc + rows * D;   // [rows]
   float* l = m + rows;         // [rows]
   for (int64_t r = 0; r < rows; ++r) {
@@ -255,10 +260,10 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
 
   for (int64_t c0 = 0; c0 < max_len; c0 += kTile) {
     const int64_t n = std::min(kTile, max_len - c0);
+    KeysToF32(seq, L, kvh, /*values=*/false, c0, n, kf);
+    KeysToF32(seq, L, kvh, /*values=*/true, c0, n, vf);
     for (int64_t j = 0; j < n; ++j) {
-      HalfRowToF32(KRow(seq, L, kvh, c0 + j), tmp, D);
-      for (int64_t d = 0; d < D; ++d) kt[d * kTile + j] = tmp[d];
-      HalfRowToF32(VRow(seq, L, kvh, c0 + j), vf + j * D, D);
+      for (int64_t d = 0; d < D; ++d) kt[d * kTile + j] = kf[j * D + d];
     }
     // Columns past the keys of any row: finite, and masked below.
     for (int64_t d = 0; d < D && n < kTile; ++d) {
@@ -305,11 +310,11 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
 // (ggml_compute_forward_flash_attn_ext_f16_one_chunk and
 // ggml_flash_attn_ext_reduce_partials).
 
-// ggml_vec_dot_f16 (AVX2) of an f16 K row and the f16-rounded query q:
-// four 8-lane FMA accumulators over steps of 32, reduced
-// (x0+x2)+(x1+x3), then lane l with l+4, then (t0+t1)+(t2+t3); the D % 32
-// leftover products are added in double.
-HWY_INLINE float DotF16(const uint16_t* HWY_RESTRICT k, const float* HWY_RESTRICT q, int64_t D) {
+// ggml_vec_dot_f16 (AVX2) of a K row (converted from f16) and the
+// f16-rounded query q: four 8-lane FMA accumulators over steps of 32,
+// reduced (x0+x2)+(x1+x3), then lane l with l+4, then (t0+t1)+(t2+t3); the
+// D % 32 leftover products are added in double.
+HWY_INLINE float DotF16(const float* HWY_RESTRICT k, const float* HWY_RESTRICT q, int64_t D) {
   const D8 d8;
   constexpr size_t N8 = hn::MaxLanes(D8());
   constexpr size_t G = 8 / N8;  // vectors per ggml __m256
@@ -319,7 +324,7 @@ HWY_INLINE float DotF16(const uint16_t* HWY_RESTRICT k, const float* HWY_RESTRIC
   const int64_t np = D & ~int64_t{31};
   for (int64_t i = 0; i < np; i += 32) {
     for (size_t v = 0; v < 4 * G; ++v) {
-      acc[v] = hn::MulAdd(LoadF16(d8, k + i + v * N8), hn::LoadU(d8, q + i + v * N8), acc[v]);
+      acc[v] = hn::MulAdd(hn::LoadU(d8, k + i + v * N8), hn::LoadU(d8, q + i + v * N8), acc[v]);
     }
   }
   HWY_ALIGN float y[8];
@@ -331,159 +336,230 @@ HWY_INLINE float DotF16(const uint16_t* HWY_RESTRICT k, const float* HWY_RESTRIC
   const float sum = (t0 + t1) + (t2 + t3);
   if (np == D) return sum;
   double total = sum;
-  for (int64_t i = np; i < D; ++i) total += static_cast<double>(F16ToF32(k[i]) * q[i]);
+  for (int64_t i = np; i < D; ++i) total += static_cast<double>(k[i] * q[i]);
   return static_cast<float>(total);
 }
 
-// Online-softmax state of one query head over one key range.
-struct ChunkState {
-  float m;
-  float s;
-};
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+// [a0+a1, a2+a3, b0+b1, b2+b3], as _mm_hadd_ps.
+template <class D4, class V4 = hn::Vec<D4>>
+HWY_INLINE V4 PairwiseAdd(D4 d4, V4 a, V4 b) {
+  return hn::Add(hn::ConcatEven(d4, b, a), hn::ConcatOdd(d4, b, a));
+}
+#endif
 
-// Keys [c0, c1) of token t for the heads of kv head kvh, continuing
-// `state` and the f16-valued accumulators acc[group][D]. sc, ms, vs:
-// [group][kTile] scratch.
-HWY_INLINE void OneChunkKeys(const AttentionArgs& a, const AttentionSeq& seq, int32_t kvh,
-                             const float* HWY_RESTRICT q16, int64_t c0, int64_t c1,
-                             ChunkState* state, float* HWY_RESTRICT acc, float* HWY_RESTRICT sc,
-                             float* HWY_RESTRICT ms, float* HWY_RESTRICT vs) {
-  const KvLayout& L = a.layout;
+// sc[j] = scale * DotF16(kf[j], q) for j < n. With 8-lane vectors and D a
+// multiple of 32, the final reductions of four keys share vector adds.
+HWY_INLINE void ScoresF16(const float* HWY_RESTRICT kf, int64_t n, const float* HWY_RESTRICT q,
+                          int64_t D, float scale, float* HWY_RESTRICT sc) {
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+  {
+    if (D % 32 == 0) {
+      const D8 d8;
+      const hn::Half<D8> d4;
+      // Keys past n (up to the next multiple of 4, inside the kTile rows of
+      // kf) fill lanes that are never stored.
+      auto reduce = [&](const float* kr) {
+        V8 a0 = hn::Zero(d8), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t i = 0; i < D; i += 32) {
+          a0 = hn::MulAdd(hn::LoadU(d8, kr + i), hn::LoadU(d8, q + i), a0);
+          a1 = hn::MulAdd(hn::LoadU(d8, kr + i + 8), hn::LoadU(d8, q + i + 8), a1);
+          a2 = hn::MulAdd(hn::LoadU(d8, kr + i + 16), hn::LoadU(d8, q + i + 16), a2);
+          a3 = hn::MulAdd(hn::LoadU(d8, kr + i + 24), hn::LoadU(d8, q + i + 24), a3);
+        }
+        const V8 y = hn::Add(hn::Add(a0, a2), hn::Add(a1, a3));
+        return hn::Add(hn::LowerHalf(d4, y), hn::UpperHalf(d4, y));
+      };
+      const auto vscale = hn::Set(d4, scale);
+      for (int64_t j0 = 0; j0 < n; j0 += 4) {
+        const float* kr = kf + j0 * D;
+        const auto t0 = reduce(kr), t1 = reduce(kr + D), t2 = reduce(kr + 2 * D),
+                   t3 = reduce(kr + 3 * D);
+        const auto r = hn::Mul(PairwiseAdd(d4, PairwiseAdd(d4, t0, t1), PairwiseAdd(d4, t2, t3)),
+                               vscale);
+        if (j0 + 4 <= n) {
+          hn::StoreU(r, d4, sc + j0);
+        } else {
+          HWY_ALIGN float tmp[4];
+          hn::Store(r, d4, tmp);
+          for (int64_t k = 0; j0 + k < n; ++k) sc[j0 + k] = tmp[k];
+        }
+      }
+      return;
+    }
+  }
+#endif
+  for (int64_t j = 0; j < n; ++j) sc[j] = DotF16(kf + j * D, q, D) * scale;
+}
+
+// o[0 .. V*N) over keys j < n: o = f16(o * ms[j]) on a new maximum, then
+// o = f16(v[j] * vs[j] + o) (ggml_vec_scale_f16, ggml_vec_mad_f16), kept in
+// registers.
+template <int V>
+HWY_INLINE void PvF16Block(float* HWY_RESTRICT o, const float* HWY_RESTRICT vf, int64_t D,
+                           const float* HWY_RESTRICT ms, const float* HWY_RESTRICT vs,
+                           int64_t n) {
+  const DF df;
+  const size_t N = hn::Lanes(df);
+  VF acc[V];
+  for (int i = 0; i < V; ++i) acc[i] = hn::LoadU(df, o + i * N);
+  for (int64_t j = 0; j < n; ++j) {
+    if (ms[j] != 1.0f) {
+      const VF f = hn::Set(df, ms[j]);
+      for (int i = 0; i < V; ++i) acc[i] = RoundToF16(df, hn::Mul(acc[i], f));
+    }
+    const VF w = hn::Set(df, vs[j]);
+    const float* v = vf + j * D;
+    for (int i = 0; i < V; ++i) acc[i] = RoundToF16(df, hn::MulAdd(hn::LoadU(df, v + i * N), w, acc[i]));
+  }
+  for (int i = 0; i < V; ++i) hn::StoreU(acc[i], df, o + i * N);
+}
+
+HWY_INLINE void PvF16(float* HWY_RESTRICT o, const float* HWY_RESTRICT vf, int64_t D,
+                      const float* HWY_RESTRICT ms, const float* HWY_RESTRICT vs, int64_t n) {
   const DF df;
   const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  int64_t d = 0;
+  for (; d + 8 * N <= D; d += 8 * N) PvF16Block<8>(o + d, vf + d, D, ms, vs, n);
+  for (; d + 4 * N <= D; d += 4 * N) PvF16Block<4>(o + d, vf + d, D, ms, vs, n);
+  for (; d + N <= D; d += N) PvF16Block<1>(o + d, vf + d, D, ms, vs, n);
+  for (; d < D; ++d) {
+    float x = o[d];
+    for (int64_t j = 0; j < n; ++j) {
+      if (ms[j] != 1.0f) x = RoundF16(x * ms[j]);
+      x = RoundF16(std::fma(vf[j * D + d], vs[j], x));
+    }
+    o[d] = x;
+  }
+}
+
+// One-chunk rows [r0, r1) of query tokens [t0, t1), row r being head
+// r % group of token t0 + r / group, over keys [c0, c1) clipped to each
+// row's kv_len: continues the running max m[r], sum l[r] and the f16-valued
+// accumulators acc[r][D]. K and V tiles are converted once for all rows.
+// sc, ms, vs: [kTile]; kf, vf: [kTile][D] scratch.
+HWY_INLINE void OneChunkKeys(const AttentionArgs& a, int64_t t0, int32_t kvh,
+                             const float* HWY_RESTRICT q16, int64_t rows, int64_t c0, int64_t c1,
+                             float* HWY_RESTRICT m, float* HWY_RESTRICT l, float* HWY_RESTRICT acc,
+                             float* HWY_RESTRICT sc, float* HWY_RESTRICT ms,
+                             float* HWY_RESTRICT vs, float* HWY_RESTRICT kf,
+                             float* HWY_RESTRICT vf) {
+  const KvLayout& L = a.layout;
   const int32_t group = a.n_heads / L.n_kv_heads;
   const int64_t D = L.head_dim;
+  const AttentionSeq& seq = a.seqs[a.seq[t0]];
   for (int64_t j0 = c0; j0 < c1; j0 += kTile) {
     const int64_t n = std::min(kTile, c1 - j0);
-    // Scores: s*scale (+ a zero mask, exact).
-    for (int64_t j = 0; j < n; ++j) {
-      const uint16_t* k = KRow(seq, L, kvh, j0 + j);
-      for (int32_t h = 0; h < group; ++h) sc[h * kTile + j] = DotF16(k, q16 + h * D, D) * a.scale;
-    }
-    // The per-key recurrence: a new maximum rescales what came before
-    // (ms), any other key is weighted by expf(s - M) (vs).
-    for (int32_t h = 0; h < group; ++h) {
-      ChunkState st = state[h];
-      for (int64_t j = 0; j < n; ++j) {
-        const float s = sc[h * kTile + j];
+    KeysToF32(seq, L, kvh, /*values=*/false, j0, n, kf);
+    KeysToF32(seq, L, kvh, /*values=*/true, j0, n, vf);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t valid = std::min(n, a.kv_len[t0 + r / group] - j0);
+      if (valid <= 0) continue;  // masked keys: skipped in llama.cpp too
+      // Scores: s*scale (+ a zero mask, exact).
+      ScoresF16(kf, valid, q16 + r * D, D, a.scale, sc);
+      // The per-key recurrence: a new maximum rescales what came before
+      // (ms), any other key is weighted by expf(s - M) (vs).
+      float m_run = m[r], l_run = l[r];
+      for (int64_t j = 0; j < valid; ++j) {
+        const float s = sc[j];
         float m_scale = 1.0f, v_scale = 1.0f;
-        if (s > st.m) {
-          const float m_old = st.m;
-          st.m = s;
-          m_scale = std::exp(m_old - s);
+        if (s > m_run) {
+          m_scale = std::exp(m_run - s);
+          m_run = s;
         } else {
-          v_scale = std::exp(s - st.m);
+          v_scale = std::exp(s - m_run);
         }
-        ms[h * kTile + j] = m_scale;
-        vs[h * kTile + j] = v_scale;
-        st.s = std::fma(st.s, m_scale, v_scale);
+        ms[j] = m_scale;
+        vs[j] = v_scale;
+        l_run = std::fma(l_run, m_scale, v_scale);
       }
-      state[h] = st;
-    }
-    // V: acc = f16(acc * ms) on a new maximum, then acc = f16(v * vs + acc)
-    // (ggml_vec_scale_f16, ggml_vec_mad_f16), in registers.
-    for (int32_t h = 0; h < group; ++h) {
-      float* o = acc + h * D;
-      const float* hm = ms + h * kTile;
-      const float* hv = vs + h * kTile;
-      int64_t d = 0;
-      for (; d + 4 * N <= D; d += 4 * N) {
-        VF o0 = hn::LoadU(df, o + d), o1 = hn::LoadU(df, o + d + N);
-        VF o2 = hn::LoadU(df, o + d + 2 * N), o3 = hn::LoadU(df, o + d + 3 * N);
-        for (int64_t j = 0; j < n; ++j) {
-          if (hm[j] != 1.0f) {
-            const VF f = hn::Set(df, hm[j]);
-            o0 = RoundToF16(df, hn::Mul(o0, f));
-            o1 = RoundToF16(df, hn::Mul(o1, f));
-            o2 = RoundToF16(df, hn::Mul(o2, f));
-            o3 = RoundToF16(df, hn::Mul(o3, f));
-          }
-          const VF w = hn::Set(df, hv[j]);
-          const uint16_t* v = VRow(seq, L, kvh, j0 + j) + d;
-          o0 = RoundToF16(df, hn::MulAdd(LoadF16(df, v), w, o0));
-          o1 = RoundToF16(df, hn::MulAdd(LoadF16(df, v + N), w, o1));
-          o2 = RoundToF16(df, hn::MulAdd(LoadF16(df, v + 2 * N), w, o2));
-          o3 = RoundToF16(df, hn::MulAdd(LoadF16(df, v + 3 * N), w, o3));
-        }
-        hn::StoreU(o0, df, o + d);
-        hn::StoreU(o1, df, o + d + N);
-        hn::StoreU(o2, df, o + d + 2 * N);
-        hn::StoreU(o3, df, o + d + 3 * N);
-      }
-      for (; d + N <= D; d += N) {
-        VF o0 = hn::LoadU(df, o + d);
-        for (int64_t j = 0; j < n; ++j) {
-          if (hm[j] != 1.0f) o0 = RoundToF16(df, hn::Mul(o0, hn::Set(df, hm[j])));
-          const uint16_t* v = VRow(seq, L, kvh, j0 + j) + d;
-          o0 = RoundToF16(df, hn::MulAdd(LoadF16(df, v), hn::Set(df, hv[j]), o0));
-        }
-        hn::StoreU(o0, df, o + d);
-      }
-      for (; d < D; ++d) {
-        float x = o[d];
-        for (int64_t j = 0; j < n; ++j) {
-          if (hm[j] != 1.0f) x = RoundF16(x * hm[j]);
-          x = RoundF16(std::fma(F16ToF32(VRow(seq, L, kvh, j0 + j)[d]), hv[j], x));
-        }
-        o[d] = x;
-      }
+      m[r] = m_run;
+      l[r] = l_run;
+      PvF16(acc + r * D, vf, D, ms, vs, valid);
     }
   }
 }
 
-// Query token t, the query heads of kv head kvh; `split`: the split-KV
-// decode path.
-void OneChunkToken(const AttentionArgs& a, int64_t t, int32_t kvh, bool split, float* scratch) {
+// Query tokens [t0, t1) of one sequence, the query heads of kv head kvh, by
+// the one-chunk algorithm; `split` (one token only): the split-KV decode
+// path.
+void OneChunkRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, bool split,
+                  float* scratch) {
   const KvLayout& L = a.layout;
   const DF df;
   const int64_t N = static_cast<int64_t>(hn::Lanes(df));
   const int32_t group = a.n_heads / L.n_kv_heads;
   const int64_t D = L.head_dim;
-  float* q16 = scratch;           // [group][D]
-  float* acc = q16 + group * D;   // [group][D], f16 values
-  float* sum = acc + group * D;   // [group][D], merged partials
-  float* sc = sum + group * D;    // [group][kTile]
-  float* ms = sc + group * kTile;  // [group][kTile]
-  float* vs = ms + group * kTile;  // [group][kTile]
-  ChunkState state[64];
-  ChunkState merged[64];
-  MNEMO_CHECK(group <= 64);
+  const int64_t rows = (t1 - t0) * group;
+  float* q16 = scratch;           // [rows][D]
+  float* acc = q16 + rows * D;    // [rows][D], f16 values
+  float* sum = acc + rows * D;    // [rows][D], merged partials (split)
+  float* m = sum + rows * D;      // [rows]
+  float* l = m + rows;            // [rows]
+  float* mm = l + rows;           // [rows], merged (split)
+  float* ml = mm + rows;          // [rows], merged (split)
+  float* sc = ml + rows;          // [kTile]
+  float* ms = sc + kTile;         // [kTile]
+  float* vs = ms + kTile;         // [kTile]
+  float* kf = vs + kTile;         // [kTile][D]
+  float* vf = kf + kTile * D;     // [kTile][D]
+  MNEMO_CHECK(!split || t1 - t0 == 1);
 
   const int64_t q_stride = static_cast<int64_t>(a.n_heads) * D;
-  const float* q = a.q + t * q_stride + static_cast<int64_t>(kvh) * group * D;
-  for (int64_t i = 0; i < group * D; ++i) q16[i] = RoundF16(q[i]);
-  const AttentionSeq& seq = a.seqs[a.seq[t]];
-  const int64_t len = a.kv_len[t];
-  MNEMO_CHECK(len <= static_cast<int64_t>(seq.n_pages) * L.page_tokens);
-  float* out = a.out + t * q_stride + static_cast<int64_t>(kvh) * group * D;
+  const AttentionSeq& seq = a.seqs[a.seq[t0]];
+  int64_t max_len = 0;
+  for (int64_t t = t0; t < t1; ++t) {
+    // ggml rounds Q to K's type, f16, for its dot product.
+    const float* q = a.q + t * q_stride + static_cast<int64_t>(kvh) * group * D;
+    float* qh = q16 + (t - t0) * group * D;
+    int64_t i = 0;
+    for (; i + N <= group * D; i += N) hn::StoreU(RoundToF16(df, hn::LoadU(df, q + i)), df, qh + i);
+    for (; i < group * D; ++i) qh[i] = RoundF16(q[i]);
+    max_len = std::max<int64_t>(max_len, a.kv_len[t]);
+  }
+  MNEMO_CHECK(max_len <= static_cast<int64_t>(seq.n_pages) * L.page_tokens);
+  auto reset = [&] {
+    for (int64_t r = 0; r < rows; ++r) {
+      m[r] = -INFINITY;
+      l[r] = 0.0f;
+    }
+    std::memset(acc, 0, sizeof(float) * static_cast<size_t>(rows * D));
+  };
+  auto row_out = [&](int64_t r) {
+    return a.out + (t0 + r / group) * q_stride + (static_cast<int64_t>(kvh) * group + r % group) * D;
+  };
 
   if (!split) {
-    for (int32_t h = 0; h < group; ++h) state[h] = {-INFINITY, 0.0f};
-    std::memset(acc, 0, sizeof(float) * static_cast<size_t>(group * D));
-    OneChunkKeys(a, seq, kvh, q16, 0, len, state, acc, sc, ms, vs);
-    for (int32_t h = 0; h < group; ++h) {
-      const float inv = state[h].s == 0.0f ? 0.0f : 1.0f / state[h].s;
-      for (int64_t d = 0; d < D; ++d) out[h * D + d] = acc[h * D + d] * inv;
+    reset();
+    OneChunkKeys(a, t0, kvh, q16, rows, 0, max_len, m, l, acc, sc, ms, vs, kf, vf);
+    for (int64_t r = 0; r < rows; ++r) {
+      const float inv = l[r] == 0.0f ? 0.0f : 1.0f / l[r];
+      float* out = row_out(r);
+      for (int64_t d = 0; d < D; ++d) out[d] = acc[r * D + d] * inv;
     }
     return;
   }
 
-  // llama.cpp's padded cache length, split into one range per thread.
-  const int64_t n_kv = std::max(kCachePad, (len + kCachePad - 1) / kCachePad * kCachePad);
+  // llama.cpp's padded cache length, split into one range per thread; the
+  // partials merged in range order (ggml_flash_attn_ext_reduce_partials).
+  const int64_t n_kv = std::max(kCachePad, (max_len + kCachePad - 1) / kCachePad * kCachePad);
   const int64_t range = (n_kv + kLlamaThreads - 1) / kLlamaThreads;
-  for (int32_t h = 0; h < group; ++h) merged[h] = {-INFINITY, 0.0f};
-  std::memset(sum, 0, sizeof(float) * static_cast<size_t>(group * D));
-  for (int64_t c0 = 0; c0 < len; c0 += range) {
-    for (int32_t h = 0; h < group; ++h) state[h] = {-INFINITY, 0.0f};
-    std::memset(acc, 0, sizeof(float) * static_cast<size_t>(group * D));
-    OneChunkKeys(a, seq, kvh, q16, c0, std::min(c0 + range, len), state, acc, sc, ms, vs);
-    for (int32_t h = 0; h < group; ++h) {
-      if (state[h].s == 0.0f) continue;
-      const float m_new = std::fmax(merged[h].m, state[h].m);
-      const float f_old = std::exp(merged[h].m - m_new);
-      const float f_new = std::exp(state[h].m - m_new);
-      float* o = sum + h * D;
-      const float* p = acc + h * D;
+  for (int64_t r = 0; r < rows; ++r) {
+    mm[r] = -INFINITY;
+    ml[r] = 0.0f;
+  }
+  std::memset(sum, 0, sizeof(float) * static_cast<size_t>(rows * D));
+  for (int64_t c0 = 0; c0 < max_len; c0 += range) {
+    reset();
+    OneChunkKeys(a, t0, kvh, q16, rows, c0, std::min(c0 + range, max_len), m, l, acc, sc, ms, vs,
+                 kf, vf);
+    for (int64_t r = 0; r < rows; ++r) {
+      if (l[r] == 0.0f) continue;
+      const float m_new = std::fmax(mm[r], m[r]);
+      const float f_old = std::exp(mm[r] - m_new);
+      const float f_new = std::exp(m[r] - m_new);
+      float* o = sum + r * D;
+      const float* p = acc + r * D;
       const VF vo = hn::Set(df, f_old), vn = hn::Set(df, f_new);
       int64_t d = 0;
       for (; d + N <= D; d += N) {
@@ -491,13 +567,14 @@ void OneChunkToken(const AttentionArgs& a, int64_t t, int32_t kvh, bool split, f
                    o + d);
       }
       for (; d < D; ++d) o[d] = std::fma(o[d], f_old, p[d] * f_new);
-      merged[h].s = std::fma(merged[h].s, f_old, state[h].s * f_new);
-      merged[h].m = m_new;
+      ml[r] = std::fma(ml[r], f_old, l[r] * f_new);
+      mm[r] = m_new;
     }
   }
-  for (int32_t h = 0; h < group; ++h) {
-    const float inv = merged[h].s == 0.0f ? 1.0f : 1.0f / merged[h].s;
-    for (int64_t d = 0; d < D; ++d) out[h * D + d] = sum[h * D + d] * inv;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float inv = ml[r] == 0.0f ? 1.0f : 1.0f / ml[r];
+    float* out = row_out(r);
+    for (int64_t d = 0; d < D; ++d) out[d] = sum[r * D + d] * inv;
   }
 }
 
@@ -519,10 +596,8 @@ void AttentionRowsImpl(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t k
     TiledRows(a, t0, t1, kvh, scratch);
     return;
   }
-  for (int64_t t = t0; t < t1; ++t) {
-    const int64_t n_kv = std::max(kCachePad, (a.kv_len[t] + kCachePad - 1) / kCachePad * kCachePad);
-    OneChunkToken(a, t, kvh, rows == 1 && n_kv >= kSplitKeys, scratch);
-  }
+  const int64_t n_kv = std::max(kCachePad, (a.kv_len[t0] + kCachePad - 1) / kCachePad * kCachePad);
+  OneChunkRows(a, t0, t1, kvh, rows == 1 && n_kv >= kSplitKeys, scratch);
 }
 
 }  // namespace HWY_NAMESPACE
@@ -539,8 +614,8 @@ size_t AttentionScratchFloats(const AttentionArgs& args) {
   const size_t D = static_cast<size_t>(args.layout.head_dim);
   const size_t T = static_cast<size_t>(kTile);
   const size_t rows = group * kAttentionBlockTokens;
-  const size_t tiled = 2 * D * T + T + D + rows * D + 2 * rows;
-  const size_t one_chunk = 3 * group * D + 3 * group * T;
+  const size_t tiled = 3 * D * T + T + rows * D + 2 * rows;
+  const size_t one_chunk = 3 * rows * D + 4 * rows + 3 * T + 2 * T * D;
   return std::max(tiled, one_chunk) + 16;
 }
 
