@@ -11,14 +11,6 @@ namespace mnemo::model {
 using kernels::DType;
 using kernels::Weight;
 
-namespace {
-
-Status Require(bool cond, const std::string& what) {
-  return cond ? Status::Ok() : Status::Corruption(what);
-}
-
-}  // namespace
-
 Result<LlamaConfig> ReadLlamaConfig(const GgufFile& f) {
   LlamaConfig c;
   MNEMO_ASSIGN_OR_RETURN(c.arch, f.GetString("general.architecture"));
