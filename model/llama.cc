@@ -279,18 +279,15 @@ Status LlamaModel::Forward(std::span<const BatchSeq> batch, attention::KvCache* 
     Observe("Vcur", l, v_, n, kv_dim);
 
     // Page tables of this layer.
+    // (Pointers are taken after the table is complete: push_back may move it.)
     page_ptrs_.clear();
-    std::vector<size_t> first(batch.size());
     for (size_t b = 0; b < batch.size(); ++b) {
       const attention::SeqKv* s = kv->Get(batch[b].seq);
-      first[b] = page_ptrs_.size();
+      att_seqs_[b].n_pages = static_cast<int32_t>(s->layers[l].size());
       for (attention::PageId p : s->layers[l]) page_ptrs_.push_back(kv->pool()->Data(p));
     }
-    for (size_t b = 0; b < batch.size(); ++b) {
-      const attention::SeqKv* s = kv->Get(batch[b].seq);
-      att_seqs_[b].pages = page_ptrs_.data() + first[b];
-      att_seqs_[b].n_pages = static_cast<int32_t>(s->layers[l].size());
-    }
+    for (size_t b = 0, first = 0; b < batch.size(); first += att_seqs_[b].n_pages, ++b)
+      att_seqs_[b].pages = page_ptrs_.data() + first;
     for (int64_t t = 0; t < n; ++t) {
       const int32_t b = tok_seq_[t];
       kv_page_[t] = const_cast<void*>(att_seqs_[b].pages[pos_[t] / pt]);
