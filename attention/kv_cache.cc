@@ -160,18 +160,18 @@ Status KvCache::Reserve(SeqId id, int64_t n_new) {
     for (int32_t l = 0; l < n_layers_; ++l) {
       PageId old = s.layers[l][have - 1];
       if (pool_->RefCount(old) == 1) continue;
-      Result<PageId> fresh = pool_->Allocate();
-      MNEMO_CHECK(fresh.ok());  // counted above
-      pool_->CopyPage(*fresh, old);
+      // Counted above, but the backend may still be out of memory.
+      MNEMO_ASSIGN_OR_RETURN(PageId fresh_id, pool_->Allocate());
+      pool_->CopyPage(fresh_id, old);
       pool_->Unref(old);
-      s.layers[l][have - 1] = *fresh;
+      s.layers[l][have - 1] = fresh_id;
     }
   }
   for (int32_t l = 0; l < n_layers_; ++l) {
     while (s.layers[l].size() < need) {
-      Result<PageId> p = pool_->Allocate();
-      MNEMO_CHECK(p.ok());  // counted above
-      s.layers[l].push_back(*p);
+      // On failure the caller's Truncate() releases what was added.
+      MNEMO_ASSIGN_OR_RETURN(PageId page, pool_->Allocate());
+      s.layers[l].push_back(page);
     }
   }
   return Status::Ok();

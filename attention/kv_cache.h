@@ -94,8 +94,10 @@ class KvCache {
   const SeqKv* Get(SeqId id) const;
 
   // Makes room for `n_new` more tokens on every layer: allocates pages and
-  // un-shares a shared last page that will be written. All or nothing: on
-  // ResourceExhausted nothing changed.
+  // un-shares a shared last page that will be written. When the budget is
+  // short, fails with ResourceExhausted before changing anything; if the
+  // backend itself runs out of memory midway, Truncate(id, length) releases
+  // the pages added so far.
   Status Reserve(SeqId id, int64_t n_new);
   // Records that `n` more tokens were written (after Reserve).
   void Advance(SeqId id, int64_t n);
