@@ -169,12 +169,13 @@ Status LlamaModel::Bind() {
   return Status::Ok();
 }
 
-void LlamaModel::EnsureScratch(int64_t n, int64_t n_logits) {
+Status LlamaModel::EnsureScratch(int64_t n, int64_t n_logits) {
   const LlamaConfig& c = cfg_;
+  bool failed = false;
   auto grow = [&](float** p, int64_t elems) {
     if (*p) backend_->FreeBuffer(*p);
     *p = static_cast<float*>(backend_->AllocBuffer(static_cast<size_t>(elems) * sizeof(float)));
-    MNEMO_CHECK_MSG(*p != nullptr, "out of memory for activations");
+    failed |= *p == nullptr;
   };
   if (n > scratch_tokens_) {
     const int64_t q_dim = int64_t{c.n_heads} * c.head_dim;
@@ -187,13 +188,17 @@ void LlamaModel::EnsureScratch(int64_t n, int64_t n_logits) {
     grow(&att_, n * q_dim);
     grow(&gate_, n * c.ffn_dim);
     grow(&up_, n * c.ffn_dim);
-    scratch_tokens_ = n;
+    scratch_tokens_ = failed ? 0 : n;
   }
-  if (n_logits > scratch_logits_) {
+  if (n_logits > scratch_logits_ && !failed) {
     grow(&out_rows_, n_logits * c.dim);
     grow(&logits_, n_logits * c.vocab_size);
-    scratch_logits_ = n_logits;
+    scratch_logits_ = failed ? 0 : n_logits;
   }
+  if (failed)
+    return Status::ResourceExhausted("backend out of memory for the activations of " +
+                                     std::to_string(n) + " tokens");
+  return Status::Ok();
 }
 
 void LlamaModel::Observe(std::string_view name, int layer, const float* data, int64_t rows,
@@ -235,7 +240,10 @@ Status LlamaModel::Forward(std::span<const BatchSeq> batch, attention::KvCache* 
     }
   }
 
-  EnsureScratch(n, n_logits);
+  if (Status s = EnsureScratch(n, n_logits); !s.ok()) {
+    for (size_t b = 0; b < batch.size(); ++b) (void)kv->Truncate(batch[b].seq, start[b]);
+    return s;
+  }
   ids_.resize(n);
   pos_.resize(n);
   tok_seq_.resize(n);

@@ -101,7 +101,7 @@ class LlamaModel {
   Status Bind();
   Result<kernels::Weight> BindMatrix(const std::string& name, int64_t cols, int64_t rows);
   Result<const float*> BindVector(const std::string& name, int64_t n, bool optional);
-  void EnsureScratch(int64_t n_tokens, int64_t n_logits);
+  Status EnsureScratch(int64_t n_tokens, int64_t n_logits);
   void Observe(std::string_view name, int layer, const float* data, int64_t rows, int64_t cols);
 
   // constant after Load

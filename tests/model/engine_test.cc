@@ -48,7 +48,9 @@ TEST(Engine, GreedyIsDeterministicAndRespectsMaxTokens) {
   ASSERT_TRUE(a.ok() && b.ok());
   EXPECT_EQ(a->tokens, b->tokens);
   EXPECT_LE(a->tokens.size(), 12u);
-  if (a->finish == FinishReason::kLength) EXPECT_EQ(a->tokens.size(), 12u);
+  if (a->finish == FinishReason::kLength) {
+    EXPECT_EQ(a->tokens.size(), 12u);
+  }
   EXPECT_EQ(a->prompt_tokens, static_cast<int64_t>(prompt.size()));
 }
 
