@@ -142,9 +142,12 @@ Result<std::unique_ptr<GgufFile>> GgufFile::Open(const std::string& path) {
 
 Result<std::unique_ptr<GgufFile>> GgufFile::FromBytes(std::string bytes) {
   std::unique_ptr<GgufFile> f(new GgufFile());
-  f->owned_ = std::move(bytes);
-  f->base_ = reinterpret_cast<const uint8_t*>(f->owned_.data());
-  f->size_ = f->owned_.size();
+  const size_t alloc = (bytes.size() + 63) / 64 * 64 + 64;
+  f->owned_.reset(static_cast<uint8_t*>(std::aligned_alloc(64, alloc)));
+  if (f->owned_ == nullptr) return Status::ResourceExhausted("out of memory copying a GGUF image");
+  std::memcpy(f->owned_.get(), bytes.data(), bytes.size());
+  f->base_ = f->owned_.get();
+  f->size_ = bytes.size();
   MNEMO_RETURN_IF_ERROR(f->Parse());
   return f;
 }

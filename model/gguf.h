@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 #include <string>
 #include <string_view>
@@ -108,7 +109,9 @@ class GgufFile {
   const uint8_t* base_ = nullptr;
   size_t size_ = 0;
   bool mapped_ = false;
-  std::string owned_;  // FromBytes storage
+  // FromBytes storage, 64-byte aligned like a mapping, so tensor data keeps
+  // the file's alignment in memory.
+  std::unique_ptr<uint8_t, void (*)(void*)> owned_{nullptr, &std::free};
   uint32_t version_ = 0;
   size_t alignment_ = 32;
   size_t data_offset_ = 0;

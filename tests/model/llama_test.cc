@@ -217,7 +217,11 @@ INSTANTIATE_TEST_SUITE_P(
     ::testing::Values(Spec(DType::kQ4_1, DType::kQ8_0, true), Spec(DType::kQ4_0, DType::kQ8_0, false),
                       Spec(DType::kQ8_0, DType::kQ8_0, false), Spec(DType::kF16, DType::kF16, true),
                       Spec(DType::kF32, DType::kF32, false), Spec(DType::kBF16, DType::kQ8_0, true),
-                      Spec(DType::kQ4_1, DType::kQ8_0, true, "qwen2"), SmolShape()));
+                      Spec(DType::kQ4_1, DType::kQ8_0, true, "qwen2"), SmolShape()),
+    [](const ::testing::TestParamInfo<testutil::TinyModelSpec>& info) {
+      return std::string(kernels::Info(info.param.matrix_type).name) + "_" + info.param.arch + "_dim" +
+             std::to_string(info.param.dim) + "_" + std::to_string(info.index);
+    });
 
 // Incremental decoding through pages equals one big prefill.
 TEST(Llama, TokenByTokenEqualsPrefillAcrossPages) {

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -25,6 +26,13 @@ struct TinyModelSpec {
   bool tied_output = true;
   uint64_t seed = 1;
 };
+
+// For GoogleTest parameter names and failure messages.
+inline void PrintTo(const TinyModelSpec& s, std::ostream* os) {
+  *os << s.arch << " dim " << s.dim << " layers " << s.n_layers << " "
+      << kernels::Info(s.matrix_type).name << "/" << kernels::Info(s.embd_type).name
+      << (s.tied_output ? " tied" : " untied");
+}
 
 // Vocabulary: 256 byte tokens (GPT-2 byte-to-unicode form), a handful of
 // merges, and <|endoftext|>, <|im_start|>, <|im_end|> as control tokens.
