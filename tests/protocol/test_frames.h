@@ -1,0 +1,89 @@
+// Shared fixtures for the protocol tests: one fully populated sample of
+// every message type.
+#pragma once
+
+#include <string>
+#include <vector>
+
+#include "protocol/messages.h"
+
+namespace mnemo::protocol::testing {
+
+inline GenerateRequest SampleGenerate() {
+  GenerateRequest g;
+  g.session = "agent-1";
+  g.messages = {{"system", "You are terse."}, {"user", "Hi \xc3\xa9\xe2\x82\xac"}};
+  g.sampling.temperature = 0.7f;
+  g.sampling.top_k = 40;
+  g.sampling.top_p = 0.9f;
+  g.sampling.min_p = 0.05f;
+  g.sampling.repeat_penalty = 1.1f;
+  g.sampling.repeat_last_n = 64;
+  g.sampling.presence_penalty = 0.5f;
+  g.sampling.frequency_penalty = -0.5f;
+  g.sampling.seed = 0xdeadbeefcafeULL;
+  g.max_tokens = 128;
+  g.stop = {"\n\n", "</s>"};
+  return g;
+}
+
+inline std::vector<RequestBody> SampleRequests() {
+  GenerateRequest raw;
+  raw.session = "raw";
+  raw.text = "Once upon a time";
+  return {HelloRequest{kProtocolVersion, "mnemo-cli/0.1"},
+          CreateSessionRequest{"s1"},
+          CreateSessionRequest{},
+          SampleGenerate(),
+          raw,
+          CancelRequest{7},
+          ListSessionsRequest{},
+          GetSessionRequest{"s1"},
+          ForkSessionRequest{"s1", "s2"},
+          DeleteSessionRequest{"s2"},
+          StatsRequest{true},
+          HealthRequest{}};
+}
+
+inline SessionInfo SampleInfo(const std::string& name) {
+  return SessionInfo{name, "parent", 1234, 3, 78, 78ull * 12288, 1700000000000ull, 1700000001000ull, true};
+}
+
+inline std::vector<ResponseBody> SampleResponses() {
+  StatsReply st;
+  st.requests_running = 3;
+  st.requests_waiting = 1;
+  st.connections = 5;
+  st.sessions = 9;
+  st.prompt_tokens_total = 1ull << 40;
+  st.generated_tokens_total = 12345;
+  st.ttft_ms_p50 = 12.5;
+  st.ttft_ms_p99 = 80.25;
+  st.inter_token_ms_p50 = 9.0;
+  st.inter_token_ms_p99 = 21.0;
+  st.uptime_s = 3600.5;
+  st.tiers = {{"T0", 10, 122880, 1 << 30}, {"T2", 1000, 12288000, 1ull << 40}};
+  st.errors = {{StatusCode::kInvalidArgument, 4}, {StatusCode::kNotFound, 2}};
+  st.prometheus_text = "# HELP mnemo_requests_running ...\n";
+  return {HelloReply{kProtocolVersion, "0.1.0", "SmolLM2-135M-Instruct", 8192, 1u << 20},
+          TokenChunk{"Hello", {9906, 11}},
+          PrefillProgress{512, 8192},
+          Done{FinishReason::kLength, 42, 128, 35.5, 48.25, true},
+          ErrorReply{StatusCode::kNotFound, "no session 'x'"},
+          SampleInfo("s1"),
+          SessionList{{SampleInfo("a"), SampleInfo("b")}},
+          Ack{},
+          st,
+          HealthReply{HealthStatus::kServing, true, 12.5, "ok"}};
+}
+
+// Every sample as frames, request i with id i + 1, responses after them.
+inline std::vector<std::string> AllSampleFrames() {
+  std::vector<std::string> out;
+  uint64_t id = 1;
+  for (const auto& r : SampleRequests()) out.push_back(EncodeRequest(id++, r));
+  for (const auto& r : SampleResponses()) out.push_back(EncodeResponse(id++, r));
+  return out;
+}
+
+}  // namespace mnemo::protocol::testing
