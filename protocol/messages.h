@@ -6,6 +6,8 @@
 // PrefillProgress frames, then exactly one terminal frame: its reply
 // (HelloReply, SessionInfo, SessionList, Ack, StatsReply, HealthReply, Done)
 // or an Error. Errors about the connection as a whole carry id 0.
+//
+// Thread-safe: the functions are pure; the structs are plain values.
 #pragma once
 
 #include <cstdint>
