@@ -216,10 +216,27 @@ HWY_INLINE void TileQ4N1(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
 // RM weight rows x RN activation rows over all blocks, with the weight
 // scales decoded beforehand (wd, wm) since each is used RN times. Q4_0 is
 // Q4_1 with m = -8d: sum (q - 8) d x = d sum(q x) - 8 d sum(x).
+// The products wd * dx for every (r, c, b), formed beforehand into `dd`
+// (RM * RN * nb floats, laid out [b][c][r]) one RM-lane multiply per (b, c):
+// the same single rounding GGML's scalar d0 * d1 has, with the multiply off
+// the inner loop. wd holds the RM rows' scales interleaved by block.
+template <int RM, int RN>
+HWY_INLINE void ScaleProducts(const float* HWY_RESTRICT wd, int64_t nb, const float* const* xd,
+                              float* HWY_RESTRICT dd) {
+  const hn::CappedTag<float, RM> dr;
+  for (int64_t b = 0; b < nb; ++b) {
+    const auto w = hn::LoadU(dr, wd + b * RM);
+    for (int c = 0; c < RN; ++c) {
+      hn::StoreU(hn::Mul(hn::Set(dr, xd[c][b]), w), dr, dd + (b * RN + c) * RM);
+    }
+  }
+}
+
 template <int RM, int RN, size_t kBlockBytes, size_t kQsOffset>
 HWY_INLINE void TileQ4(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
-                       const float* HWY_RESTRICT wd, const float* HWY_RESTRICT wm,
-                       const ActView& x, int64_t i, float* HWY_RESTRICT y, int64_t ldy) {
+                       const float* HWY_RESTRICT wd, const float* HWY_RESTRICT ms,
+                       float* HWY_RESTRICT dd, const ActView& x, int64_t i,
+                       float* HWY_RESTRICT y, int64_t ldy) {
   const DF df;
   const DI8 di8;
   VF acc[RM][RN];
@@ -231,62 +248,82 @@ HWY_INLINE void TileQ4(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
     xq[c] = x.qs(i + c);
     xd[c] = x.d(i + c);
   }
+  ScaleProducts<RM, RN>(wd, nb, xd, dd);
   for (int64_t b = 0; b < nb; ++b) {
     VU8 wv[RM][kParts];
-    VF wdv[RM];
-    for (int r = 0; r < RM; ++r) {
-      UnpackNibbles(w + r * ws + b * kBlockBytes + kQsOffset, wv[r]);
-      wdv[r] = hn::Set(df, wd[r * nb + b]);
-    }
+    for (int r = 0; r < RM; ++r) UnpackNibbles(w + r * ws + b * kBlockBytes + kQsOffset, wv[r]);
     for (int c = 0; c < RN; ++c) {
       VI8 xv[kParts];
       for (int p = 0; p < kParts; ++p) xv[p] = hn::Load(di8, xq[c] + b * 32 + p * kN8);
-      const VF dx = hn::Set(df, xd[c][b]);
       for (int r = 0; r < RM; ++r) {
         VI32 dot = DotU8I8(wv[r][0], xv[0]);
         if constexpr (kParts == 2) dot = hn::Add(dot, DotU8I8(wv[r][1], xv[1]));
-        acc[r][c] = hn::MulAdd(hn::ConvertTo(df, dot), hn::Mul(dx, wdv[r]), acc[r][c]);
+        acc[r][c] =
+            hn::MulAdd(hn::ConvertTo(df, dot), hn::Set(df, dd[(b * RN + c) * RM + r]), acc[r][c]);
       }
     }
   }
-  // sum over blocks of m * s, fused and in block order as GGML's vec_dot
-  // (so results are bit-identical to llama.cpp's AVX2 build); the RM rows
-  // are the lanes, wm holds their m interleaved by block.
+  for (int c = 0; c < RN; ++c)
+    for (int r = 0; r < RM; ++r) y[(i + c) * ldy + r] = SumF(acc[r][c]) + ms[c * RM + r];
+}
+
+// Sums over blocks of m * s, fused and in block order as GGML's vec_dot (so
+// results are bit-identical to llama.cpp's AVX2 build), for G activation
+// rows from i: the RM weight rows are the lanes, wm holds their m
+// interleaved by block. G independent chains hide the FMA latency.
+template <int RM, int G>
+HWY_INLINE void SumMsGroup(const float* HWY_RESTRICT wm, int64_t nb, const ActView& x, int64_t i,
+                           float* HWY_RESTRICT ms) {
   const hn::CappedTag<float, RM> dr;
-  hn::Vec<decltype(dr)> summ[RN];
-  for (int c = 0; c < RN; ++c) summ[c] = hn::Zero(dr);
-  const float* xs[RN];
-  for (int c = 0; c < RN; ++c) xs[c] = x.s(i + c);
+  hn::Vec<decltype(dr)> summ[G];
+  const float* xs[G];
+  for (int g = 0; g < G; ++g) {
+    summ[g] = hn::Zero(dr);
+    xs[g] = x.s(i + g);
+  }
   for (int64_t b = 0; b < nb; ++b) {
     const auto m = hn::LoadU(dr, wm + b * RM);
-    for (int c = 0; c < RN; ++c) summ[c] = hn::MulAdd(m, hn::Set(dr, xs[c][b]), summ[c]);
+    for (int g = 0; g < G; ++g) summ[g] = hn::MulAdd(m, hn::Set(dr, xs[g][b]), summ[g]);
   }
-  for (int c = 0; c < RN; ++c) {
-    alignas(16) float ms[RM];
-    hn::StoreU(summ[c], dr, ms);
-    for (int r = 0; r < RM; ++r) y[(i + c) * ldy + r] = SumF(acc[r][c]) + ms[r];
-  }
+  for (int g = 0; g < G; ++g) hn::StoreU(summ[g], dr, ms + g * RM);
+}
+
+// ms[(i - i0) * RM + r]: the m * s sum of weight row r and activation row i.
+template <int RM>
+HWY_INLINE void SumMs(const float* wm, int64_t nb, const ActView& x, int64_t i0, int64_t i1,
+                      float* ms) {
+  int64_t i = i0;
+  for (; i + 8 <= i1; i += 8) SumMsGroup<RM, 8>(wm, nb, x, i, ms + (i - i0) * RM);
+  for (; i < i1; ++i) SumMsGroup<RM, 1>(wm, nb, x, i, ms + (i - i0) * RM);
 }
 
 // Runs RM-row tiles over activation rows [i0, i1) in groups of up to kRN.
+// A lone leftover row would unpack the weights for one dot each, so with
+// kRN == 3 a remainder of 4 goes as 2 + 2 instead of 3 + 1.
 template <int RM, int kRN, bool kQ41>
-HWY_INLINE void RowsQ4(const uint8_t* w, size_t ws, int64_t nb, const float* wd, const float* wm,
-                       const ActView& x, int64_t i0, int64_t i1, float* y, int64_t ldy) {
+HWY_INLINE void RowsQ4(const uint8_t* w, size_t ws, int64_t nb, const float* wd, const float* ms,
+                       float* dd, const ActView& x, int64_t i0, int64_t i1, float* y,
+                       int64_t ldy) {
   constexpr size_t kBB = kQ41 ? sizeof(BlockQ4_1) : sizeof(BlockQ4_0);
   constexpr size_t kQO = kQ41 ? 4 : 2;
   int64_t i = i0;
-  for (; i + kRN <= i1; i += kRN) TileQ4<RM, kRN, kBB, kQO>(w, ws, nb, wd, wm, x, i, y, ldy);
+  if constexpr (kRN == 3) {
+    for (; i1 - i > 4 || i1 - i == 3; i += 3) TileQ4<RM, 3, kBB, kQO>(w, ws, nb, wd, ms + (i - i0) * RM, dd, x, i, y, ldy);
+    for (; i1 - i >= 2; i += 2) TileQ4<RM, 2, kBB, kQO>(w, ws, nb, wd, ms + (i - i0) * RM, dd, x, i, y, ldy);
+  } else {
+    for (; i + kRN <= i1; i += kRN) TileQ4<RM, kRN, kBB, kQO>(w, ws, nb, wd, ms + (i - i0) * RM, dd, x, i, y, ldy);
+  }
   switch (i1 - i) {
     case 0:
       break;
     case 1:
-      TileQ4<RM, 1, kBB, kQO>(w, ws, nb, wd, wm, x, i, y, ldy);
+      TileQ4<RM, 1, kBB, kQO>(w, ws, nb, wd, ms + (i - i0) * RM, dd, x, i, y, ldy);
       break;
     case 2:
-      if constexpr (kRN > 2) TileQ4<RM, 2, kBB, kQO>(w, ws, nb, wd, wm, x, i, y, ldy);
+      if constexpr (kRN > 2) TileQ4<RM, 2, kBB, kQO>(w, ws, nb, wd, ms + (i - i0) * RM, dd, x, i, y, ldy);
       break;
     case 3:
-      if constexpr (kRN > 3) TileQ4<RM, 3, kBB, kQO>(w, ws, nb, wd, wm, x, i, y, ldy);
+      if constexpr (kRN > 3) TileQ4<RM, 3, kBB, kQO>(w, ws, nb, wd, ms + (i - i0) * RM, dd, x, i, y, ldy);
       break;
     default:
       MNEMO_CHECK(false);
@@ -315,8 +352,10 @@ void GemmQ4(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
     }
     return;
   }
-  float* wd = ScaleScratch(static_cast<size_t>(2 * kRM * nb));
+  float* wd = ScaleScratch(static_cast<size_t>((2 + kRN) * kRM * nb + kRM * (i1 - i0)));
   float* wm = wd + kRM * nb;
+  float* dd = wm + kRM * nb;
+  float* ms = dd + kRN * kRM * nb;
   for (int64_t r = r0; r < r1;) {
     const int rm = r1 - r >= kRM ? kRM : 1;
     const uint8_t* w = a.w + r * a.w_row_bytes;
@@ -325,15 +364,17 @@ void GemmQ4(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
       for (int64_t b = 0; b < nb; ++b) {
         const V2 dm = LoadHalfPair(row + b * kBB);
         const float d = hn::GetLane(dm);
-        wd[rr * nb + b] = d;
+        wd[b * rm + rr] = d;
         wm[b * rm + rr] = kQ41 ? hn::ExtractLane(dm, 1) : -8.0f * d;
       }
     }
     float* yr = a.y + r;
     if (rm == kRM) {
-      RowsQ4<kRM, kRN, kQ41>(w, a.w_row_bytes, nb, wd, wm, x, i0, i1, yr, a.ldy);
+      SumMs<kRM>(wm, nb, x, i0, i1, ms);
+      RowsQ4<kRM, kRN, kQ41>(w, a.w_row_bytes, nb, wd, ms, dd, x, i0, i1, yr, a.ldy);
     } else {
-      RowsQ4<1, kRN, kQ41>(w, a.w_row_bytes, nb, wd, wm, x, i0, i1, yr, a.ldy);
+      SumMs<1>(wm, nb, x, i0, i1, ms);
+      RowsQ4<1, kRN, kQ41>(w, a.w_row_bytes, nb, wd, ms, dd, x, i0, i1, yr, a.ldy);
     }
     r += rm;
   }
@@ -379,8 +420,8 @@ HWY_INLINE void TileQ8_0N1(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
 
 template <int RM, int RN>
 HWY_INLINE void TileQ8_0(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
-                         const float* HWY_RESTRICT wd, const ActView& x, int64_t i,
-                         float* HWY_RESTRICT y, int64_t ldy) {
+                         const float* HWY_RESTRICT wd, float* HWY_RESTRICT dd, const ActView& x,
+                         int64_t i, float* HWY_RESTRICT y, int64_t ldy) {
   const DF df;
   const DI8 di8;
   const DU8 du8;
@@ -393,10 +434,10 @@ HWY_INLINE void TileQ8_0(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
     xq[c] = x.qs(i + c);
     xd[c] = x.d(i + c);
   }
+  ScaleProducts<RM, RN>(wd, nb, xd, dd);
   for (int64_t b = 0; b < nb; ++b) {
     VI8 wq[RM][kParts];
     VU8 wa[RM][kParts];
-    VF wdv[RM];
     for (int r = 0; r < RM; ++r) {
       const int8_t* q =
           reinterpret_cast<const int8_t*>(w + r * ws + b * sizeof(BlockQ8_0) + 2);
@@ -404,16 +445,15 @@ HWY_INLINE void TileQ8_0(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
         wq[r][p] = hn::LoadU(di8, q + p * kN8);
         wa[r][p] = hn::BitCast(du8, hn::Abs(wq[r][p]));
       }
-      wdv[r] = hn::Set(df, wd[r * nb + b]);
     }
     for (int c = 0; c < RN; ++c) {
       VI8 xv[kParts];
       for (int p = 0; p < kParts; ++p) xv[p] = hn::Load(di8, xq[c] + b * 32 + p * kN8);
-      const VF dx = hn::Set(df, xd[c][b]);
       for (int r = 0; r < RM; ++r) {
         VI32 dot = DotU8I8(wa[r][0], ApplySign(xv[0], wq[r][0]));
         if constexpr (kParts == 2) dot = hn::Add(dot, DotU8I8(wa[r][1], ApplySign(xv[1], wq[r][1])));
-        acc[r][c] = hn::MulAdd(hn::ConvertTo(df, dot), hn::Mul(dx, wdv[r]), acc[r][c]);
+        acc[r][c] =
+            hn::MulAdd(hn::ConvertTo(df, dot), hn::Set(df, dd[(b * RN + c) * RM + r]), acc[r][c]);
       }
     }
   }
@@ -422,21 +462,21 @@ HWY_INLINE void TileQ8_0(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
 }
 
 template <int RM, int kRN>
-HWY_INLINE void RowsQ8_0(const uint8_t* w, size_t ws, int64_t nb, const float* wd,
+HWY_INLINE void RowsQ8_0(const uint8_t* w, size_t ws, int64_t nb, const float* wd, float* dd,
                          const ActView& x, int64_t i0, int64_t i1, float* y, int64_t ldy) {
   int64_t i = i0;
-  for (; i + kRN <= i1; i += kRN) TileQ8_0<RM, kRN>(w, ws, nb, wd, x, i, y, ldy);
+  for (; i + kRN <= i1; i += kRN) TileQ8_0<RM, kRN>(w, ws, nb, wd, dd, x, i, y, ldy);
   switch (i1 - i) {
     case 0:
       break;
     case 1:
-      TileQ8_0<RM, 1>(w, ws, nb, wd, x, i, y, ldy);
+      TileQ8_0<RM, 1>(w, ws, nb, wd, dd, x, i, y, ldy);
       break;
     case 2:
-      if constexpr (kRN > 2) TileQ8_0<RM, 2>(w, ws, nb, wd, x, i, y, ldy);
+      if constexpr (kRN > 2) TileQ8_0<RM, 2>(w, ws, nb, wd, dd, x, i, y, ldy);
       break;
     case 3:
-      if constexpr (kRN > 3) TileQ8_0<RM, 3>(w, ws, nb, wd, x, i, y, ldy);
+      if constexpr (kRN > 3) TileQ8_0<RM, 3>(w, ws, nb, wd, dd, x, i, y, ldy);
       break;
     default:
       MNEMO_CHECK(false);
@@ -460,21 +500,22 @@ void GemmQ8_0(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1)
     for (; r < r1; ++r) TileQ8_0N1<1>(a.w + r * a.w_row_bytes, a.w_row_bytes, nb, xq, xds, y + r);
     return;
   }
-  float* wd = ScaleScratch(static_cast<size_t>(kRM * nb));
+  float* wd = ScaleScratch(static_cast<size_t>((1 + kRN) * kRM * nb));
+  float* dd = wd + kRM * nb;
   for (int64_t r = r0; r < r1;) {
     const int rm = r1 - r >= kRM ? kRM : 1;
     const uint8_t* w = a.w + r * a.w_row_bytes;
     for (int rr = 0; rr < rm; ++rr) {
       const uint8_t* row = w + rr * a.w_row_bytes;
       for (int64_t b = 0; b < nb; ++b) {
-        wd[rr * nb + b] = hn::GetLane(LoadHalfPair(row + b * sizeof(BlockQ8_0)));
+        wd[b * rm + rr] = hn::GetLane(LoadHalfPair(row + b * sizeof(BlockQ8_0)));
       }
     }
     float* yr = a.y + r;
     if (rm == kRM) {
-      RowsQ8_0<kRM, kRN>(w, a.w_row_bytes, nb, wd, x, i0, i1, yr, a.ldy);
+      RowsQ8_0<kRM, kRN>(w, a.w_row_bytes, nb, wd, dd, x, i0, i1, yr, a.ldy);
     } else {
-      RowsQ8_0<1, kRN>(w, a.w_row_bytes, nb, wd, x, i0, i1, yr, a.ldy);
+      RowsQ8_0<1, kRN>(w, a.w_row_bytes, nb, wd, dd, x, i0, i1, yr, a.ldy);
     }
     r += rm;
   }
