@@ -13,6 +13,7 @@
 #include "hwy/highway.h"
 #include "hwy/contrib/math/math-inl.h"
 #include "kernels/cpu/f16-inl.h"
+#include "kernels/cpu/ggml_exp-inl.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace mnemo::kernels::cpu {
@@ -86,37 +87,6 @@ void RopeRowImpl(float* HWY_RESTRICT x, int32_t n_heads, int32_t head_dim, int32
       }
     }
   }
-}
-
-// exp(x) by the exact sequence of operations of GGML's ggml_v_expf (a
-// polynomial adapted from Arm's optimized routines; max error ~1.5 ulp), so
-// that silu agrees with llama.cpp bit for bit and the following matmul
-// quantizes the same values.
-template <class D, class V = hn::Vec<D>>
-HWY_INLINE V GgmlExp(D d, V x) {
-  const hn::RebindToSigned<D> di;
-  const V r = hn::Set(d, 0x1.8p23f);
-  const V z = hn::MulAdd(x, hn::Set(d, 0x1.715476p+0f), r);
-  const V n = hn::Sub(z, r);
-  const V b = hn::NegMulAdd(n, hn::Set(d, 0x1.7f7d1cp-20f),
-                            hn::NegMulAdd(n, hn::Set(d, 0x1.62e4p-1f), x));
-  const auto e = hn::ShiftLeft<23>(hn::BitCast(di, z));
-  const V k = hn::BitCast(d, hn::Add(e, hn::BitCast(di, hn::Set(d, 1.0f))));
-  const auto c = hn::Gt(hn::Abs(n), hn::Set(d, 126.0f));
-  const V u = hn::Mul(b, b);
-  const V j = hn::MulAdd(
-      hn::MulAdd(hn::MulAdd(hn::Set(d, 0x1.0e4020p-7f), b, hn::Set(d, 0x1.573e2ep-5f)), u,
-                 hn::MulAdd(hn::Set(d, 0x1.555e66p-3f), b, hn::Set(d, 0x1.fffdb6p-2f))),
-      u, hn::Mul(hn::Set(d, 0x1.ffffecp-1f), b));
-  const V normal = hn::MulAdd(j, k, k);
-  if (hn::AllFalse(d, c)) return normal;
-  const auto g = hn::And(hn::BitCast(di, hn::VecFromMask(d, hn::Le(n, hn::Zero(d)))),
-                         hn::Set(di, static_cast<int32_t>(0x82000000u)));
-  const V s1 = hn::BitCast(d, hn::Add(g, hn::Set(di, 0x7f000000)));
-  const V s2 = hn::BitCast(d, hn::Sub(e, g));
-  const auto huge = hn::Gt(hn::Abs(n), hn::Set(d, 192.0f));
-  return hn::IfThenElse(huge, hn::Mul(s1, s1),
-                        hn::IfThenElse(c, hn::Mul(hn::MulAdd(s2, j, s2), s1), normal));
 }
 
 void SiluMulImpl(float* HWY_RESTRICT gate, const float* HWY_RESTRICT up, int64_t count) {
