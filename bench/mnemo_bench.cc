@@ -313,6 +313,63 @@ int CmdBatch(Args& args) {
   return 0;
 }
 
+// Runs the forward pass over the first --tokens tokens of a text as one
+// batch with an observer, and compares every intermediate tensor with the
+// float32 dumps that scripts/ref/layerdump.cc wrote from llama.cpp.
+int CmdLayers(Args& args) {
+  auto e = OpenEngine(args);
+  const std::string text = ReadFile(args.Str("text-file"));
+  const std::string dir = args.Str("dump-dir");
+  const int n = static_cast<int>(args.Num("tokens", 512));
+  const bool as_json = args.Has("json");
+  args.CheckAllUsed();
+  if (dir.empty()) Die("--dump-dir is required");
+  std::vector<int32_t> toks = e->tokenizer().Encode(text, true, false);
+  if (static_cast<int>(toks.size()) < n) Die("text has fewer than --tokens tokens");
+  toks.resize(n);
+  json rows = json::array();
+  std::string first_diff;
+  e->model().set_observer([&](std::string_view name, int layer, const float* d, int64_t r,
+                              int64_t c) {
+    const std::string tensor = std::string(name) + (layer >= 0 ? "-" + std::to_string(layer) : "");
+    std::ifstream f(dir + "/" + tensor + ".bin", std::ios::binary);
+    if (!f) return;
+    std::vector<float> ref(static_cast<size_t>(r * c));
+    f.read(reinterpret_cast<char*>(ref.data()), static_cast<std::streamsize>(ref.size() * 4));
+    if (static_cast<size_t>(f.gcount()) != ref.size() * 4) Die(tensor + ": dump has the wrong size");
+    double max_diff = 0, diff2 = 0, ref2 = 0;
+    int64_t differing = 0;
+    for (size_t i = 0; i < ref.size(); ++i) {
+      const double delta = static_cast<double>(d[i]) - ref[i];
+      differing += delta != 0;
+      max_diff = std::max(max_diff, std::fabs(delta));
+      diff2 += delta * delta;
+      ref2 += static_cast<double>(ref[i]) * ref[i];
+    }
+    if (differing > 0 && first_diff.empty()) first_diff = tensor;
+    rows.push_back({{"tensor", tensor},
+                    {"max_diff", max_diff},
+                    {"rel_rms", ref2 > 0 ? std::sqrt(diff2 / ref2) : 0.0},
+                    {"differing", differing}});
+  });
+  auto seq = e->kv().CreateSeq();
+  std::vector<float> logits;
+  model::BatchSeq b{seq, toks, true};
+  Status s = e->model().Forward({&b, 1}, &e->kv(), &logits);
+  if (!s.ok()) Die(s.ToString());
+  if (rows.empty()) Die("no dumps matched in " + dir);
+  if (as_json) {
+    std::cout << json{{"tensors", rows}, {"first_difference", first_diff}}.dump() << "\n";
+  } else {
+    for (const json& r : rows)
+      std::printf("%-18s max %-12.5g rel_rms %-10.3g differing %lld\n",
+                  r["tensor"].get<std::string>().c_str(), r["max_diff"].get<double>(),
+                  r["rel_rms"].get<double>(), static_cast<long long>(r["differing"].get<int64_t>()));
+    std::printf("first difference: %s\n", first_diff.empty() ? "none (bit-identical)" : first_diff.c_str());
+  }
+  return 0;
+}
+
 // Single-thread sequential read bandwidth over a buffer much larger than the
 // caches: the physical ceiling of a memory-bound decode step.
 int CmdMembw(Args& args) {
@@ -357,7 +414,9 @@ int main(int argc, char** argv) {
                  "             --repeat-penalty R --stop S --ignore-eos] --threads T [--json]\n"
                  "  perplexity --model M --text-file F --ctx N [--threads T] [--json]\n"
                  "  batch      --model M --seqs N --ctx C --steps S [--threads T] [--json]\n"
-                 "  membw      [--mib N] [--json]\n");
+                 "  membw      [--mib N] [--json]\n"
+                 "  layers     --model M --text-file F --dump-dir D [--tokens N] [--json]\n"
+                 "             (compare every activation with llama.cpp's, see scripts/ref/layerdump.cc)\n");
     return argc < 2 ? 2 : 0;
   }
   Args args(argc, argv, 2);
@@ -366,5 +425,6 @@ int main(int argc, char** argv) {
   if (cmd == "perplexity") return CmdPerplexity(args);
   if (cmd == "batch") return CmdBatch(args);
   if (cmd == "membw") return CmdMembw(args);
+  if (cmd == "layers") return CmdLayers(args);
   Die("unknown command '" + cmd + "'");
 }

@@ -145,12 +145,23 @@ if [[ ! -x "$REFDUMP" || "$REPO/scripts/ref/refdump.cc" -nt "$REFDUMP" \
     -L"$BIN" -lllama -lggml -lggml-base -Wl,-rpath,"$BIN"
 fi
 
+LAYERDUMP="$BUILD/layerdump"
+if [[ ! -x "$LAYERDUMP" || "$REPO/scripts/ref/layerdump.cc" -nt "$LAYERDUMP" \
+      || "$BIN/libllama.so" -nt "$LAYERDUMP" ]]; then
+  log "compiling layerdump"
+  g++ -std=c++20 -O2 -Wall -Wextra \
+    -I"$LLAMA_SRC/include" -I"$LLAMA_SRC/ggml/include" \
+    "$REPO/scripts/ref/layerdump.cc" -o "$LAYERDUMP" \
+    -L"$BIN" -lllama -lggml -lggml-base -Wl,-rpath,"$BIN"
+fi
+
 cat > "$REF_DIR/env.sh" <<EOF
 # Written by scripts/ref/make_reference.sh: where the llama.cpp peer lives.
 LLAMA_CPP_COMMIT=$LLAMA_COMMIT
 LLAMA_CPP_SRC=$LLAMA_SRC
 LLAMA_CPP_BIN=$BIN
 REFDUMP=$REFDUMP
+LAYERDUMP=$LAYERDUMP
 EOF
 log "binaries in $BIN (env in $REF_DIR/env.sh)"
 [[ $BUILD_ONLY -eq 1 ]] && exit 0
