@@ -79,14 +79,6 @@ HWY_INLINE hn::Vec<D> RoundToF16(D d, hn::Vec<D> v) {
 #endif
 }
 
-HWY_INLINE void HalfRowToF32(const uint16_t* HWY_RESTRICT x, float* HWY_RESTRICT y, int64_t n) {
-  const DF df;
-  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
-  int64_t i = 0;
-  for (; i + N <= n; i += N) hn::StoreU(LoadF16(df, x + i), df, y + i);
-  for (; i < n; ++i) y[i] = F16ToF32(x[i]);
-}
-
 // Converts K or V rows of keys [j0, j0 + n) of kv head kvh to f32 rows of
 // out, page by page (a page's rows of one head are contiguous).
 HWY_INLINE void KeysToF32(const AttentionSeq& seq, const KvLayout& L, int32_t kvh, bool values,

@@ -15,6 +15,7 @@
 #include <cstdint>
 
 #include "hwy/highway.h"
+#include "kernels/cpu/quants.h"
 
 HWY_BEFORE_NAMESPACE();
 namespace mnemo::kernels::cpu {
@@ -82,6 +83,15 @@ HWY_INLINE void StoreF16(DF df, hn::Vec<DF> v, uint16_t* HWY_RESTRICT p) {
   const auto h = hn::Or(hn::ShiftRight<16>(sign), magnitude);
   hn::StoreU(hn::DemoteTo(du16, hn::BitCast(di, h)), du16, p);
 #endif
+}
+
+// y[0, n) = x[0, n) converted from fp16.
+HWY_INLINE void HalfRowToF32(const uint16_t* HWY_RESTRICT x, float* HWY_RESTRICT y, int64_t n) {
+  const hn::ScalableTag<float> df;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  int64_t i = 0;
+  for (; i + N <= n; i += N) hn::StoreU(LoadF16(df, x + i), df, y + i);
+  for (; i < n; ++i) y[i] = F16ToF32(x[i]);
 }
 
 }  // namespace HWY_NAMESPACE

@@ -141,11 +141,7 @@ void SoftmaxImpl(float* HWY_RESTRICT x, int64_t n) {
 }
 
 void F16ToF32RowImpl(const uint16_t* HWY_RESTRICT x, float* HWY_RESTRICT y, int64_t n) {
-  const DF df;
-  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
-  int64_t i = 0;
-  for (; i + N <= n; i += N) hn::StoreU(LoadF16(df, x + i), df, y + i);
-  for (; i < n; ++i) y[i] = F16ToF32(x[i]);
+  HalfRowToF32(x, y, n);
 }
 
 }  // namespace HWY_NAMESPACE
