@@ -1,0 +1,129 @@
+// The continuous-batching scheduler: one thread owns the engine (model, KV
+// cache, sessions) and runs model steps. Every running request advances each
+// step; new requests join between steps; long prompts are prefilled in
+// chunks sized so that other sessions' decode steps stay short.
+//
+// Thread-safe: Submit, CancelConnection, Shutdown and the counters may be
+// called from any thread; everything else lives on the scheduler thread.
+#pragma once
+
+#include <sys/types.h>
+
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "daemon/metrics.h"
+#include "daemon/session.h"
+#include "model/engine.h"
+#include "protocol/messages.h"
+
+namespace mnemo::daemon {
+
+struct SchedulerOptions {
+  int32_t max_batch = 16;        // requests advanced per step
+  int32_t step_tokens = 64;      // work budget of a step while requests decode
+  int32_t prefill_chunk = 512;   // tokens per step when only prefilling
+  uint32_t default_max_tokens = 512;
+  uint32_t max_queued = 64;      // Generate requests waiting for a batch slot
+  uint32_t max_sessions_per_uid = 256;
+  // Defaults for sampling fields a request leaves unset (llama.cpp server's).
+  model::SamplingParams default_sampling = {.temperature = 0.8f, .top_k = 40, .top_p = 0.95f,
+                                            .min_p = 0.05f};
+};
+
+// Delivers one response of a request. Called on the scheduler thread in
+// order, the terminal response last; must not block.
+using ReplyFn = std::function<void(protocol::ResponseBody body)>;
+
+struct Job {
+  uint64_t conn = 0;  // connection id, for CancelConnection and Cancel
+  uint64_t id = 0;    // request id on that connection
+  uid_t uid = 0;      // the peer's uid (SO_PEERCRED): owns what it creates
+  protocol::RequestBody body;
+  ReplyFn reply;
+};
+
+struct ActiveRequest;
+
+class Scheduler {
+ public:
+  // `engine` and `metrics` are borrowed and must outlive the scheduler.
+  Scheduler(model::Engine* engine, SchedulerOptions options, Metrics* metrics);
+  ~Scheduler();  // Shutdown(0) if still running
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  void Start();
+  // Queues a CreateSession, Generate, Cancel, ListSessions, GetSession,
+  // ForkSession or DeleteSession request. Its replies arrive through
+  // job.reply on the scheduler thread.
+  void Submit(Job job);
+  // The connection went away: its requests are cancelled and their replies
+  // are dropped.
+  void CancelConnection(uint64_t conn);
+  // Stops admitting work (new requests get Unavailable), lets running
+  // generations finish for up to `grace`, ends the rest with an Unavailable
+  // error, and joins the thread.
+  void Shutdown(std::chrono::milliseconds grace);
+
+  uint32_t running() const { return running_count_.load(); }
+  uint32_t waiting() const { return waiting_count_.load(); }
+  uint32_t sessions() const { return session_count_.load(); }
+  // Steady-clock time of the last loop iteration: a stuck step shows here
+  // (the watchdog stops pinging).
+  std::chrono::steady_clock::time_point last_heartbeat() const {
+    return std::chrono::steady_clock::time_point(
+        std::chrono::steady_clock::duration(heartbeat_.load()));
+  }
+
+ private:
+  void Run();
+  void Handle(Job job);
+  void HandleGenerate(Job job);
+  void HandleFork(Job& job, const protocol::ForkSessionRequest& req);
+  void Admit();
+  void Step();
+  // Ends a request: Done with `reason` (the turn stays in the session).
+  void Finish(ActiveRequest* r, model::FinishReason reason);
+  // Ends a request with an error and rolls its turn back.
+  void Fail(ActiveRequest* r, const Status& status);
+  void RollBack(ActiveRequest* r);
+  void Remove(ActiveRequest* r);
+  // Frees the KV of the least recently used idle session; false if none.
+  bool EvictIdle();
+  protocol::SessionInfo Info(const Session& s) const;
+  void PublishGauges();
+
+  // --- constant after construction -------------------------------------------
+  model::Engine* const engine_;
+  const SchedulerOptions options_;
+  Metrics* const metrics_;
+
+  // --- shared with other threads -------------------------------------------
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<Job> inbox_;                // guarded by mu_
+  std::vector<uint64_t> dead_conns_;     // guarded by mu_
+  bool draining_ = false;                // guarded by mu_
+  std::chrono::steady_clock::time_point drain_deadline_;  // guarded by mu_
+  std::atomic<uint32_t> running_count_{0}, waiting_count_{0}, session_count_{0};
+  std::atomic<int64_t> heartbeat_{0};
+  std::thread thread_;
+
+  // --- scheduler thread only -------------------------------------------------
+  SessionTable sessions_;
+  std::deque<std::unique_ptr<ActiveRequest>> waiting_;
+  std::vector<std::unique_ptr<ActiveRequest>> running_;
+  bool draining_local_ = false;
+  std::vector<float> logits_;
+};
+
+}  // namespace mnemo::daemon
