@@ -1,0 +1,378 @@
+// Metrics: prometheus-cpp families for exposition, plus exact recent latency
+// samples so the Stats reply's p50/p99 do not depend on bucket boundaries.
+#include "daemon/metrics.h"
+
+#include <arpa/inet.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <charconv>
+#include <chrono>
+#include <cmath>
+#include <map>
+#include <mutex>
+#include <prometheus/counter.h>
+#include <prometheus/exposer.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+#include <prometheus/text_serializer.h>
+#include <vector>
+
+namespace mnemo::daemon {
+namespace {
+
+using prometheus::Counter;
+using prometheus::Family;
+using prometheus::Gauge;
+using prometheus::Histogram;
+
+// Latency samples kept for p50/p99: the last kWindowSamples of each kind.
+constexpr size_t kWindowSamples = 8192;
+// Label cardinality bounds; tiers and request types come from code, so
+// hitting these is a bug, but it must not grow the registry without end.
+constexpr size_t kMaxTiers = 8;
+constexpr size_t kMaxRequestTypes = 32;
+
+constexpr auto kLastKnownCode = StatusCode::kUnavailable;
+constexpr size_t kNumCodes = static_cast<size_t>(kLastKnownCode) + 1;
+
+// Seconds. Time to first token spans a cached short prompt (milliseconds)
+// to a long prefill on CPU (tens of seconds); inter-token gaps span a GPU
+// decode step to a CPU step shared by a full batch.
+const std::vector<double> kTtftBuckets = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120};
+const std::vector<double> kInterTokenBuckets = {0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05,
+                                                0.075, 0.1,    0.15,   0.25,  0.5,  1,     2.5};
+
+// The last kWindowSamples values. Thread-compatible (Metrics guards it).
+class Window {
+ public:
+  void Add(double v) {
+    if (samples_.size() < kWindowSamples) {
+      samples_.push_back(v);
+    } else {
+      samples_[next_] = v;
+    }
+    next_ = (next_ + 1) % kWindowSamples;
+  }
+  const std::vector<double>& samples() const { return samples_; }
+
+ private:
+  std::vector<double> samples_;
+  size_t next_ = 0;
+};
+
+// Nearest-rank quantile (the smallest sample with at least q of all samples
+// at or below it); 0 for no samples. Sorts `v` partially.
+double Quantile(std::vector<double>& v, double q) {
+  if (v.empty()) return 0;
+  size_t rank = static_cast<size_t>(std::ceil(q * static_cast<double>(v.size())));
+  rank = std::clamp<size_t>(rank, 1, v.size());
+  auto nth = v.begin() + static_cast<ptrdiff_t>(rank - 1);
+  std::nth_element(v.begin(), nth, v.end());
+  return *nth;
+}
+
+// Latencies arrive in milliseconds; a NaN is dropped and a negative value
+// (a clock step) counts as zero.
+bool SanitizeMs(double& ms) {
+  if (std::isnan(ms)) return false;
+  ms = std::max(ms, 0.0);
+  return true;
+}
+
+}  // namespace
+
+Status ValidateListenAddress(std::string_view address) {
+  auto bad = [&](std::string_view why) {
+    return Status::InvalidArgument("metrics address '" + std::string(address) + "': " + std::string(why) +
+                                   " (expected HOST:PORT, e.g. 127.0.0.1:9464 or [::1]:9464)");
+  };
+  const size_t colon = address.rfind(':');
+  if (colon == std::string_view::npos) return bad("no port");
+  std::string host(address.substr(0, colon));
+  std::string_view port = address.substr(colon + 1);
+  unsigned value = 0;
+  auto [end, ec] = std::from_chars(port.data(), port.data() + port.size(), value);
+  if (port.empty() || port.size() > 5 || ec != std::errc() || end != port.data() + port.size() || value > 65535) {
+    return bad("port must be 0..65535");
+  }
+  unsigned char buf[sizeof(in6_addr)];
+  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') {
+    if (inet_pton(AF_INET6, host.substr(1, host.size() - 2).c_str(), buf) != 1) return bad("not an IPv6 address");
+    return Status::Ok();
+  }
+  if (inet_pton(AF_INET, host.c_str(), buf) != 1) return bad("host must be a numeric IPv4 address or [IPv6]");
+  return Status::Ok();
+}
+
+namespace {
+
+// What a scrape collects: refreshes the uptime gauge, then the registry.
+class Exposition : public prometheus::Collectable {
+ public:
+  Exposition(std::shared_ptr<prometheus::Registry> registry, Gauge* uptime,
+             std::chrono::steady_clock::time_point start)
+      : registry_(std::move(registry)), uptime_(uptime), start_(start) {}
+  std::vector<prometheus::MetricFamily> Collect() const override {
+    uptime_->Set(std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
+    return registry_->Collect();
+  }
+
+ private:
+  const std::shared_ptr<prometheus::Registry> registry_;
+  Gauge* const uptime_;
+  const std::chrono::steady_clock::time_point start_;
+};
+
+}  // namespace
+
+// Registry series are created and never removed, so the raw pointers into
+// the registry stay valid for the Impl's life.
+struct Metrics::Impl {
+  struct TierRow {
+    Gauge* pages;
+    Gauge* bytes;
+    Gauge* budget_bytes;
+    protocol::TierUsage usage;
+  };
+
+  // --- constant after construction
+  const std::chrono::steady_clock::time_point start = std::chrono::steady_clock::now();
+  const std::shared_ptr<prometheus::Registry> registry = std::make_shared<prometheus::Registry>();
+  Gauge* running;
+  Gauge* waiting;
+  Gauge* connections;
+  Gauge* sessions;
+  Gauge* uptime;
+  Counter* prompt_tokens;
+  Counter* generated_tokens;
+  Family<Counter>* requests;
+  std::array<Counter*, kNumCodes> errors{};  // [0] (OK) unused
+  Histogram* ttft;
+  Histogram* inter_token;
+  Family<Gauge>* kv_pages;
+  Family<Gauge>* kv_bytes;
+  Family<Gauge>* kv_budget_bytes;
+  std::shared_ptr<Exposition> exposition;
+
+  // Exact totals for the Stats reply (Prometheus counters are doubles).
+  std::atomic<uint64_t> prompt_total{0};
+  std::atomic<uint64_t> generated_total{0};
+  std::array<std::atomic<uint64_t>, kNumCodes> error_totals{};
+  std::atomic<uint32_t> running_n{0}, waiting_n{0}, connections_n{0}, sessions_n{0};
+
+  // --- guarded by mu
+  mutable std::mutex mu;
+  Window ttft_ms;
+  Window inter_token_ms;
+  std::map<std::string, TierRow, std::less<>> tiers;
+  std::map<std::string, Counter*, std::less<>> request_counters;
+  std::string serving_address;
+  int serving_port = 0;
+  // Last member: destroyed first, so no scrape runs while the rest goes.
+  std::unique_ptr<prometheus::Exposer> exposer;
+
+  Impl() {
+    auto& r = *registry;
+    auto gauge = [&](const char* name, const char* help) -> Gauge* {
+      return &prometheus::BuildGauge().Name(name).Help(help).Register(r).Add({});
+    };
+    auto counter = [&](const char* name, const char* help) -> Counter* {
+      return &prometheus::BuildCounter().Name(name).Help(help).Register(r).Add({});
+    };
+    running = gauge("mnemo_requests_running", "Requests in the running batch.");
+    waiting = gauge("mnemo_requests_waiting", "Requests queued for a batch slot.");
+    connections = gauge("mnemo_connections", "Open client connections.");
+    sessions = gauge("mnemo_sessions", "Sessions held by the daemon.");
+    uptime = gauge("mnemo_uptime_seconds", "Seconds since the daemon started.");
+    prompt_tokens = counter("mnemo_prompt_tokens_total", "Prompt tokens prefilled.");
+    generated_tokens = counter("mnemo_generated_tokens_total", "Tokens generated.");
+    requests = &prometheus::BuildCounter()
+                    .Name("mnemo_requests_total")
+                    .Help("Requests received, by type.")
+                    .Register(r);
+    auto& error_family = prometheus::BuildCounter()
+                             .Name("mnemo_errors_total")
+                             .Help("Error replies sent, by status code.")
+                             .Register(r);
+    // Every code up front: a series that appears only after its first
+    // error makes rate() miss that first error.
+    for (size_t c = 1; c < kNumCodes; ++c) {
+      errors[c] = &error_family.Add({{"code", std::string(StatusCodeName(static_cast<StatusCode>(c)))}});
+    }
+    ttft = &prometheus::BuildHistogram()
+                .Name("mnemo_ttft_seconds")
+                .Help("Time from a request's arrival to its first generated token.")
+                .Register(r)
+                .Add({}, kTtftBuckets);
+    inter_token = &prometheus::BuildHistogram()
+                       .Name("mnemo_inter_token_seconds")
+                       .Help("Time between consecutive generated tokens of one request.")
+                       .Register(r)
+                       .Add({}, kInterTokenBuckets);
+    kv_pages = &prometheus::BuildGauge().Name("mnemo_kv_pages").Help("KV pages held, by tier.").Register(r);
+    kv_bytes = &prometheus::BuildGauge().Name("mnemo_kv_bytes").Help("KV bytes held, by tier.").Register(r);
+    kv_budget_bytes =
+        &prometheus::BuildGauge().Name("mnemo_kv_budget_bytes").Help("KV byte budget, by tier.").Register(r);
+    exposition = std::make_shared<Exposition>(registry, uptime, start);
+  }
+
+  double UptimeS() const {
+    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+  }
+};
+
+Metrics::Metrics() : impl_(std::make_unique<Impl>()) {}
+Metrics::~Metrics() = default;
+
+void Metrics::SetRequests(uint32_t running, uint32_t waiting) {
+  impl_->running_n.store(running, std::memory_order_relaxed);
+  impl_->waiting_n.store(waiting, std::memory_order_relaxed);
+  impl_->running->Set(running);
+  impl_->waiting->Set(waiting);
+}
+
+void Metrics::SetConnections(uint32_t n) {
+  impl_->connections_n.store(n, std::memory_order_relaxed);
+  impl_->connections->Set(n);
+}
+
+void Metrics::SetSessions(uint32_t n) {
+  impl_->sessions_n.store(n, std::memory_order_relaxed);
+  impl_->sessions->Set(n);
+}
+
+void Metrics::SetTier(std::string_view tier, uint64_t pages, uint64_t bytes, uint64_t budget_bytes) {
+  std::lock_guard lock(impl_->mu);
+  auto it = impl_->tiers.find(tier);
+  if (it == impl_->tiers.end()) {
+    MNEMO_DCHECK(impl_->tiers.size() < kMaxTiers);
+    if (impl_->tiers.size() >= kMaxTiers) return;
+    const prometheus::Labels labels = {{"tier", std::string(tier)}};
+    Impl::TierRow row{&impl_->kv_pages->Add(labels), &impl_->kv_bytes->Add(labels),
+                      &impl_->kv_budget_bytes->Add(labels), {}};
+    row.usage.tier = std::string(tier);
+    it = impl_->tiers.emplace(std::string(tier), std::move(row)).first;
+  }
+  Impl::TierRow& row = it->second;
+  row.usage.pages = pages;
+  row.usage.bytes = bytes;
+  row.usage.budget_bytes = budget_bytes;
+  row.pages->Set(static_cast<double>(pages));
+  row.bytes->Set(static_cast<double>(bytes));
+  row.budget_bytes->Set(static_cast<double>(budget_bytes));
+}
+
+void Metrics::AddPromptTokens(uint64_t n) {
+  impl_->prompt_total.fetch_add(n, std::memory_order_relaxed);
+  impl_->prompt_tokens->Increment(static_cast<double>(n));
+}
+
+void Metrics::AddGeneratedTokens(uint64_t n) {
+  impl_->generated_total.fetch_add(n, std::memory_order_relaxed);
+  impl_->generated_tokens->Increment(static_cast<double>(n));
+}
+
+void Metrics::CountRequest(std::string_view type) {
+  Counter* counter = nullptr;
+  {
+    std::lock_guard lock(impl_->mu);
+    auto it = impl_->request_counters.find(type);
+    if (it == impl_->request_counters.end()) {
+      MNEMO_DCHECK(impl_->request_counters.size() < kMaxRequestTypes);
+      std::string label = impl_->request_counters.size() < kMaxRequestTypes ? std::string(type) : "other";
+      // Family::Add returns the existing series for known labels ("other").
+      Counter* c = &impl_->requests->Add({{"type", label}});
+      it = impl_->request_counters.emplace(std::string(type), c).first;
+    }
+    counter = it->second;
+  }
+  counter->Increment();
+}
+
+void Metrics::CountError(StatusCode code) {
+  if (code == StatusCode::kOk) return;
+  auto index = static_cast<size_t>(code);
+  // A code this build does not know (only a bad cast makes one) counts as
+  // Internal rather than growing a label.
+  if (index >= kNumCodes) index = static_cast<size_t>(StatusCode::kInternal);
+  impl_->error_totals[index].fetch_add(1, std::memory_order_relaxed);
+  impl_->errors[index]->Increment();
+}
+
+void Metrics::ObserveTtft(double ms) {
+  if (!SanitizeMs(ms)) return;
+  impl_->ttft->Observe(ms / 1000.0);
+  std::lock_guard lock(impl_->mu);
+  impl_->ttft_ms.Add(ms);
+}
+
+void Metrics::ObserveInterToken(double ms) {
+  if (!SanitizeMs(ms)) return;
+  impl_->inter_token->Observe(ms / 1000.0);
+  std::lock_guard lock(impl_->mu);
+  impl_->inter_token_ms.Add(ms);
+}
+
+protocol::StatsReply Metrics::Snapshot() const {
+  protocol::StatsReply s;
+  s.requests_running = impl_->running_n.load(std::memory_order_relaxed);
+  s.requests_waiting = impl_->waiting_n.load(std::memory_order_relaxed);
+  s.connections = impl_->connections_n.load(std::memory_order_relaxed);
+  s.sessions = impl_->sessions_n.load(std::memory_order_relaxed);
+  s.prompt_tokens_total = impl_->prompt_total.load(std::memory_order_relaxed);
+  s.generated_tokens_total = impl_->generated_total.load(std::memory_order_relaxed);
+  s.uptime_s = impl_->UptimeS();
+  for (size_t c = 1; c < kNumCodes; ++c) {
+    const uint64_t n = impl_->error_totals[c].load(std::memory_order_relaxed);
+    if (n > 0) s.errors.emplace_back(static_cast<StatusCode>(c), n);
+  }
+  std::vector<double> ttft, inter_token;
+  {
+    std::lock_guard lock(impl_->mu);
+    ttft = impl_->ttft_ms.samples();
+    inter_token = impl_->inter_token_ms.samples();
+    // std::map order: T0, T1, T2.
+    for (const auto& [name, row] : impl_->tiers) s.tiers.push_back(row.usage);
+  }
+  // Quantiles outside the lock: copying 2 x 64 KiB is cheap, selecting is not.
+  s.ttft_ms_p50 = Quantile(ttft, 0.50);
+  s.ttft_ms_p99 = Quantile(ttft, 0.99);
+  s.inter_token_ms_p50 = Quantile(inter_token, 0.50);
+  s.inter_token_ms_p99 = Quantile(inter_token, 0.99);
+  return s;
+}
+
+std::string Metrics::PrometheusText() const {
+  return prometheus::TextSerializer().Serialize(impl_->exposition->Collect());
+}
+
+Status Metrics::Serve(const std::string& listen_address) {
+  MNEMO_RETURN_IF_ERROR(ValidateListenAddress(listen_address));
+  std::lock_guard lock(impl_->mu);
+  if (impl_->exposer != nullptr) {
+    return Status::FailedPrecondition("metrics already served on " + impl_->serving_address);
+  }
+  std::unique_ptr<prometheus::Exposer> exposer;
+  try {
+    // One civetweb thread: scrapes are rare and small.
+    exposer = std::make_unique<prometheus::Exposer>(listen_address, 1);
+    exposer->RegisterCollectable(impl_->exposition);
+  } catch (const std::exception& e) {
+    return Status::IOError("metrics: cannot listen on " + listen_address + ": " + e.what());
+  }
+  const std::vector<int> ports = exposer->GetListeningPorts();
+  impl_->serving_port = ports.empty() ? 0 : ports.front();
+  impl_->serving_address = listen_address;
+  impl_->exposer = std::move(exposer);
+  return Status::Ok();
+}
+
+int Metrics::ServingPort() const {
+  std::lock_guard lock(impl_->mu);
+  return impl_->serving_port;
+}
+
+}  // namespace mnemo::daemon
