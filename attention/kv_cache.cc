@@ -97,6 +97,25 @@ Result<SeqId> KvCache::Fork(SeqId src) {
   return id;
 }
 
+Result<SeqId> KvCache::Adopt(std::vector<std::vector<PageId>> layers, int64_t n_tokens) {
+  if (static_cast<int32_t>(layers.size()) != n_layers_)
+    return Status::InvalidArgument("adopted KV has " + std::to_string(layers.size()) + " layers, cache has " +
+                                   std::to_string(n_layers_));
+  const int32_t pt = pool_->layout().page_tokens;
+  if (n_tokens < 0) return Status::InvalidArgument("negative token count");
+  const size_t pages = static_cast<size_t>((n_tokens + pt - 1) / pt);
+  for (const auto& layer : layers)
+    if (layer.size() != pages)
+      return Status::InvalidArgument("adopted KV layer has " + std::to_string(layer.size()) + " pages for " +
+                                     std::to_string(n_tokens) + " tokens");
+  SeqKv s;
+  s.n_tokens = n_tokens;
+  s.layers = std::move(layers);
+  SeqId id = next_id_++;
+  seqs_.emplace(id, std::move(s));
+  return id;
+}
+
 Status KvCache::FreeSeq(SeqId id) {
   auto it = seqs_.find(id);
   if (it == seqs_.end()) return Status::NotFound("no KV sequence " + std::to_string(id));

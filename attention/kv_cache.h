@@ -86,6 +86,11 @@ class KvCache {
   // A new sequence sharing all of `src`'s pages (no KV copy). The partially
   // filled last page is copied on the first write of either sequence.
   Result<SeqId> Fork(SeqId src);
+  // A sequence made of pages the caller allocated and filled (a session
+  // resumed from storage). Takes over one reference of every page.
+  // InvalidArgument unless every layer has ceil(n_tokens / page_tokens)
+  // pages; on error the references stay with the caller.
+  Result<SeqId> Adopt(std::vector<std::vector<PageId>> layers, int64_t n_tokens);
   Status FreeSeq(SeqId id);
   // Drops tokens at positions >= n_tokens (pages past them are released).
   Status Truncate(SeqId id, int64_t n_tokens);

@@ -117,5 +117,27 @@ TEST(KvCache, ExhaustionIsAllOrNothing) {
   EXPECT_EQ(f.pool->used_pages(), 4u);
 }
 
+TEST(KvCache, AdoptTakesOverFilledPagesAndValidatesTheirCount) {
+  Fixture f(8);
+  KvCache kv(f.pool.get(), 2);
+  std::vector<std::vector<PageId>> layers(2);
+  for (auto& l : layers)
+    for (int i = 0; i < 2; ++i) l.push_back(*f.pool->Allocate());
+  // 6 tokens need 2 pages of 4 per layer; 9 would need 3.
+  auto bad = kv.Adopt(layers, 9);
+  EXPECT_EQ(bad.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_EQ(f.pool->used_pages(), 4u);
+  auto wrong_layers = kv.Adopt({layers[0]}, 6);
+  EXPECT_EQ(wrong_layers.status().code(), StatusCode::kInvalidArgument);
+  auto id = kv.Adopt(layers, 6);
+  ASSERT_TRUE(id.ok());
+  EXPECT_EQ(*kv.Length(*id), 6);
+  // Writing continues in the partial last page, then a fresh one.
+  ASSERT_TRUE(kv.Reserve(*id, 3).ok());
+  EXPECT_EQ(kv.Get(*id)->layers[0].size(), 3u);
+  ASSERT_TRUE(kv.FreeSeq(*id).ok());
+  EXPECT_EQ(f.pool->used_pages(), 0u);
+}
+
 }  // namespace
 }  // namespace mnemo::attention
