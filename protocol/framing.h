@@ -13,14 +13,9 @@
 
 #include "common/status.h"
 #include "protocol/mnemo_generated.h"
+#include "protocol/types.h"  // kProtocolVersion, frame size limits
 
 namespace mnemo::protocol {
-
-inline constexpr uint32_t kProtocolVersion = 1;
-inline constexpr size_t kFrameHeaderBytes = 4;
-inline constexpr uint32_t kDefaultMaxFrameBytes = 1u << 20;
-// Hard ceiling for any configured limit (FlatBuffers itself caps at 2 GiB).
-inline constexpr uint32_t kMaxFrameBytesCeiling = 64u << 20;
 
 // Prepends the length header to a finished builder's buffer.
 // REQUIRES: builder.Finish...() was called.

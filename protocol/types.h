@@ -1,0 +1,238 @@
+// Plain C++ forms of every protocol message, their field limits and the
+// validators clients run before sending. Free of FlatBuffers so that the
+// installed client header (mnemo/client.h) can include it; messages.h adds
+// the wire encoding.
+//
+// Thread-safe: the functions are pure; the structs are plain values.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include "common/status.h"
+
+namespace mnemo::protocol {
+
+inline constexpr uint32_t kProtocolVersion = 1;
+inline constexpr size_t kFrameHeaderBytes = 4;
+inline constexpr uint32_t kDefaultMaxFrameBytes = 1u << 20;
+// Hard ceiling for any configured limit (FlatBuffers itself caps at 2 GiB).
+inline constexpr uint32_t kMaxFrameBytesCeiling = 64u << 20;
+
+// Bounds on request fields; InvalidArgument when exceeded.
+inline constexpr size_t kMaxSessionNameBytes = 128;
+inline constexpr size_t kMaxClientNameBytes = 128;
+inline constexpr size_t kMaxRoleBytes = 32;
+inline constexpr size_t kMaxMessages = 1024;
+inline constexpr size_t kMaxStopStrings = 32;       // == model::StopMatcher
+inline constexpr size_t kMaxStopStringBytes = 512;  // == model::StopMatcher
+inline constexpr float kMaxTemperature = 100.0f;
+inline constexpr float kMaxRepeatPenalty = 100.0f;
+
+// Mirrors model::FinishReason (same values; pinned by tests).
+enum class FinishReason : uint8_t { kStop = 0, kEos = 1, kLength = 2, kCancelled = 3, kError = 4, kContextFull = 5 };
+enum class HealthStatus : uint8_t { kServing = 0, kStarting = 1, kDraining = 2 };
+
+// Session names: 1..kMaxSessionNameBytes of [A-Za-z0-9._:@-], not starting
+// with '.', so they are safe in logs, paths and keys.
+Status ValidateSessionName(std::string_view name);
+
+// ---------------------------------------------------------------- requests
+
+struct HelloRequest {
+  uint32_t protocol_version = kProtocolVersion;
+  std::string client_name;
+  bool operator==(const HelloRequest&) const = default;
+};
+
+struct CreateSessionRequest {
+  std::optional<std::string> name;  // nullopt: the daemon picks one
+  bool operator==(const CreateSessionRequest&) const = default;
+};
+
+struct ChatMessage {
+  std::string role;
+  std::string content;
+  bool operator==(const ChatMessage&) const = default;
+};
+
+// Unset fields take the daemon's defaults.
+struct SamplingOptions {
+  std::optional<float> temperature;
+  std::optional<int32_t> top_k;
+  std::optional<float> top_p;
+  std::optional<float> min_p;
+  std::optional<float> repeat_penalty;
+  std::optional<int32_t> repeat_last_n;
+  std::optional<float> presence_penalty;
+  std::optional<float> frequency_penalty;
+  std::optional<uint64_t> seed;
+  bool operator==(const SamplingOptions&) const = default;
+};
+
+struct GenerateRequest {
+  std::string session;
+  // Exactly one is set: chat messages, or raw text (which may be empty:
+  // "continue").
+  std::vector<ChatMessage> messages;
+  std::optional<std::string> text;
+  SamplingOptions sampling;
+  uint32_t max_tokens = 0;  // 0: the daemon's default
+  std::vector<std::string> stop;
+  bool operator==(const GenerateRequest&) const = default;
+};
+
+struct CancelRequest {
+  uint64_t target_id = 0;
+  bool operator==(const CancelRequest&) const = default;
+};
+struct ListSessionsRequest {
+  bool operator==(const ListSessionsRequest&) const = default;
+};
+struct GetSessionRequest {
+  std::string session;
+  bool operator==(const GetSessionRequest&) const = default;
+};
+struct ForkSessionRequest {
+  std::string src;
+  std::string dst;
+  bool operator==(const ForkSessionRequest&) const = default;
+};
+struct DeleteSessionRequest {
+  std::string session;
+  bool operator==(const DeleteSessionRequest&) const = default;
+};
+struct StatsRequest {
+  bool prometheus = false;
+  bool operator==(const StatsRequest&) const = default;
+};
+struct HealthRequest {
+  bool operator==(const HealthRequest&) const = default;
+};
+
+using RequestBody = std::variant<HelloRequest, CreateSessionRequest, GenerateRequest, CancelRequest,
+                                 ListSessionsRequest, GetSessionRequest, ForkSessionRequest,
+                                 DeleteSessionRequest, StatsRequest, HealthRequest>;
+struct Request {
+  uint64_t id = 0;
+  RequestBody body;
+  bool operator==(const Request&) const = default;
+};
+
+// --------------------------------------------------------------- responses
+
+struct HelloReply {
+  uint32_t protocol_version = kProtocolVersion;
+  std::string daemon_version;
+  std::string model_name;
+  uint32_t context_limit = 0;
+  uint32_t max_frame_bytes = 0;
+  bool operator==(const HelloReply&) const = default;
+};
+
+struct TokenChunk {
+  std::string text;
+  std::vector<int32_t> token_ids;
+  bool operator==(const TokenChunk&) const = default;
+};
+
+struct PrefillProgress {
+  uint32_t processed = 0;
+  uint32_t total = 0;
+  bool operator==(const PrefillProgress&) const = default;
+};
+
+struct Done {
+  FinishReason finish_reason = FinishReason::kStop;
+  uint32_t prompt_tokens = 0;
+  uint32_t generated_tokens = 0;
+  double ttft_ms = 0;
+  double decode_tokens_per_s = 0;
+  bool persisted = false;
+  bool operator==(const Done&) const = default;
+};
+
+struct ErrorReply {
+  StatusCode code = StatusCode::kInternal;
+  std::string message;
+  Status ToStatus() const { return Status(code, message); }
+  static ErrorReply FromStatus(const Status& s) { return {s.code(), std::string(s.message())}; }
+  bool operator==(const ErrorReply&) const = default;
+};
+
+struct SessionInfo {
+  std::string name;
+  std::string parent;
+  uint32_t tokens = 0;
+  uint32_t turns = 0;
+  uint32_t kv_pages = 0;
+  uint64_t kv_bytes = 0;
+  uint64_t created_unix_ms = 0;
+  uint64_t last_used_unix_ms = 0;
+  bool persisted = false;
+  bool operator==(const SessionInfo&) const = default;
+};
+
+struct SessionList {
+  std::vector<SessionInfo> sessions;
+  bool operator==(const SessionList&) const = default;
+};
+
+struct Ack {
+  bool operator==(const Ack&) const = default;
+};
+
+struct TierUsage {
+  std::string tier;
+  uint64_t pages = 0;
+  uint64_t bytes = 0;
+  uint64_t budget_bytes = 0;
+  bool operator==(const TierUsage&) const = default;
+};
+
+struct StatsReply {
+  uint32_t requests_running = 0;
+  uint32_t requests_waiting = 0;
+  uint32_t connections = 0;
+  uint32_t sessions = 0;
+  uint64_t prompt_tokens_total = 0;
+  uint64_t generated_tokens_total = 0;
+  double ttft_ms_p50 = 0;
+  double ttft_ms_p99 = 0;
+  double inter_token_ms_p50 = 0;
+  double inter_token_ms_p99 = 0;
+  double uptime_s = 0;
+  std::vector<TierUsage> tiers;
+  std::vector<std::pair<StatusCode, uint64_t>> errors;  // count per code
+  std::string prometheus_text;
+  bool operator==(const StatsReply&) const = default;
+};
+
+struct HealthReply {
+  HealthStatus status = HealthStatus::kServing;
+  bool model_loaded = false;
+  double uptime_s = 0;
+  std::string message;
+  bool operator==(const HealthReply&) const = default;
+};
+
+using ResponseBody = std::variant<HelloReply, TokenChunk, PrefillProgress, Done, ErrorReply, SessionInfo,
+                                  SessionList, Ack, StatsReply, HealthReply>;
+struct Response {
+  uint64_t id = 0;
+  ResponseBody body;
+  bool operator==(const Response&) const = default;
+};
+
+// Field-level checks shared with callers that build requests themselves
+// (the client validates before sending, for an early, local error).
+Status ValidateGenerate(const GenerateRequest& req);
+bool IsValidUtf8(std::string_view s);
+
+}  // namespace mnemo::protocol
