@@ -1,0 +1,679 @@
+// The client's connection to mnemod: socket setup, the reader thread that
+// decodes frames and routes each reply by request id, and the calls built on
+// it. Owns the translation of socket errno values into Status.
+#include "mnemo/client.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cerrno>
+#include <condition_variable>
+#include <cstdlib>
+#include <cstring>
+#include <deque>
+#include <iterator>
+#include <mutex>
+#include <thread>
+#include <type_traits>
+#include <unordered_map>
+
+#include "protocol/framing.h"
+#include "protocol/messages.h"
+
+namespace mnemo::client {
+
+using Clock = std::chrono::steady_clock;
+
+namespace {
+
+constexpr size_t kReadChunkBytes = 64 * 1024;
+constexpr std::string_view kLost = "connection to mnemod lost: ";
+
+std::string ErrnoText(int err) { return std::strerror(err); }
+
+std::string_view ResponseName(const protocol::ResponseBody& body) {
+  static constexpr std::string_view kNames[] = {"HelloReply",  "TokenChunk",  "PrefillProgress", "Done",
+                                                "Error",       "SessionInfo", "SessionList",     "Ack",
+                                                "StatsReply",  "HealthReply"};
+  static_assert(std::size(kNames) == std::variant_size_v<protocol::ResponseBody>);
+  return kNames[body.index()];
+}
+
+bool IsStreamEvent(const protocol::ResponseBody& body) {
+  return std::holds_alternative<TokenChunk>(body) || std::holds_alternative<PrefillProgress>(body);
+}
+
+}  // namespace
+
+std::string DefaultSocketPath() {
+  if (const char* s = std::getenv("MNEMO_SOCKET"); s != nullptr && *s != '\0') return s;
+  if (const char* x = std::getenv("XDG_RUNTIME_DIR"); x != nullptr && *x != '\0') {
+    return std::string(x) + "/mnemo/mnemod.sock";
+  }
+  const uid_t uid = ::getuid();
+  if (uid == 0) return "/run/mnemo/mnemod.sock";
+  return "/tmp/mnemo-" + std::to_string(uid) + "/mnemod.sock";
+}
+
+std::string_view FinishReasonName(FinishReason reason) {
+  switch (reason) {
+    case FinishReason::kStop: return "stop";
+    case FinishReason::kEos: return "eos";
+    case FinishReason::kLength: return "length";
+    case FinishReason::kCancelled: return "cancelled";
+    case FinishReason::kError: return "error";
+    case FinishReason::kContextFull: return "context_full";
+  }
+  return "unknown";
+}
+
+std::string_view HealthStatusName(HealthStatus status) {
+  switch (status) {
+    case HealthStatus::kServing: return "serving";
+    case HealthStatus::kStarting: return "starting";
+    case HealthStatus::kDraining: return "draining";
+  }
+  return "unknown";
+}
+
+namespace internal {
+
+// One request's mailbox, filled by the reader thread. Every field is guarded
+// by the owning Connection's mu_.
+struct Call {
+  std::deque<protocol::ResponseBody> events;  // in arrival order; the terminal reply last
+  bool streaming = false;  // TokenChunk / PrefillProgress allowed (Generate)
+  bool discard = false;    // nobody reads: drop everything until the terminal reply
+  Status failure;          // ended locally: connection lost, protocol violation, overflow
+  std::condition_variable cv;
+};
+
+// The socket and the reader thread.
+//
+// Thread-safe. Lifetime: shared by the Client and its GenerateStreams; the
+// reader thread holds no reference, Close() (also run by the destructor)
+// stops and joins it, so the last owner must not be the reader itself, and
+// the reader never runs user code.
+class Connection {
+ public:
+  struct Sent {
+    uint64_t id = 0;
+    std::shared_ptr<Call> call;
+  };
+
+  Connection(int fd, const ConnectOptions& options)
+      : max_reply_frame_bytes_(options.max_reply_frame_bytes),
+        max_queued_events_(options.max_queued_events),
+        fd_(fd) {}
+  Connection(const Connection&) = delete;
+  Connection& operator=(const Connection&) = delete;
+  ~Connection() { Close(); }
+
+  void Start() { reader_ = std::thread([this] { ReadLoop(); }); }
+
+  void set_max_request_frame_bytes(uint32_t n) { max_request_frame_bytes_.store(n, std::memory_order_relaxed); }
+
+  bool broken() const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return !broken_.ok();
+  }
+
+  // Registers a call under a fresh id, then sends the request: the reply can
+  // never arrive before its mailbox exists.
+  Result<Sent> Send(const protocol::RequestBody& body, bool streaming, bool discard) {
+    const uint64_t id = next_id_.fetch_add(1, std::memory_order_relaxed);
+    std::string frame = protocol::EncodeRequest(id, body);
+    const size_t body_bytes = frame.size() - protocol::kFrameHeaderBytes;
+    const uint32_t limit = max_request_frame_bytes_.load(std::memory_order_relaxed);
+    if (body_bytes > limit) {
+      return Status::ResourceExhausted("request of " + std::to_string(body_bytes) +
+                                       " bytes exceeds mnemod's frame limit of " + std::to_string(limit) + " bytes");
+    }
+    auto call = std::make_shared<Call>();
+    call->streaming = streaming;
+    call->discard = discard;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!broken_.ok()) return broken_;
+      calls_.emplace(id, call);
+    }
+    Status written = WriteFrame(frame);
+    if (!written.ok()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      calls_.erase(id);
+      return written;
+    }
+    return Sent{id, std::move(call)};
+  }
+
+  // Blocks for the call's next event, or its failure. With a deadline, a
+  // timeout is Unavailable("timed out").
+  Result<protocol::ResponseBody> Wait(Call& call, const Clock::time_point* deadline) {
+    std::unique_lock<std::mutex> lock(mu_);
+    auto ready = [&] { return !call.events.empty() || !call.failure.ok(); };
+    if (deadline != nullptr) {
+      if (!call.cv.wait_until(lock, *deadline, ready)) return Status::Unavailable("timed out");
+    } else {
+      call.cv.wait(lock, ready);
+    }
+    if (!call.events.empty()) {
+      protocol::ResponseBody body = std::move(call.events.front());
+      call.events.pop_front();
+      return body;
+    }
+    return call.failure;
+  }
+
+  // The caller stops reading `call`: what still arrives for it is dropped,
+  // and a generation still running is cancelled.
+  void Abandon(uint64_t id, Call& call) {
+    bool live;
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      call.discard = true;
+      call.events.clear();
+      auto it = calls_.find(id);
+      live = it != calls_.end() && it->second.get() == &call;
+    }
+    if (live) (void)CancelNoWait(id);
+  }
+
+  // Sends Cancel for `target` unless it already ended; the Ack is dropped.
+  Status CancelNoWait(uint64_t target) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (calls_.find(target) == calls_.end()) return Status::Ok();
+    }
+    auto sent = Send(protocol::CancelRequest{target}, /*streaming=*/false, /*discard=*/true);
+    return sent.status();
+  }
+
+  void Close() {
+    std::lock_guard<std::mutex> close_lock(close_mu_);
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      closing_ = true;
+    }
+    if (fd_ >= 0) ::shutdown(fd_, SHUT_RDWR);  // wakes the reader and any blocked writer
+    if (reader_.joinable()) reader_.join();
+    std::lock_guard<std::mutex> write_lock(write_mu_);
+    if (fd_ >= 0) {
+      ::close(fd_);
+      fd_ = -1;
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    FailAllLocked(Status::Unavailable(std::string(kLost) + "the client closed it"));
+  }
+
+ private:
+  Status WriteFrame(std::string_view frame) {
+    std::lock_guard<std::mutex> lock(write_mu_);
+    if (fd_ < 0) return Status::Unavailable(std::string(kLost) + "the client closed it");
+    const char* p = frame.data();
+    size_t left = frame.size();
+    while (left > 0) {
+      const ssize_t n = ::send(fd_, p, left, MSG_NOSIGNAL);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        const int err = errno;
+        // Part of a frame may be on the wire: the stream is out of sync.
+        ::shutdown(fd_, SHUT_RDWR);
+        return Status::Unavailable(std::string(kLost) + "send: " + ErrnoText(err));
+      }
+      p += n;
+      left -= static_cast<size_t>(n);
+    }
+    return Status::Ok();
+  }
+
+  void ReadLoop() {
+    const int fd = fd_;  // stable until Close() has joined this thread
+    protocol::DecoderLimits limits;
+    limits.max_frame_bytes = max_reply_frame_bytes_;
+    protocol::FrameDecoder decoder(limits);
+    std::vector<char> buf(kReadChunkBytes);
+    Status end;
+    while (end.ok()) {
+      const ssize_t n = ::read(fd, buf.data(), buf.size());
+      if (n < 0 && errno == EINTR) continue;
+      if (n == 0) {
+        end = Status::Unavailable(std::string(kLost) + "mnemod closed the connection");
+      } else if (n < 0) {
+        end = Status::Unavailable(std::string(kLost) + "read: " + ErrnoText(errno));
+      } else {
+        decoder.Feed(std::string_view(buf.data(), static_cast<size_t>(n)));
+        end = Drain(decoder);
+        if (!end.ok()) ::shutdown(fd, SHUT_RDWR);
+      }
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    if (closing_ && end.code() == StatusCode::kUnavailable) {
+      end = Status::Unavailable(std::string(kLost) + "the client closed it");
+    }
+    FailAllLocked(end);
+  }
+
+  // Hands every complete frame to its call. Not OK when the byte stream is
+  // beyond repair: the connection must close.
+  Status Drain(protocol::FrameDecoder& decoder) {
+    for (;;) {
+      auto next = decoder.Next();
+      if (!next.ok()) {
+        if (decoder.failed()) return Status::Corruption("mnemod sent a malformed frame: " + next.status().ToString());
+        // A verified frame of a type this build does not know: a newer daemon.
+        std::lock_guard<std::mutex> lock(mu_);
+        FailCallLocked(decoder.error_id(),
+                       Status::Unsupported("mnemod sent a reply this client does not understand: " +
+                                           std::string(next.status().message())));
+        continue;
+      }
+      if (!next->has_value()) return Status::Ok();
+      const protocol::FrameView& view = **next;
+      auto parsed = protocol::ParseResponse(view.frame);
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!parsed.ok()) {
+        FailCallLocked(view.id, Status::Corruption("mnemod sent an invalid reply: " +
+                                                   std::string(parsed.status().message())));
+        continue;
+      }
+      RouteLocked(std::move(parsed).value());
+    }
+  }
+
+  void RouteLocked(protocol::Response response) {
+    if (response.id == 0) {
+      // About the connection as a whole (e.g. too many connections): every
+      // waiting call learns it. Anything else with id 0 answers nothing.
+      if (auto* e = std::get_if<protocol::ErrorReply>(&response.body)) {
+        Status s = e->ToStatus();
+        for (auto& [id, call] : calls_) EndCallLocked(*call, s);
+        calls_.clear();
+      }
+      return;
+    }
+    auto it = calls_.find(response.id);
+    if (it == calls_.end()) return;  // a call that already ended locally
+    Call& call = *it->second;
+    if (IsStreamEvent(response.body)) {
+      if (!call.streaming) {
+        EndCallLocked(call, Status::Corruption("mnemod sent " + std::string(ResponseName(response.body)) +
+                                               " for a request that is not Generate"));
+        calls_.erase(it);
+        return;
+      }
+      if (call.discard || !call.failure.ok()) return;  // dropped until the terminal reply
+      if (call.events.size() >= max_queued_events_) {
+        // Stays registered to absorb the rest; the reader thread must never block.
+        call.failure = Status::ResourceExhausted("client fell behind: more than " +
+                                                 std::to_string(max_queued_events_) + " unread events");
+        call.cv.notify_all();
+        return;
+      }
+      call.events.push_back(std::move(response.body));
+      call.cv.notify_all();
+      return;
+    }
+    // After an overflow the reader saw the terminal reply but the consumer
+    // must see the overflow, not a stream with a silent gap.
+    if (!call.discard && call.failure.ok()) call.events.push_back(std::move(response.body));
+    if (call.failure.ok()) call.failure = Status::FailedPrecondition("request already answered");
+    call.cv.notify_all();
+    calls_.erase(it);
+  }
+
+  void EndCallLocked(Call& call, const Status& status) {
+    if (call.failure.ok()) call.failure = status;
+    call.cv.notify_all();
+  }
+
+  void FailCallLocked(uint64_t id, const Status& status) {
+    if (id == 0) {
+      for (auto& [cid, call] : calls_) EndCallLocked(*call, status);
+      calls_.clear();
+      return;
+    }
+    auto it = calls_.find(id);
+    if (it == calls_.end()) return;
+    EndCallLocked(*it->second, status);
+    calls_.erase(it);
+  }
+
+  void FailAllLocked(const Status& status) {
+    if (broken_.ok()) broken_ = status;
+    for (auto& [id, call] : calls_) EndCallLocked(*call, broken_);
+    calls_.clear();
+  }
+
+  // --- constant after construction -------------------------------------------
+  const uint32_t max_reply_frame_bytes_;
+  const size_t max_queued_events_;
+  std::thread reader_;  // set by Start(), joined by Close()
+
+  std::atomic<uint64_t> next_id_{1};
+  std::atomic<uint32_t> max_request_frame_bytes_{protocol::kDefaultMaxFrameBytes};
+
+  std::mutex close_mu_;  // serializes Close()
+
+  // --- guarded by write_mu_ (whole frames go out under it) -------------------
+  std::mutex write_mu_;
+  int fd_;  // -1 once closed; the reader reads its copy
+
+  // --- guarded by mu_ ---------------------------------------------------------
+  mutable std::mutex mu_;
+  std::unordered_map<uint64_t, std::shared_ptr<Call>> calls_;  // calls awaiting their terminal reply
+  Status broken_;  // non-OK once the connection is unusable
+  bool closing_ = false;
+};
+
+}  // namespace internal
+
+namespace {
+
+// Connects a non-blocking socket to `path` by `deadline`, then makes it
+// blocking. The one place socket errno values become Status.
+Result<int> ConnectSocket(const std::string& path, std::chrono::milliseconds timeout) {
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  if (path.empty()) return Status::InvalidArgument("socket path is empty");
+  if (path.size() >= sizeof(addr.sun_path)) {
+    return Status::InvalidArgument("socket path longer than " + std::to_string(sizeof(addr.sun_path) - 1) +
+                                   " bytes: " + path);
+  }
+  std::memcpy(addr.sun_path, path.data(), path.size());
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+  if (fd < 0) return Status::FromErrno("socket", errno);
+  auto fail = [&](Status s) -> Result<int> {
+    ::close(fd);
+    return s;
+  };
+  const bool forever = timeout.count() <= 0;
+  const Clock::time_point deadline = Clock::now() + timeout;
+  auto timed_out = [&] {
+    return Status::Unavailable("timed out after " + std::to_string(timeout.count()) + " ms connecting to mnemod at " +
+                               path);
+  };
+  auto refused = [&](int err) -> Status {
+    switch (err) {
+      case ENOENT:
+      case ENOTDIR:
+        return Status::NotFound("no mnemod socket at " + path + " (is mnemod running? --socket or $MNEMO_SOCKET)");
+      case ECONNREFUSED:
+        return Status::Unavailable("mnemod is not accepting connections at " + path + " (not running?)");
+      case EACCES:
+      case EPERM:
+        return Status::PermissionDenied("connect " + path + ": " + ErrnoText(err));
+      default:
+        return Status::Unavailable("connect " + path + ": " + ErrnoText(err));
+    }
+  };
+  for (;;) {
+    if (::connect(fd, reinterpret_cast<const sockaddr*>(&addr), sizeof(addr)) == 0) break;
+    const int err = errno;
+    if (err == EINTR) continue;
+    if (err == EAGAIN) {
+      // The daemon's accept backlog is full: it is busy, not gone.
+      if (!forever && Clock::now() >= deadline) return fail(timed_out());
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
+      continue;
+    }
+    if (err != EINPROGRESS) return fail(refused(err));
+    pollfd p{fd, POLLOUT, 0};
+    int rc;
+    do {
+      const int64_t left_ms = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now()).count();
+      rc = ::poll(&p, 1, forever ? -1 : static_cast<int>(std::max<int64_t>(0, left_ms)));
+    } while (rc < 0 && errno == EINTR);
+    if (rc == 0) return fail(timed_out());
+    if (rc < 0) return fail(Status::FromErrno("poll", errno));
+    int so_error = 0;
+    socklen_t len = sizeof(so_error);
+    if (::getsockopt(fd, SOL_SOCKET, SO_ERROR, &so_error, &len) < 0) so_error = errno;
+    if (so_error != 0) return fail(refused(so_error));
+    break;
+  }
+  const int flags = ::fcntl(fd, F_GETFL);
+  if (flags < 0 || ::fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) < 0) return fail(Status::FromErrno("fcntl", errno));
+  return fd;
+}
+
+// A reply that is not an Error into T, or Corruption for another type.
+template <class T>
+Result<T> Expect(Result<protocol::ResponseBody> reply, std::string_view request) {
+  if (!reply.ok()) return reply.status();
+  if (auto* v = std::get_if<T>(&reply.value())) return std::move(*v);
+  return Status::Corruption("mnemod answered " + std::string(request) + " with " +
+                            std::string(ResponseName(reply.value())));
+}
+
+}  // namespace
+
+// ---------------------------------------------------------------- stream
+
+GenerateStream::GenerateStream(std::shared_ptr<internal::Connection> conn, std::shared_ptr<internal::Call> call,
+                               uint64_t id)
+    : conn_(std::move(conn)), call_(std::move(call)), id_(id) {}
+
+GenerateStream::GenerateStream(GenerateStream&& other) noexcept
+    : conn_(std::move(other.conn_)), call_(std::move(other.call_)), id_(other.id_), finished_(other.finished_) {
+  other.finished_ = true;
+}
+
+GenerateStream& GenerateStream::operator=(GenerateStream&& other) noexcept {
+  if (this != &other) {
+    Abandon();
+    conn_ = std::move(other.conn_);
+    call_ = std::move(other.call_);
+    id_ = other.id_;
+    finished_ = other.finished_;
+    other.finished_ = true;
+  }
+  return *this;
+}
+
+GenerateStream::~GenerateStream() { Abandon(); }
+
+void GenerateStream::Abandon() {
+  if (call_ && !finished_) conn_->Abandon(id_, *call_);
+  finished_ = true;
+}
+
+Result<StreamEvent> GenerateStream::Next() {
+  if (finished_ || !call_) return Status::FailedPrecondition("generation stream already finished");
+  auto event = conn_->Wait(*call_, nullptr);
+  if (!event.ok()) {
+    // Overflow leaves the request running on the daemon: stop it.
+    conn_->Abandon(id_, *call_);
+    finished_ = true;
+    return event.status();
+  }
+  protocol::ResponseBody& body = event.value();
+  if (auto* chunk = std::get_if<TokenChunk>(&body)) return StreamEvent(std::move(*chunk));
+  if (auto* progress = std::get_if<PrefillProgress>(&body)) return StreamEvent(*progress);
+  finished_ = true;
+  if (auto* done = std::get_if<Done>(&body)) return StreamEvent(*done);
+  if (auto* error = std::get_if<protocol::ErrorReply>(&body)) return error->ToStatus();
+  return Status::Corruption("mnemod answered Generate with " + std::string(ResponseName(body)));
+}
+
+Status GenerateStream::Cancel() {
+  if (!conn_) return Status::FailedPrecondition("generation stream was moved from");
+  return conn_->CancelNoWait(id_);
+}
+
+// ---------------------------------------------------------------- client
+
+Client::Client(std::shared_ptr<internal::Connection> conn, std::string socket_path, HelloReply hello)
+    : conn_(std::move(conn)), socket_path_(std::move(socket_path)), hello_(std::move(hello)) {}
+
+Client::Client(Client&& other) noexcept = default;
+
+Client& Client::operator=(Client&& other) noexcept {
+  if (this != &other) {
+    Close();
+    conn_ = std::move(other.conn_);
+    socket_path_ = std::move(other.socket_path_);
+    hello_ = std::move(other.hello_);
+  }
+  return *this;
+}
+
+Client::~Client() { Close(); }
+
+void Client::Close() {
+  if (conn_) conn_->Close();
+}
+
+bool Client::connected() const { return conn_ && !conn_->broken(); }
+
+Result<Client> Client::Connect(const ConnectOptions& options) {
+  const std::string path = options.socket_path.empty() ? DefaultSocketPath() : options.socket_path;
+  if (options.client_name.size() > protocol::kMaxClientNameBytes || !protocol::IsValidUtf8(options.client_name)) {
+    return Status::InvalidArgument("client name must be valid UTF-8 of at most " +
+                                   std::to_string(protocol::kMaxClientNameBytes) + " bytes");
+  }
+  if (options.max_reply_frame_bytes == 0 || options.max_reply_frame_bytes > protocol::kMaxFrameBytesCeiling) {
+    return Status::InvalidArgument("max_reply_frame_bytes must be in [1, " +
+                                   std::to_string(protocol::kMaxFrameBytesCeiling) + "]");
+  }
+  if (options.max_queued_events == 0) return Status::InvalidArgument("max_queued_events must be positive");
+  const Clock::time_point deadline = Clock::now() + options.connect_timeout;
+  MNEMO_ASSIGN_OR_RETURN(const int fd, ConnectSocket(path, options.connect_timeout));
+  auto conn = std::make_shared<internal::Connection>(fd, options);
+  conn->Start();
+
+  protocol::HelloRequest hello_req;
+  hello_req.protocol_version = protocol::kProtocolVersion;
+  hello_req.client_name = options.client_name;
+  MNEMO_ASSIGN_OR_RETURN(auto sent, conn->Send(hello_req, /*streaming=*/false, /*discard=*/false));
+  const bool forever = options.connect_timeout.count() <= 0;
+  auto reply = conn->Wait(*sent.call, forever ? nullptr : &deadline);
+  if (!reply.ok() && reply.status().message() == "timed out") {
+    conn->Close();
+    return Status::Unavailable("mnemod at " + path + " did not answer Hello within " +
+                               std::to_string(options.connect_timeout.count()) + " ms");
+  }
+  if (reply.ok()) {
+    if (auto* e = std::get_if<protocol::ErrorReply>(&reply.value())) return e->ToStatus();
+  }
+  MNEMO_ASSIGN_OR_RETURN(HelloReply hello, Expect<HelloReply>(std::move(reply), "Hello"));
+  if (hello.protocol_version != protocol::kProtocolVersion) {
+    return Status::Unsupported("mnemod at " + path + " speaks protocol version " +
+                               std::to_string(hello.protocol_version) + ", this client version " +
+                               std::to_string(protocol::kProtocolVersion));
+  }
+  conn->set_max_request_frame_bytes(hello.max_frame_bytes == 0 ? protocol::kDefaultMaxFrameBytes
+                                                               : hello.max_frame_bytes);
+  return Client(std::move(conn), path, std::move(hello));
+}
+
+namespace {
+
+// Sends one request and waits for its terminal reply; an Error reply becomes
+// its Status.
+Result<protocol::ResponseBody> RoundTrip(internal::Connection* conn, const protocol::RequestBody& body) {
+  if (conn == nullptr) return Status::FailedPrecondition("client was moved from");
+  MNEMO_ASSIGN_OR_RETURN(auto sent, conn->Send(body, /*streaming=*/false, /*discard=*/false));
+  MNEMO_ASSIGN_OR_RETURN(auto reply, conn->Wait(*sent.call, nullptr));
+  if (auto* e = std::get_if<protocol::ErrorReply>(&reply)) return e->ToStatus();
+  return reply;
+}
+
+}  // namespace
+
+Result<SessionInfo> Client::CreateSession(std::optional<std::string> name) {
+  if (name) MNEMO_RETURN_IF_ERROR(protocol::ValidateSessionName(*name));
+  return Expect<SessionInfo>(RoundTrip(conn_.get(), protocol::CreateSessionRequest{std::move(name)}),
+                             "CreateSession");
+}
+
+Result<std::vector<SessionInfo>> Client::ListSessions() {
+  MNEMO_ASSIGN_OR_RETURN(auto list, Expect<protocol::SessionList>(
+                                        RoundTrip(conn_.get(), protocol::ListSessionsRequest{}), "ListSessions"));
+  return std::move(list.sessions);
+}
+
+Result<SessionInfo> Client::GetSession(std::string_view session) {
+  MNEMO_RETURN_IF_ERROR(protocol::ValidateSessionName(session));
+  return Expect<SessionInfo>(RoundTrip(conn_.get(), protocol::GetSessionRequest{std::string(session)}),
+                             "GetSession");
+}
+
+Result<SessionInfo> Client::ForkSession(std::string_view src, std::string_view dst) {
+  MNEMO_RETURN_IF_ERROR(protocol::ValidateSessionName(src).WithContext("fork source"));
+  MNEMO_RETURN_IF_ERROR(protocol::ValidateSessionName(dst).WithContext("fork destination"));
+  if (src == dst) return Status::InvalidArgument("fork source and destination are the same session");
+  MNEMO_ASSIGN_OR_RETURN(auto reply,
+                         RoundTrip(conn_.get(), protocol::ForkSessionRequest{std::string(src), std::string(dst)}));
+  // A daemon may acknowledge without the new session's description.
+  if (std::holds_alternative<protocol::Ack>(reply)) return GetSession(dst);
+  return Expect<SessionInfo>(std::move(reply), "ForkSession");
+}
+
+Status Client::DeleteSession(std::string_view session) {
+  MNEMO_RETURN_IF_ERROR(protocol::ValidateSessionName(session));
+  MNEMO_ASSIGN_OR_RETURN(auto reply, RoundTrip(conn_.get(), protocol::DeleteSessionRequest{std::string(session)}));
+  if (std::holds_alternative<protocol::Ack>(reply) || std::holds_alternative<SessionInfo>(reply)) {
+    return Status::Ok();
+  }
+  return Status::Corruption("mnemod answered DeleteSession with " + std::string(ResponseName(reply)));
+}
+
+Result<StatsReply> Client::Stats(bool prometheus) {
+  return Expect<StatsReply>(RoundTrip(conn_.get(), protocol::StatsRequest{prometheus}), "Stats");
+}
+
+Result<HealthReply> Client::Health() {
+  return Expect<HealthReply>(RoundTrip(conn_.get(), protocol::HealthRequest{}), "Health");
+}
+
+Status Client::Cancel(uint64_t request_id) {
+  if (request_id == 0) return Status::InvalidArgument("request id 0 is reserved");
+  return Expect<protocol::Ack>(RoundTrip(conn_.get(), protocol::CancelRequest{request_id}), "Cancel").status();
+}
+
+Result<GenerateStream> Client::StartGenerate(const GenerateRequest& request) {
+  if (!conn_) return Status::FailedPrecondition("client was moved from");
+  MNEMO_RETURN_IF_ERROR(protocol::ValidateGenerate(request));
+  MNEMO_ASSIGN_OR_RETURN(auto sent, conn_->Send(request, /*streaming=*/true, /*discard=*/false));
+  return GenerateStream(conn_, std::move(sent.call), sent.id);
+}
+
+Result<Done> Client::Generate(const GenerateRequest& request, const Callbacks& callbacks) {
+  MNEMO_ASSIGN_OR_RETURN(GenerateStream stream, StartGenerate(request));
+  bool cancelled = false;
+  for (;;) {
+    MNEMO_ASSIGN_OR_RETURN(StreamEvent event, stream.Next());
+    if (auto* chunk = std::get_if<TokenChunk>(&event)) {
+      if (!cancelled && callbacks.on_chunk && !callbacks.on_chunk(*chunk)) {
+        cancelled = true;
+        MNEMO_RETURN_IF_ERROR(stream.Cancel());
+      }
+    } else if (auto* progress = std::get_if<PrefillProgress>(&event)) {
+      if (!cancelled && callbacks.on_progress) callbacks.on_progress(*progress);
+    } else {
+      return std::get<Done>(event);
+    }
+  }
+}
+
+Result<GenerateResult> Client::GenerateText(const GenerateRequest& request) {
+  MNEMO_ASSIGN_OR_RETURN(GenerateStream stream, StartGenerate(request));
+  GenerateResult out;
+  for (;;) {
+    MNEMO_ASSIGN_OR_RETURN(StreamEvent event, stream.Next());
+    if (auto* chunk = std::get_if<TokenChunk>(&event)) {
+      out.text += chunk->text;
+      out.token_ids.insert(out.token_ids.end(), chunk->token_ids.begin(), chunk->token_ids.end());
+    } else if (auto* done = std::get_if<Done>(&event)) {
+      out.done = *done;
+      return out;
+    }
+  }
+}
+
+}  // namespace mnemo::client
