@@ -5,6 +5,7 @@
 //   perplexity  teacher-forced scoring of a text in windows of --ctx tokens
 //   batch       decode tokens/s of N sequences together against one alone
 //   membw       single-thread memory read bandwidth (the decode ceiling)
+//   serve       a multi-client chat load against a running mnemod (serve_bench.cc)
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -402,6 +403,10 @@ int CmdMembw(Args& args) {
 }
 
 }  // namespace
+
+namespace bench {
+int CmdServe(int argc, char** argv);  // serve_bench.cc
+}  // namespace bench
 }  // namespace mnemo
 
 int main(int argc, char** argv) {
@@ -416,9 +421,13 @@ int main(int argc, char** argv) {
                  "  batch      --model M --seqs N --ctx C --steps S [--threads T] [--json]\n"
                  "  membw      [--mib N] [--json]\n"
                  "  layers     --model M --text-file F --dump-dir D [--tokens N] [--json]\n"
-                 "             (compare every activation with llama.cpp's, see scripts/ref/layerdump.cc)\n");
+                 "             (compare every activation with llama.cpp's, see scripts/ref/layerdump.cc)\n"
+                 "  serve      [--socket S] --clients N --turns T [--max-tokens M --prompt-tokens P\n"
+                 "             --long-prompt-tokens L --temperature T --seed S] [--json]\n"
+                 "             (a chat load against a running mnemod, see serve_bench.cc)\n");
     return argc < 2 ? 2 : 0;
   }
+  if (std::strcmp(argv[1], "serve") == 0) return bench::CmdServe(argc - 2, argv + 2);
   Args args(argc, argv, 2);
   const std::string cmd = argv[1];
   if (cmd == "generate") return CmdGenerate(args);

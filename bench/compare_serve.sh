@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Serving comparison in one run, on the same GGUF and thread count:
+#   mnemod with 1 client, mnemod with 16 clients (mnemo-bench serve), then
+#   llama.cpp's llama-server with 16 parallel slots driven by the same chat
+#   workload (bench/llama_server_load.py, streaming /v1/chat/completions).
+# Prints one JSON object with the three runs and the ratios
+#   mnemo 16 clients / mnemo 1 client       (aggregate generated tokens/s)
+#   mnemo 16 clients / llama-server 16       (aggregate tokens/s; TTFT and
+#                                             inter-token p50/p99 side by side)
+# The machine is shared and noisy: compare only figures from one invocation.
+#
+# Usage: bench/compare_serve.sh [--model M] [--threads T] [--clients N]
+#          [--turns T] [--max-tokens M] [--prompt-tokens P]
+#          [--long-prompt-tokens L] [--ctx C] [--llama-bin DIR] [--skip-llama]
+# Environment: MNEMOD (default build/daemon/mnemod), MNEMO_BENCH
+# (build/bench/mnemo-bench), MNEMO_CLI (build/client/mnemo).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
+THREADS=2
+CLIENTS=16
+TURNS=3
+MAX_TOKENS=128
+PROMPT_TOKENS=32
+LONG_PROMPT_TOKENS=0
+CTX=2048  # per llama-server slot: enough for TURNS x (prompt + reply + template)
+LLAMA_BIN=/work/ref/build/bin
+SKIP_LLAMA=0
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --model) MODEL=$2; shift 2 ;;
+    --threads) THREADS=$2; shift 2 ;;
+    --clients) CLIENTS=$2; shift 2 ;;
+    --turns) TURNS=$2; shift 2 ;;
+    --max-tokens) MAX_TOKENS=$2; shift 2 ;;
+    --prompt-tokens) PROMPT_TOKENS=$2; shift 2 ;;
+    --long-prompt-tokens) LONG_PROMPT_TOKENS=$2; shift 2 ;;
+    --ctx) CTX=$2; shift 2 ;;
+    --llama-bin) LLAMA_BIN=$2; shift 2 ;;
+    --skip-llama) SKIP_LLAMA=1; shift ;;
+    *) echo "compare_serve: unknown argument $1" >&2; exit 2 ;;
+  esac
+done
+MNEMOD=${MNEMOD:-build/daemon/mnemod}
+BENCH=${MNEMO_BENCH:-build/bench/mnemo-bench}
+CLI=${MNEMO_CLI:-build/client/mnemo}
+for bin in "$MNEMOD" "$BENCH" "$CLI"; do
+  [[ -x "$bin" ]] || { echo "compare_serve: $bin is missing: build first (scripts/setup)" >&2; exit 2; }
+done
+[[ -f "$MODEL" ]] || { echo "compare_serve: no model at $MODEL (scripts/fetch-model)" >&2; exit 2; }
+if [[ $SKIP_LLAMA == 0 && ! -x "$LLAMA_BIN/llama-server" ]]; then
+  echo "compare_serve: no llama-server in $LLAMA_BIN (scripts/ref/make_reference.sh, or --llama-bin DIR, or --skip-llama)" >&2
+  exit 2
+fi
+
+tmp=$(mktemp -d)
+daemon_pid=""
+server_pid=""
+cleanup() {
+  [[ -n "$daemon_pid" ]] && kill "$daemon_pid" 2>/dev/null && wait "$daemon_pid" 2>/dev/null
+  [[ -n "$server_pid" ]] && kill "$server_pid" 2>/dev/null && wait "$server_pid" 2>/dev/null
+  rm -rf "$tmp"
+}
+trap cleanup EXIT
+
+# Waits up to $2 seconds for command $1 (a function) to succeed.
+wait_for() {
+  local check=$1 limit=$2 i
+  for ((i = 0; i < limit * 4; i++)); do
+    "$check" && return 0
+    sleep 0.25
+  done
+  return 1
+}
+
+serve_args=(--turns "$TURNS" --max-tokens "$MAX_TOKENS" --prompt-tokens "$PROMPT_TOKENS" --temperature 0)
+[[ "$LONG_PROMPT_TOKENS" -gt 0 ]] && serve_args+=(--long-prompt-tokens "$LONG_PROMPT_TOKENS")
+
+# ----------------------------------------------------------------- mnemod
+sock=$tmp/mnemod.sock
+"$MNEMOD" --model "$MODEL" --socket "$sock" --data-dir "$tmp/data" --threads "$THREADS" \
+  --max-batch "$CLIENTS" 2> "$tmp/mnemod.log" &
+daemon_pid=$!
+mnemod_up() { "$CLI" health --socket "$sock" > /dev/null 2>&1; }
+if ! wait_for mnemod_up 180; then
+  echo "compare_serve: mnemod did not become healthy; its log:" >&2
+  tail -20 "$tmp/mnemod.log" >&2
+  exit 1
+fi
+echo "compare_serve: mnemo, 1 client" >&2
+"$BENCH" serve --socket "$sock" --clients 1 "${serve_args[@]}" --json > "$tmp/mnemo1.json"
+echo "compare_serve: mnemo, $CLIENTS clients" >&2
+"$BENCH" serve --socket "$sock" --clients "$CLIENTS" "${serve_args[@]}" --json > "$tmp/mnemo16.json"
+kill -TERM "$daemon_pid"
+wait "$daemon_pid" 2>/dev/null || true
+daemon_pid=""
+
+# ----------------------------------------------------------- llama-server
+if [[ $SKIP_LLAMA == 0 ]]; then
+  port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  LD_LIBRARY_PATH="$LLAMA_BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$LLAMA_BIN/llama-server" \
+    -m "$MODEL" -np "$CLIENTS" -c $((CLIENTS * CTX)) -t "$THREADS" --host 127.0.0.1 --port "$port" \
+    > "$tmp/llama-server.log" 2>&1 &
+  server_pid=$!
+  server_up() {
+    python3 - "$port" <<'PY' 2>/dev/null
+import http.client, sys
+c = http.client.HTTPConnection("127.0.0.1", int(sys.argv[1]), timeout=2)
+c.request("GET", "/health")
+sys.exit(0 if c.getresponse().status == 200 else 1)
+PY
+  }
+  if ! wait_for server_up 180; then
+    echo "compare_serve: llama-server did not become healthy; its log:" >&2
+    tail -20 "$tmp/llama-server.log" >&2
+    exit 1
+  fi
+  echo "compare_serve: llama-server, $CLIENTS clients" >&2
+  load_args=(--port "$port" --clients "$CLIENTS" --turns "$TURNS" --max-tokens "$MAX_TOKENS"
+             --prompt-tokens "$PROMPT_TOKENS" --temperature 0)
+  [[ "$LONG_PROMPT_TOKENS" -gt 0 ]] && load_args+=(--long-prompt-tokens "$LONG_PROMPT_TOKENS")
+  python3 bench/llama_server_load.py "${load_args[@]}" > "$tmp/llama16.json"
+  kill -TERM "$server_pid"
+  wait "$server_pid" 2>/dev/null || true
+  server_pid=""
+else
+  echo '{}' > "$tmp/llama16.json"
+fi
+
+python3 - "$tmp" "$CLIENTS" "$THREADS" <<'PY'
+import json, sys
+tmp, clients, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+m1 = json.load(open(f"{tmp}/mnemo1.json"))
+mn = json.load(open(f"{tmp}/mnemo16.json"))
+ln = json.load(open(f"{tmp}/llama16.json"))
+
+def brief(r):
+    keep = ("clients", "wall_s", "errors", "generated_tokens", "prompt_tokens", "tokens_per_s",
+            "finish_reasons", "ttft_ms", "inter_token_ms", "long_prompt", "first_error")
+    return {k: r[k] for k in keep if k in r}
+
+def ratio(a, b):
+    return a / b if b else None
+
+out = {
+    "threads": threads,
+    "mnemo_1": brief(m1),
+    f"mnemo_{clients}": brief(mn),
+    f"mnemo_{clients}_vs_1_tokens_per_s": ratio(mn["tokens_per_s"], m1["tokens_per_s"]),
+}
+if ln:
+    out[f"llama_server_{clients}"] = brief(ln)
+    out[f"mnemo_{clients}_vs_llama_server_{clients}"] = {
+        "tokens_per_s": ratio(mn["tokens_per_s"], ln["tokens_per_s"]),
+        # Latencies: below 1.0 means mnemo is faster.
+        "ttft_p50": ratio(mn["ttft_ms"]["p50"], ln["ttft_ms"]["p50"]),
+        "ttft_p99": ratio(mn["ttft_ms"]["p99"], ln["ttft_ms"]["p99"]),
+        "inter_token_p50": ratio(mn["inter_token_ms"]["p50"], ln["inter_token_ms"]["p50"]),
+        "inter_token_p99": ratio(mn["inter_token_ms"]["p99"], ln["inter_token_ms"]["p99"]),
+    }
+print(json.dumps(out, indent=2))
+errors = m1.get("errors", 0) + mn.get("errors", 0) + ln.get("errors", 0)
+sys.exit(1 if errors else 0)
+PY
