@@ -52,7 +52,8 @@ bool IsStreamEvent(const protocol::ResponseBody& body) {
 
 std::string DefaultSocketPath() {
   if (const char* s = std::getenv("MNEMO_SOCKET"); s != nullptr && *s != '\0') return s;
-  if (const char* x = std::getenv("XDG_RUNTIME_DIR"); x != nullptr && *x != '\0') {
+  // XDG: a relative path is invalid and ignored (as mnemod does).
+  if (const char* x = std::getenv("XDG_RUNTIME_DIR"); x != nullptr && x[0] == '/') {
     return std::string(x) + "/mnemo/mnemod.sock";
   }
   const uid_t uid = ::getuid();

@@ -601,7 +601,7 @@ int Main(int argc, char** argv) {
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
-    return app.exit(e);
+    return app.exit(e) == 0 ? 0 : 2;  // --help is a ParseError too
   }
   if (*chat) return CmdChat(g, chat_session, chat_opts);
   if (*gen) return CmdGen(g, gen_session, gen_words, gen_opts);
