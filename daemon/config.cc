@@ -3,6 +3,7 @@
 #include "daemon/config.h"
 
 #include <sys/un.h>
+#include <toml++/toml.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -18,7 +19,6 @@
 #include <limits>
 #include <map>
 #include <sstream>
-#include <toml++/toml.h>
 #include <variant>
 
 #include "daemon/metrics.h"
@@ -46,8 +46,7 @@ std::string_view Trim(std::string_view s) {
 }
 
 bool IEquals(std::string_view a, std::string_view b) {
-  return a.size() == b.size() &&
-         std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
            return std::tolower(static_cast<unsigned char>(x)) == std::tolower(static_cast<unsigned char>(y));
          });
 }
@@ -158,6 +157,7 @@ constexpr int64_t kMaxSize = std::numeric_limits<int64_t>::max();
 // extra zero, a negative number) is caught here rather than as an
 // allocation failure later.
 const std::vector<OptionSpec>& Specs() {
+  // clang-format off
   static const std::vector<OptionSpec> kSpecs = {
       {.name = "model", .group = "paths", .kind = Kind::kPath, .field = &DaemonConfig::model_path,
        .help = "GGUF model file ($MNEMO_MODEL overrides the built-in default)"},
@@ -219,6 +219,7 @@ const std::vector<OptionSpec>& Specs() {
       {.name = "log-level", .group = "observability", .kind = Kind::kLogLevel,
        .field = &DaemonConfig::log_level, .help = "trace, debug, info, warn or error"},
   };
+  // clang-format on
   return kSpecs;
 }
 
@@ -227,13 +228,20 @@ constexpr const char* kGroups[] = {"paths", "engine", "scheduling", "limits", "o
 const char* TypeName(Kind kind) {
   switch (kind) {
     case Kind::kPath:
-    case Kind::kSocket: return "PATH";
-    case Kind::kInteger: return "INT";
-    case Kind::kSize: return "SIZE";
-    case Kind::kMode: return "MODE";
-    case Kind::kSeconds: return "DURATION";
-    case Kind::kLogLevel: return "LEVEL";
-    case Kind::kListen: return "HOST:PORT";
+    case Kind::kSocket:
+      return "PATH";
+    case Kind::kInteger:
+      return "INT";
+    case Kind::kSize:
+      return "SIZE";
+    case Kind::kMode:
+      return "MODE";
+    case Kind::kSeconds:
+      return "DURATION";
+    case Kind::kLogLevel:
+      return "LEVEL";
+    case Kind::kListen:
+      return "HOST:PORT";
   }
   return "VALUE";
 }
@@ -255,7 +263,7 @@ void StoreInteger(const OptionSpec& spec, DaemonConfig& c, int64_t v) {
 void StoreString(const OptionSpec& spec, DaemonConfig& c, std::string v) {
   auto* member = std::get_if<std::string DaemonConfig::*>(&spec.field);
   MNEMO_CHECK(member != nullptr);
-  c.**member = std::move(v);
+  c.** member = std::move(v);
 }
 
 std::string Show(const OptionSpec& spec, const DaemonConfig& c) {
@@ -375,8 +383,7 @@ Status ApplyToml(const OptionSpec& spec, DaemonConfig& c, const toml::node& node
   if (const auto* f = node.as_floating_point(); f != nullptr && spec.kind == Kind::kSeconds) {
     return ApplySeconds(spec, c, f->get());
   }
-  return Status::InvalidArgument(numeric ? "must be a number or a string"
-                                         : "must be a string");
+  return Status::InvalidArgument(numeric ? "must be a number or a string" : "must be a string");
 }
 
 const OptionSpec* FindSpec(std::string_view key) {
@@ -429,7 +436,9 @@ Status ApplyConfigFile(const std::string& path, DaemonConfig& c) {
   std::map<const OptionSpec*, std::string> seen;  // spec -> key as written
   auto apply_key = [&](const std::string& key, const toml::node& node, const char* table) -> Status {
     const std::string shown = table ? std::string(table) + "." + key : key;
-    auto fail = [&](std::string m) { return Status::InvalidArgument("config file " + path + ": key '" + shown + "': " + m); };
+    auto fail = [&](std::string m) {
+      return Status::InvalidArgument("config file " + path + ": key '" + shown + "': " + m);
+    };
     const OptionSpec* spec = FindSpec(key);
     if (spec == nullptr) {
       if (key == "config") return fail("a config file cannot name another");
@@ -468,8 +477,8 @@ Status ApplyConfigFile(const std::string& path, DaemonConfig& c) {
 // Checks that involve more than one option.
 Status CheckConsistency(const DaemonConfig& c) {
   if (c.step_tokens < c.max_batch) {
-    return Status::InvalidArgument("--step-tokens: " + std::to_string(c.step_tokens) +
-                                   " is below --max-batch (" + std::to_string(c.max_batch) +
+    return Status::InvalidArgument("--step-tokens: " + std::to_string(c.step_tokens) + " is below --max-batch (" +
+                                   std::to_string(c.max_batch) +
                                    "): a step must fit one token of every batched request");
   }
   return Status::Ok();
@@ -575,9 +584,9 @@ Result<ParsedArgs> ParseDaemonArgs(int argc, const char* const* argv) {
   config.data_dir = DefaultDataDir();
   config.socket_path = DefaultSocketPath();
 
-  CLI::App app(
-      "mnemod " MNEMO_VERSION " - serves LLM text generation and keeps agents' KV sessions, over a Unix socket.",
-      "mnemod");
+  CLI::App app("mnemod " MNEMO_VERSION
+               " - serves LLM text generation and keeps agents' KV sessions, over a Unix socket.",
+               "mnemod");
   app.footer(
       "Precedence: flags, then the --config file, then the defaults shown.\n"
       "The config file (TOML) takes the same names without dashes (max_batch = 16 or\n"

@@ -3,6 +3,12 @@
 #include "daemon/metrics.h"
 
 #include <arpa/inet.h>
+#include <prometheus/counter.h>
+#include <prometheus/exposer.h>
+#include <prometheus/gauge.h>
+#include <prometheus/histogram.h>
+#include <prometheus/registry.h>
+#include <prometheus/text_serializer.h>
 
 #include <algorithm>
 #include <array>
@@ -12,12 +18,6 @@
 #include <cmath>
 #include <map>
 #include <mutex>
-#include <prometheus/counter.h>
-#include <prometheus/exposer.h>
-#include <prometheus/gauge.h>
-#include <prometheus/histogram.h>
-#include <prometheus/registry.h>
-#include <prometheus/text_serializer.h>
 #include <vector>
 
 namespace mnemo::daemon {
@@ -43,7 +43,7 @@ constexpr size_t kNumCodes = static_cast<size_t>(kLastKnownCode) + 1;
 // decode step to a CPU step shared by a full batch.
 const std::vector<double> kTtftBuckets = {0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120};
 const std::vector<double> kInterTokenBuckets = {0.001, 0.0025, 0.005, 0.01, 0.02, 0.035, 0.05,
-                                                0.075, 0.1,    0.15,   0.25,  0.5,  1,     2.5};
+                                                0.075, 0.1,    0.15,  0.25, 0.5,  1,     2.5};
 
 // The last kWindowSamples values. Thread-compatible (Metrics guards it).
 class Window {
@@ -112,8 +112,7 @@ namespace {
 // What a scrape collects: refreshes the uptime gauge, then the registry.
 class Exposition : public prometheus::Collectable {
  public:
-  Exposition(std::shared_ptr<prometheus::Registry> registry, Gauge* uptime,
-             std::chrono::steady_clock::time_point start)
+  Exposition(std::shared_ptr<prometheus::Registry> registry, Gauge* uptime, std::chrono::steady_clock::time_point start)
       : registry_(std::move(registry)), uptime_(uptime), start_(start) {}
   std::vector<prometheus::MetricFamily> Collect() const override {
     uptime_->Set(std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
@@ -189,14 +188,9 @@ struct Metrics::Impl {
     uptime = gauge("mnemo_uptime_seconds", "Seconds since the daemon started.");
     prompt_tokens = counter("mnemo_prompt_tokens_total", "Prompt tokens prefilled.");
     generated_tokens = counter("mnemo_generated_tokens_total", "Tokens generated.");
-    requests = &prometheus::BuildCounter()
-                    .Name("mnemo_requests_total")
-                    .Help("Requests received, by type.")
-                    .Register(r);
-    auto& error_family = prometheus::BuildCounter()
-                             .Name("mnemo_errors_total")
-                             .Help("Error replies sent, by status code.")
-                             .Register(r);
+    requests = &prometheus::BuildCounter().Name("mnemo_requests_total").Help("Requests received, by type.").Register(r);
+    auto& error_family =
+        prometheus::BuildCounter().Name("mnemo_errors_total").Help("Error replies sent, by status code.").Register(r);
     // Every code up front: a series that appears only after its first
     // error makes rate() miss that first error.
     for (size_t c = 1; c < kNumCodes; ++c) {
@@ -219,9 +213,7 @@ struct Metrics::Impl {
     exposition = std::make_shared<Exposition>(registry, uptime, start);
   }
 
-  double UptimeS() const {
-    return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
-  }
+  double UptimeS() const { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); }
 };
 
 Metrics::Metrics() : impl_(std::make_unique<Impl>()) {}
@@ -251,8 +243,8 @@ void Metrics::SetTier(std::string_view tier, uint64_t pages, uint64_t bytes, uin
     MNEMO_DCHECK(impl_->tiers.size() < kMaxTiers);
     if (impl_->tiers.size() >= kMaxTiers) return;
     const prometheus::Labels labels = {{"tier", std::string(tier)}};
-    Impl::TierRow row{&impl_->kv_pages->Add(labels), &impl_->kv_bytes->Add(labels),
-                      &impl_->kv_budget_bytes->Add(labels), {}};
+    Impl::TierRow row{
+        &impl_->kv_pages->Add(labels), &impl_->kv_bytes->Add(labels), &impl_->kv_budget_bytes->Add(labels), {}};
     row.usage.tier = std::string(tier);
     it = impl_->tiers.emplace(std::string(tier), std::move(row)).first;
   }

@@ -2,11 +2,11 @@
 // that reads LISTEN_FDS, NOTIFY_SOCKET and WATCHDOG_USEC.
 #include "daemon/systemd.h"
 
+#include <spdlog/spdlog.h>
 #include <sys/socket.h>
 #include <systemd/sd-daemon.h>
 
 #include <cstring>
-#include <spdlog/spdlog.h>
 #include <string>
 
 namespace mnemo::daemon::systemd {

@@ -174,9 +174,9 @@ TEST(ValidateListenAddressTest, AcceptsNumericHostsAndPorts) {
   for (const char* a : {"127.0.0.1:9464", "0.0.0.0:1", "127.0.0.1:0", "[::1]:9464", "[::]:65535"}) {
     EXPECT_TRUE(ValidateListenAddress(a).ok()) << a;
   }
-  for (const char* a : {"", "9464", ":9464", "127.0.0.1", "127.0.0.1:", "127.0.0.1:65536", "127.0.0.1:-1",
-                        "127.0.0.1:80x", "localhost:9464", "::1:9464", "[::1]", "[::1:9464", "1.2.3:80",
-                        "[127.0.0.1]:80"}) {
+  for (const char* a :
+       {"", "9464", ":9464", "127.0.0.1", "127.0.0.1:", "127.0.0.1:65536", "127.0.0.1:-1", "127.0.0.1:80x",
+        "localhost:9464", "::1:9464", "[::1]", "[::1:9464", "1.2.3:80", "[127.0.0.1]:80"}) {
     Status st = ValidateListenAddress(a);
     EXPECT_EQ(st.code(), StatusCode::kInvalidArgument) << a;
   }

@@ -51,12 +51,11 @@ std::string ReadFile(const std::string& path) {
   return ss.str();
 }
 
-void WriteFile(const std::string& path, const std::string& text) {
-  std::ofstream(path) << text;
-}
+void WriteFile(const std::string& path, const std::string& text) { std::ofstream(path) << text; }
 
 std::string Replace(std::string s, const std::string& from, const std::string& to) {
-  for (size_t pos = 0; (pos = s.find(from, pos)) != std::string::npos; pos += to.size()) s.replace(pos, from.size(), to);
+  for (size_t pos = 0; (pos = s.find(from, pos)) != std::string::npos; pos += to.size())
+    s.replace(pos, from.size(), to);
   return s;
 }
 
@@ -106,7 +105,8 @@ class UnitsTest : public ::testing::Test {
   // units (pulled in as dependencies, e.g. multi-user.target) are not ours
   // to fix; any other line is a finding.
   void ExpectVerifyClean() {
-    CommandResult r = RunCommand("systemd-analyze verify --man=no '" + dir_ + "/mnemod.service' '" + dir_ + "/mnemod.socket'");
+    CommandResult r =
+        RunCommand("systemd-analyze verify --man=no '" + dir_ + "/mnemod.service' '" + dir_ + "/mnemod.socket'");
     EXPECT_EQ(r.exit_code, 0) << r.output;
     std::istringstream lines(r.output);
     for (std::string line; std::getline(lines, line);) {
@@ -183,7 +183,8 @@ TEST_F(UnitsTest, SysusersAndTmpfilesCreateWhatTheUnitsExpect) {
   const gid_t gid = static_cast<gid_t>(std::stoul(m[3]));
   EXPECT_LT(uid, 1000u) << "a system user";
 
-  CommandResult tmp = RunCommand("systemd-tmpfiles --root='" + root + "' --create '" + kUnitsDir + "/mnemo.tmpfiles.conf'");
+  CommandResult tmp =
+      RunCommand("systemd-tmpfiles --root='" + root + "' --create '" + kUnitsDir + "/mnemo.tmpfiles.conf'");
   ASSERT_EQ(tmp.exit_code, 0) << tmp.output;
   const std::string service = ReadFile(kUnitsDir + "/mnemod.service.in");
   const std::pair<std::string, std::string> dirs[] = {
