@@ -406,6 +406,7 @@ int CmdMembw(Args& args) {
 
 namespace bench {
 int CmdServe(int argc, char** argv);  // serve_bench.cc
+int CmdT2(int argc, char** argv);     // t2_bench.cc
 }  // namespace bench
 }  // namespace mnemo
 
@@ -424,10 +425,13 @@ int main(int argc, char** argv) {
                  "             (compare every activation with llama.cpp's, see scripts/ref/layerdump.cc)\n"
                  "  serve      [--socket S] --clients N --turns T [--max-tokens M --prompt-tokens P\n"
                  "             --long-prompt-tokens L --temperature T --seed S] [--json]\n"
-                 "             (a chat load against a running mnemod, see serve_bench.cc)\n");
+                 "             (a chat load against a running mnemod, see serve_bench.cc)\n"
+                 "  t2         --dir D [--size 2G --block 1M --page 12K --qd 16 --rand-ops N --engine uring|pread]\n"
+                 "             [--json]  (T2 page store throughput, see t2_bench.cc and compare_fio.sh)\n");
     return argc < 2 ? 2 : 0;
   }
   if (std::strcmp(argv[1], "serve") == 0) return bench::CmdServe(argc - 2, argv + 2);
+  if (std::strcmp(argv[1], "t2") == 0) return bench::CmdT2(argc - 2, argv + 2);
   Args args(argc, argv, 2);
   const std::string cmd = argv[1];
   if (cmd == "generate") return CmdGenerate(args);

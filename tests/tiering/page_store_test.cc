@@ -448,7 +448,9 @@ TEST_P(PageStoreTest, RegisteredArenaTakesTheFixedBufferPath) {
   {
     auto arena = IoBufferArena::Create(store_.get(), bb, 4);
     ASSERT_TRUE(arena.ok()) << arena.status().ToString();
-    if (GetParam() == Engine::kUring) EXPECT_TRUE((*arena)->registered());
+    if (GetParam() == Engine::kUring) {
+      EXPECT_TRUE((*arena)->registered());
+    }
     std::vector<void*> held;
     for (int i = 0; i < 4; ++i) held.push_back((*arena)->Acquire());
     EXPECT_EQ((*arena)->Acquire(), nullptr);  // bounded
@@ -464,7 +466,9 @@ TEST_P(PageStoreTest, RegisteredArenaTakesTheFixedBufferPath) {
       EXPECT_EQ(std::memcmp(held[i], expect.data(), bb), 0);
     }
     for (void* p : held) (*arena)->Release(p);
-    if (GetParam() == Engine::kUring) EXPECT_EQ(store_->stats().fixed_buffer_ios, 8u);
+    if (GetParam() == Engine::kUring) {
+      EXPECT_EQ(store_->stats().fixed_buffer_ios, 8u);
+    }
   }
   // Unregistered: plain buffers still work, and new ones at the same
   // addresses do not use the stale registration.

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# bench/compare_fio.sh: the T2 page store against fio on the same disk.
+#
+# Runs `mnemo-bench t2` (UringPageStore: O_DIRECT, registered buffers and
+# files, queue depth --qd) and fio (ioengine=io_uring, direct=1, fixedbufs,
+# registerfiles, same directory, block size, depth and size) for the same
+# three patterns — sequential block writes, sequential block reads, random
+# single-page reads — alternating which goes first, --reps times, and prints
+# the best figure of each side and mnemo/fio (target: >= 0.9).
+#
+#   bench/compare_fio.sh [--dir DIR] [--size 2G] [--block 1M] [--page 12K]
+#                        [--qd 16] [--rand-ops N] [--reps 2] [--json]
+#
+# MNEMO_BENCH overrides the binary (default build/bench/mnemo-bench).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+DIR=${TMPDIR:-/var/tmp}/mnemo-t2-compare
+SIZE=2G
+BLOCK=1M
+PAGE=12K
+QD=16
+RAND_OPS=""
+REPS=2
+JSON=0
+BENCH=${MNEMO_BENCH:-build/bench/mnemo-bench}
+
+die() { echo "compare_fio: $*" >&2; exit 2; }
+while (($#)); do
+  case "$1" in
+    --dir) DIR=$2; shift 2 ;;
+    --size) SIZE=$2; shift 2 ;;
+    --block) BLOCK=$2; shift 2 ;;
+    --page) PAGE=$2; shift 2 ;;
+    --qd) QD=$2; shift 2 ;;
+    --rand-ops) RAND_OPS=$2; shift 2 ;;
+    --reps) REPS=$2; shift 2 ;;
+    --json) JSON=1; shift ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) die "unknown option $1" ;;
+  esac
+done
+command -v fio >/dev/null || die "fio not found (scripts/setup installs it)"
+[ -x "$BENCH" ] || die "$BENCH not built (cmake --build build --target mnemo-bench)"
+mkdir -p "$DIR"
+FSTYPE=$(df -T "$DIR" | awk 'NR==2 {print $2}')
+[ "$FSTYPE" = tmpfs ] && die "$DIR is on tmpfs; give --dir on the disk to measure"
+
+bytes() {  # 2G / 360K / 1M -> bytes (binary units, as fio and mnemo-bench read them)
+  python3 -c 'import re,sys; m=re.fullmatch(r"([0-9.]+)([KMGkmg]?)(i?[Bb]?)", sys.argv[1]); \
+print(int(float(m.group(1)) * 1024 ** " KMG".index(m.group(2).upper() or " ")))' "$1"
+}
+SIZE_B=$(bytes "$SIZE")
+BLOCK_B=$(bytes "$BLOCK")
+PAGE_B=$(bytes "$PAGE")
+if [ -z "$RAND_OPS" ]; then
+  RAND_OPS=$((SIZE_B / PAGE_B / 4))
+  ((RAND_OPS > 65536)) && RAND_OPS=65536
+fi
+# Both sides move whole blocks: the store holds floor(size / block) of them.
+DATA_B=$((SIZE_B / BLOCK_B * BLOCK_B))
+
+OUT=$(mktemp -d)
+trap 'rm -rf "$OUT" "$DIR/mnemo-t2-bench" "$DIR/fio-t2.dat"' EXIT
+
+MNEMO_CMD=("$BENCH" t2 --dir "$DIR" --size "$SIZE" --block "$BLOCK" --page "$PAGE" --qd "$QD"
+           --rand-ops "$RAND_OPS" --json)
+FIO_COMMON=(--filename="$DIR/fio-t2.dat" --ioengine=io_uring --direct=1 --fixedbufs=1 --registerfiles=1
+            --iodepth="$QD" --lat_percentiles=1 --output-format=json --group_reporting)
+
+run_mnemo() { "${MNEMO_CMD[@]}" >"$OUT/mnemo_$1.json"; }
+run_fio() {
+  rm -f "$DIR/fio-t2.dat"
+  fio --name=seqwrite "${FIO_COMMON[@]}" --rw=write --bs="$BLOCK_B" --size="$DATA_B" >"$OUT/fio_write_$1.json"
+  fio --name=seqread "${FIO_COMMON[@]}" --rw=read --bs="$BLOCK_B" --size="$DATA_B" >"$OUT/fio_read_$1.json"
+  fio --name=randread "${FIO_COMMON[@]}" --rw=randread --bs="$PAGE_B" --size="$DATA_B" --norandommap \
+      --randrepeat=1 --io_size=$((RAND_OPS * PAGE_B)) >"$OUT/fio_rand_$1.json"
+  rm -f "$DIR/fio-t2.dat"
+}
+
+for ((rep = 1; rep <= REPS; rep++)); do
+  echo "compare_fio: rep $rep/$REPS" >&2
+  if ((rep % 2)); then
+    run_mnemo "$rep"; run_fio "$rep"
+  else
+    run_fio "$rep"; run_mnemo "$rep"
+  fi
+done
+
+python3 - "$OUT" "$REPS" "$JSON" "$FSTYPE" "$DIR" "${MNEMO_CMD[*]}" "fio ${FIO_COMMON[*]}" <<'EOF'
+import json, sys
+out, reps, as_json, fstype, d, mnemo_cmd, fio_cmd = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", *sys.argv[4:]
+load = lambda name: json.load(open(f"{out}/{name}"))
+m = [load(f"mnemo_{r}.json") for r in range(1, reps + 1)]
+def fio(kind, side):
+    return [load(f"fio_{kind}_{r}.json")["jobs"][0][side] for r in range(1, reps + 1)]
+fw, fr, fx = fio("write", "write"), fio("read", "read"), fio("rand", "read")
+best = lambda xs: max(xs)
+rows = [
+    ("seq write", best(x["seq_write_bytes_per_s"] for x in m), best(x["bw_bytes"] for x in fw), "B/s"),
+    ("seq read", best(x["seq_read_bytes_per_s"] for x in m), best(x["bw_bytes"] for x in fr), "B/s"),
+    ("rand read", best(x["rand_read_bytes_per_s"] for x in m), best(x["bw_bytes"] for x in fx), "B/s"),
+    ("rand read p50 us", min(x["rand_read_lat_us_p50"] for x in m),
+     min(x["lat_ns"]["percentile"]["50.000000"] / 1e3 for x in fx), "us"),
+    ("rand read p99 us", min(x["rand_read_lat_us_p99"] for x in m),
+     min(x["lat_ns"]["percentile"]["99.000000"] / 1e3 for x in fx), "us"),
+]
+g = m[0]
+# mnemo/fio for throughput; fio/mnemo for latency (lower is better): above 1 favours mnemo either way.
+ratio = lambda a, b, u: a / b if u == "B/s" else b / a
+if as_json:
+    print(json.dumps({"fs": fstype, "dir": d, "size_bytes": g["size_bytes"], "block_bytes": g["block_bytes"],
+                      "page_bytes": g["page_bytes"], "qd": g["qd"], "reps": reps,
+                      "rows": [{"pattern": p, "mnemo": a, "fio": b, "unit": u, "ratio": ratio(a, b, u)} for p, a, b, u in rows]}))
+    sys.exit(0)
+print(f"T2 page store vs fio on {d} ({fstype}): {g['size_bytes'] / 2**30:.2f} GiB, block {g['block_bytes'] // 1024} KiB, "
+      f"page {g['page_bytes'] // 1024} KiB, queue depth {g['qd']}, best of {reps}")
+print(f"  {'pattern':<18} {'mnemo':>12} {'fio':>12} {'mnemo/fio':>10}")
+for p, a, b, u in rows:
+    fa, fb = (f"{a / 1e9:.3f} GB/s", f"{b / 1e9:.3f} GB/s") if u == "B/s" else (f"{a:.0f}", f"{b:.0f}")
+    print(f"  {p:<18} {fa:>12} {fb:>12} {ratio(a, b, u):>10.2f}")
+print(f"  mnemo: {mnemo_cmd}")
+print(f"  fio:   {fio_cmd} (--rw=write|read --bs=block / --rw=randread --bs=page --norandommap)")
+EOF
