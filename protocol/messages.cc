@@ -148,6 +148,9 @@ fb::Offset<wire::SessionInfo> BuildInfo(fb::FlatBufferBuilder& b, const SessionI
   mb.add_created_unix_ms(m.created_unix_ms);
   mb.add_last_used_unix_ms(m.last_used_unix_ms);
   mb.add_persisted(m.persisted);
+  mb.add_t0_pages(m.t0_pages);
+  mb.add_t1_pages(m.t1_pages);
+  mb.add_t2_pages(m.t2_pages);
   return mb.Finish();
 }
 
@@ -165,8 +168,13 @@ fb::Offset<void> Build(fb::FlatBufferBuilder& b, const PrefillProgress& m) {
   return wire::CreatePrefillProgress(b, m.processed, m.total).Union();
 }
 fb::Offset<void> Build(fb::FlatBufferBuilder& b, const Done& m) {
+  fb::Offset<wire::Error> err = 0;
+  if (m.persist_error_code != StatusCode::kOk) {
+    auto msg = b.CreateString(m.persist_error);
+    err = wire::CreateError(b, static_cast<wire::ErrorCode>(m.persist_error_code), msg);
+  }
   return wire::CreateDone(b, static_cast<wire::FinishReason>(m.finish_reason), m.prompt_tokens, m.generated_tokens,
-                          m.ttft_ms, m.decode_tokens_per_s, m.persisted)
+                          m.ttft_ms, m.decode_tokens_per_s, m.persisted, err)
       .Union();
 }
 fb::Offset<void> Build(fb::FlatBufferBuilder& b, const ErrorReply& m) {
@@ -265,6 +273,9 @@ SessionInfo ToInfo(const wire::SessionInfo* m) {
   s.created_unix_ms = m->created_unix_ms();
   s.last_used_unix_ms = m->last_used_unix_ms();
   s.persisted = m->persisted();
+  s.t0_pages = m->t0_pages();
+  s.t1_pages = m->t1_pages();
+  s.t2_pages = m->t2_pages();
   return s;
 }
 
@@ -503,8 +514,15 @@ Result<Response> ParseResponse(const wire::Frame* f) {
       if (m->finish_reason() > wire::FinishReason::MAX) {
         return Invalid("Done: unknown finish reason " + std::to_string(static_cast<unsigned>(m->finish_reason())));
       }
-      out.body = Done{static_cast<FinishReason>(m->finish_reason()), m->prompt_tokens(), m->generated_tokens(),
-                      m->ttft_ms(), m->decode_tokens_per_s(), m->persisted()};
+      Done d{static_cast<FinishReason>(m->finish_reason()), m->prompt_tokens(), m->generated_tokens(),
+             m->ttft_ms(), m->decode_tokens_per_s(), m->persisted(), StatusCode::kOk, {}};
+      if (const auto* pe = m->persist_error()) {
+        if (pe->code() > wire::ErrorCode::MAX || pe->code() == wire::ErrorCode::Ok)
+          return Invalid("Done: bad persist error code " + std::to_string(static_cast<unsigned>(pe->code())));
+        d.persist_error_code = static_cast<StatusCode>(pe->code());
+        d.persist_error = Str(pe->message());
+      }
+      out.body = std::move(d);
       break;
     }
     case wire::Message::Error: {

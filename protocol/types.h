@@ -155,6 +155,9 @@ struct Done {
   double ttft_ms = 0;
   double decode_tokens_per_s = 0;
   bool persisted = false;
+  // Set when persisting the turn failed: why (persisted is then false).
+  StatusCode persist_error_code = StatusCode::kOk;
+  std::string persist_error;
   bool operator==(const Done&) const = default;
 };
 
@@ -176,6 +179,10 @@ struct SessionInfo {
   uint64_t created_unix_ms = 0;
   uint64_t last_used_unix_ms = 0;
   bool persisted = false;
+  // Pages of the session's KV per tier (a page may be in several).
+  uint32_t t0_pages = 0;
+  uint32_t t1_pages = 0;
+  uint32_t t2_pages = 0;
   bool operator==(const SessionInfo&) const = default;
 };
 

@@ -46,7 +46,7 @@ inline std::vector<RequestBody> SampleRequests() {
 }
 
 inline SessionInfo SampleInfo(const std::string& name) {
-  return SessionInfo{name, "parent", 1234, 3, 78, 78ull * 12288, 1700000000000ull, 1700000001000ull, true};
+  return SessionInfo{name, "parent", 1234, 3, 78, 78ull * 12288, 1700000000000ull, 1700000001000ull, true, 60, 12, 78};
 }
 
 inline std::vector<ResponseBody> SampleResponses() {
@@ -68,7 +68,8 @@ inline std::vector<ResponseBody> SampleResponses() {
   return {HelloReply{kProtocolVersion, "0.1.0", "SmolLM2-135M-Instruct", 8192, 1u << 20},
           TokenChunk{"Hello", {9906, 11}},
           PrefillProgress{512, 8192},
-          Done{FinishReason::kLength, 42, 128, 35.5, 48.25, true},
+          Done{FinishReason::kLength, 42, 128, 35.5, 48.25, true, StatusCode::kOk, ""},
+          Done{FinishReason::kEos, 7, 3, 1.5, 20.0, false, StatusCode::kResourceExhausted, "T2 budget full"},
           ErrorReply{StatusCode::kNotFound, "no session 'x'"},
           SampleInfo("s1"),
           SessionList{{SampleInfo("a"), SampleInfo("b")}},
