@@ -41,10 +41,6 @@ constexpr uint16_t kRecordVersion = 1;
 constexpr uint64_t kMaxCapacitySlots = uint64_t{1} << 40;
 constexpr uint32_t kMaxRefcount = UINT32_MAX - 1;
 constexpr size_t kRefRecordBytes = 16;
-// Write-ahead log buffer: a batch that fits is handed to the kernel in one
-// write(2), so kill -9 can never leave half of it in the log. The largest
-// batch (a fork of a kMaxManifestTokens session) is ~30 MiB.
-constexpr size_t kWalBufferBytes = 64u << 20;
 
 // --- Status translation ------------------------------------------------------
 
@@ -222,6 +218,18 @@ void DiffSlots(std::span<const BlockSlot> before, std::span<const BlockSlot> aft
   std::set_difference(b.begin(), b.end(), a.begin(), a.end(), std::back_inserter(*removed));
 }
 
+// RocksDB's strict WAL recovery reports a log that ends inside a record
+// with these reasons (db/log_reader.cc); any other damage is not a torn
+// write. Should a RocksDB release reword them, a torn tail fails Open as
+// Corruption: the safe direction.
+bool IsTornWalTail(const rocksdb::Status& s) {
+  const std::string m = s.ToString();
+  for (const char* reason : {"truncated record body", "truncated header", "error reading trailing data"}) {
+    if (m.find(reason) != std::string::npos) return true;
+  }
+  return false;
+}
+
 bool PlausibleName(std::string_view name) {
   return !name.empty() && name.size() <= kMaxSessionNameBytes && name.find('\0') == std::string_view::npos;
 }
@@ -311,7 +319,7 @@ struct Index::Impl {
     return FromRocks(s, what.empty() ? Context() : Context() + ": " + std::string(what));
   }
 
-  rocksdb::Options RocksOptions() const;
+  rocksdb::Options RocksOptions(bool tolerate_torn_wal_tail) const;
   Status CheckFormat();
   Status Recover();
   Result<LoadedManifest> ReadManifest(rocksdb::Iterator* chunks, uint32_t uid, std::string_view name,
@@ -326,16 +334,18 @@ struct Index::Impl {
   Status Execute(Plan* plan);
 };
 
-rocksdb::Options Index::Impl::RocksOptions() const {
+rocksdb::Options Index::Impl::RocksOptions(bool tolerate_torn_wal_tail) const {
   rocksdb::Options o;
+  if (options.env) o.env = options.env;
   o.create_if_missing = options.create_if_missing;
   o.paranoid_checks = true;
   o.paranoid_file_checks = true;
   o.force_consistency_checks = true;
-  o.wal_recovery_mode = options.accept_torn_wal_tail ? rocksdb::WALRecoveryMode::kTolerateCorruptedTailRecords
-                                                     : rocksdb::WALRecoveryMode::kAbsoluteConsistency;
+  // Strict first: any damage in the log fails recovery. Only an Open that
+  // found a torn tail retries with the tolerant mode (see Index::Open).
+  o.wal_recovery_mode = tolerate_torn_wal_tail ? rocksdb::WALRecoveryMode::kTolerateCorruptedTailRecords
+                                               : rocksdb::WALRecoveryMode::kAbsoluteConsistency;
   o.avoid_flush_during_recovery = false;
-  o.writable_file_max_buffer_size = kWalBufferBytes;
   o.write_buffer_size = options.write_buffer_bytes;
   o.max_write_buffer_number = 2;
   o.max_total_wal_size = 4 * options.write_buffer_bytes;
@@ -648,7 +658,15 @@ Result<std::unique_ptr<Index>> Index::Open(const std::string& dir, const IndexOp
   impl->dir = dir;
   impl->options = options;
   rocksdb::DB* raw = nullptr;
-  Status st = impl->Rocks(rocksdb::DB::Open(impl->RocksOptions(), dir, &raw), "opening RocksDB");
+  rocksdb::Status rs = rocksdb::DB::Open(impl->RocksOptions(false), dir, &raw);
+  if (rs.IsCorruption() && IsTornWalTail(rs) && !options.fail_on_torn_wal_tail) {
+    // Recovery failed before writing anything; replay again, stopping at the
+    // torn record, and report what was dropped.
+    impl->report.wal_tail_dropped = true;
+    impl->report.wal_tail_detail = rs.ToString();
+    rs = rocksdb::DB::Open(impl->RocksOptions(true), dir, &raw);
+  }
+  Status st = impl->Rocks(rs, "opening RocksDB");
   impl->db.reset(raw);
   if (st.ok()) st = impl->Recover();
   if (st.ok()) return std::unique_ptr<Index>(new Index(std::move(impl)));
@@ -656,8 +674,6 @@ Result<std::unique_ptr<Index>> Index::Open(const std::string& dir, const IndexOp
   std::string m(st.message());
   m += ". mnemod does not start on a damaged index, which would lose sessions silently: restore " + dir +
        " from a backup, or move it aside to start with no sessions";
-  if (!options.accept_torn_wal_tail && m.find("truncated") != std::string::npos)
-    m += ". If the host lost power, reopening with accept_torn_wal_tail drops only a torn, never acknowledged write";
   return Status::Corruption(std::move(m));
 }
 
@@ -681,6 +697,7 @@ Result<std::vector<BlockSlot>> Index::AllocateSlots(uint64_t n) {
   std::vector<BlockSlot> out;
   out.reserve(n);
   std::lock_guard<std::mutex> l(x.mu);
+  MNEMO_RETURN_IF_ERROR(x.write_error);  // nothing could be committed
   if (n > x.free_slots) {
     return Status::ResourceExhausted("T2 is full: " + std::to_string(n) + " slots wanted, " +
                                      std::to_string(x.free_slots) + " free of " +
@@ -710,6 +727,9 @@ Status Index::ReleaseSlots(std::span<const BlockSlot> slots) {
   Impl& x = *impl_;
   std::lock_guard<std::mutex> wl(x.write_mu);  // not while a commit of them is in flight
   std::lock_guard<std::mutex> l(x.mu);
+  // After a failed write these may be blocks of a batch that did reach the
+  // disk: they stay reserved (never rewritten) until a reopen knows.
+  MNEMO_RETURN_IF_ERROR(x.write_error);
   std::unordered_set<BlockSlot> seen;
   for (BlockSlot s : slots) {
     if (!x.reserved.count(s) || !seen.insert(s).second)

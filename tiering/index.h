@@ -44,6 +44,10 @@
 #include "tiering/layout.h"
 #include "tiering/manifest.h"
 
+namespace rocksdb {
+class Env;
+}  // namespace rocksdb
+
 namespace mnemo::tiering {
 
 inline constexpr std::string_view kIndexDirName = "index";
@@ -66,14 +70,20 @@ struct IndexOptions {
   // often (tests).
   size_t write_buffer_bytes = 16u << 20;
   size_t block_cache_bytes = 32u << 20;
-  // By default a write-ahead log that ends inside a record fails Open with
-  // Corruption: a kill -9 cannot cause it (a batch is one write(2)), and a
-  // flipped length byte looks the same. After a power loss the torn record is
-  // a turn that was never acknowledged; setting this drops it and opens.
-  bool accept_torn_wal_tail = false;
+  // A write-ahead log that ends inside a record is what a crash during a
+  // write leaves (kill -9 can interrupt a multi-page write(2); power loss can
+  // tear anything unsynced): that write was never acknowledged, so by default
+  // Open drops it and says so in RecoveryReport. A flipped length byte in
+  // the last record reads the same way; set this to fail Open with
+  // Corruption instead.
+  bool fail_on_torn_wal_tail = false;
+  // Tests inject file-system faults through this (e.g. a FileSystemWrapper
+  // behind rocksdb::NewCompositeEnv). Borrowed; must outlive the Index.
+  // nullptr: the default environment.
+  rocksdb::Env* env = nullptr;
 };
 
-// What Open found. Immutable after Open.
+// What Open found. Immutable after Open; the daemon logs it at start-up.
 struct RecoveryReport {
   uint64_t sessions = 0;
   uint64_t slots_committed = 0;   // with a block record (refcount >= 1)
@@ -81,6 +91,10 @@ struct RecoveryReport {
   uint64_t slots_beyond_capacity = 0;  // committed at or above capacity_slots
   uint64_t block_references = 0;  // sum of refcounts
   uint64_t elapsed_ms = 0;
+  // The write-ahead log ended inside a record, which was dropped (see
+  // IndexOptions::fail_on_torn_wal_tail); RocksDB's description of it.
+  bool wal_tail_dropped = false;
+  std::string wal_tail_detail;
 };
 
 struct SlotStats {
@@ -102,6 +116,8 @@ struct BlockInfo {
   std::vector<uint64_t> page_checksums;  // one per layer
 };
 
+// Thread-safe: every method may be called from any thread (see the file
+// comment for what runs concurrently).
 class Index {
  public:
   // Creates or opens the database in `dir`, checks its format version, and
@@ -109,8 +125,10 @@ class Index {
   // checksums, and that each refcount equals the number of manifests that
   // reference the slot. Time and memory are proportional to the index, never
   // to page data. Errors: FailedPrecondition for a newer format (nothing is
-  // modified), Corruption with what and where for any damage, IOError.
+  // modified), Corruption saying what is damaged and where, with start-up
+  // advice, IOError. A torn log tail is dropped and reported (IndexOptions).
   static Result<std::unique_ptr<Index>> Open(const std::string& dir, const IndexOptions& options);
+  // Closes the database. REQUIRES: no call in flight.
   ~Index();
   Index(const Index&) = delete;
   Index& operator=(const Index&) = delete;
@@ -120,10 +138,12 @@ class Index {
 
   // Reserves n free slots (lowest first). ResourceExhausted when fewer than
   // n are free (nothing is reserved then); InvalidArgument for n over
-  // kMaxAllocateSlots.
+  // kMaxAllocateSlots; the write error once the index is read-only.
   Result<std::vector<BlockSlot>> AllocateSlots(uint64_t n);
   // Returns reserved slots that will not be committed (a failed turn).
-  // InvalidArgument, with nothing released, if any is not reserved.
+  // InvalidArgument, with nothing released, if any is not reserved. Once the
+  // index is read-only the slots stay reserved (their batch may have reached
+  // the disk) and the write error is returned.
   Status ReleaseSlots(std::span<const BlockSlot> slots);
 
   // Commits a turn of session (m.owner_uid, m.name), creating it if absent.
@@ -133,7 +153,7 @@ class Index {
   // shared). Slots the session referenced before and m.blocks no longer
   // lists (e.g. a rewritten partial last block) lose a reference; records
   // reaching zero are deleted and their slots become free once the batch is
-  // durable. Errors: InvalidArgument (manifest or block lists), 
+  // durable. Errors: InvalidArgument (manifest or block lists),
   // FailedPrecondition when m.turn_seq is not above the committed one,
   // ResourceExhausted at max_sessions, or the write's error.
   Status CommitTurn(const Manifest& m, std::span<const NewBlock> new_blocks);

@@ -36,8 +36,8 @@ namespace mnemo::tiering {
 // Bounds a decoder enforces before it allocates anything.
 inline constexpr size_t kMaxSessionNameBytes = 255;
 inline constexpr size_t kMaxCloseTextBytes = 64u << 10;
-// 4M tokens: 16 MiB of history; keeps one write batch well under the WAL
-// write buffer (see index.h) so that a batch is one write(2).
+// 4M tokens (16 MiB of history): bounds the largest index write batch (a
+// fork of such a session) to ~30 MiB.
 inline constexpr uint64_t kMaxManifestTokens = uint64_t{1} << 22;
 inline constexpr int32_t kMaxLayers = 1024;
 inline constexpr int32_t kMaxPageTokens = 1 << 16;
