@@ -184,21 +184,27 @@ Status FaultInjectingPageStore::Submit(std::span<IoRequest* const> batch) {
     }
     in_flight_ += shadows.size();
   }
+  // Once the inner store has them, forwarded shadows belong to the
+  // completion loop, which may free them at any moment: keep raw pointers,
+  // and never touch a forwarded one after a successful Submit.
+  std::vector<Shadow*> all, synthetic;
+  for (auto& s : shadows) {
+    if (!s->forwarded) synthetic.push_back(s.get());
+    all.push_back(s.release());
+  }
   Status st = inner_->Submit(forward);
   std::lock_guard<std::mutex> l(mu_);
   if (!st.ok()) {  // nothing was queued: undo
-    in_flight_ -= shadows.size();
+    in_flight_ -= all.size();
     for (IoRequest* in : forward)
       if (in->op == IoOp::kWrite)
         for (uint64_t p = in->offset / kPage; p < (in->offset + in->length) / kPage; ++p)
           --pages_.at({in->slot, p}).writes_in_flight;
+    for (Shadow* s : all) delete s;
     return st;
   }
-  for (auto& s : shadows) {
-    Shadow* raw = s.release();
-    if (!raw->forwarded) done_.push_back(raw);  // completes on our thread, not in Submit
-  }
-  cv_.notify_all();
+  for (Shadow* s : synthetic) done_.push_back(s);  // completes on our thread, not in Submit
+  if (!synthetic.empty()) cv_.notify_all();
   return Status::Ok();
 }
 
@@ -214,6 +220,8 @@ void FaultInjectingPageStore::CompletionLoop() {
   internal::tls_io_store = this;
   std::unique_lock<std::mutex> lock(mu_);
   for (;;) {
+    // in_flight_ drops only as the batch taken here completes, so this exits
+    // after every accepted request's callback has run.
     cv_.wait(lock, [&] { return !done_.empty() || (stopping_ && in_flight_ == 0); });
     if (done_.empty()) break;
     std::deque<Shadow*> batch;
@@ -234,6 +242,9 @@ void FaultInjectingPageStore::CompletionLoop() {
       }
       if (!r->status.ok()) ++stats_.errors;
     }
+    // Settled before the callbacks run: a caller woken by one may Sync or
+    // simulate a power loss at once.
+    in_flight_ -= batch.size();
     lock.unlock();
     for (Shadow* s : batch) {
       IoRequest* r = s->outer;
@@ -242,7 +253,6 @@ void FaultInjectingPageStore::CompletionLoop() {
       r->callback(r);  // r may be gone after this
     }
     lock.lock();
-    in_flight_ -= batch.size();
   }
   internal::tls_io_store = nullptr;
 }

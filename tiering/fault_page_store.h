@@ -114,7 +114,7 @@ class FaultInjectingPageStore final : public PageStore {
   int sync_failures_left_ = 0;             // guarded by mu_
   std::map<PageKey, PageState> pages_;     // guarded by mu_: pages with unsynced writes
   std::deque<Shadow*> done_;               // guarded by mu_
-  uint64_t in_flight_ = 0;                 // guarded by mu_: accepted, callback not yet run
+  uint64_t in_flight_ = 0;                 // guarded by mu_: accepted, not yet completed
   uint64_t faults_fired_ = 0;              // guarded by mu_
   bool stopping_ = false;                  // guarded by mu_
   PageStoreStats stats_;                   // guarded by mu_

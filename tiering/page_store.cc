@@ -112,7 +112,8 @@ Result<std::unique_ptr<SlabFiles>> SlabFiles::Open(const PageStoreOptions& o) {
                                    " is smaller than one block (" + std::to_string(o.block_bytes) + ")");
   if (o.queue_depth == 0 || o.queue_depth > 4096)
     return Status::InvalidArgument("page store: queue_depth must be in [1, 4096]");
-  if (o.max_outstanding == 0) return Status::InvalidArgument("page store: max_outstanding is 0");
+  if (o.max_outstanding < 2 * o.queue_depth)
+    return Status::InvalidArgument("page store: max_outstanding must be at least twice queue_depth");
 
   std::unique_ptr<SlabFiles> s(new SlabFiles());
   s->dir_ = o.dir;

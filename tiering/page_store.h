@@ -83,7 +83,7 @@ struct PageStoreOptions {
   size_t slab_bytes = size_t{1} << 30;  // slab file size, rounded down to whole blocks (>= 1)
   uint64_t budget_bytes = 0;          // byte budget of the store: max_slots = budget / block_bytes
   uint32_t queue_depth = 32;          // transfers in flight at once (ring size; pread threads cap)
-  uint32_t max_outstanding = 1u << 16;  // submitted, not yet completed requests (Submit bound)
+  uint32_t max_outstanding = 1u << 16;  // accepted, not yet completed requests (>= 2 * queue_depth)
   uint32_t pread_threads = 4;         // PreadPageStore workers (<= queue_depth)
   Engine engine = Engine::kAuto;
   bool direct_io = true;              // O_DIRECT; Unsupported where the file system refuses it

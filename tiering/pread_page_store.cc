@@ -157,9 +157,11 @@ void PreadPageStore::Worker() {
     lock.unlock();
     Transfer(r);
     stats_.Finished(*r);
+    lock.lock();
+    --outstanding_;  // before the callback, as UringPageStore does
+    lock.unlock();
     r->callback(r);  // the request may be gone after this
     lock.lock();
-    --outstanding_;
   }
   internal::tls_io_store = nullptr;
 }

@@ -95,7 +95,7 @@ class UringPageStore final : public PageStore {
 
   std::mutex mu_;
   IoQueue intake_;            // guarded by mu_
-  uint64_t outstanding_ = 0;  // guarded by mu_: accepted, callback not yet run
+  uint64_t outstanding_ = 0;  // guarded by mu_: accepted, not yet completed
   bool wake_pending_ = false; // guarded by mu_: eventfd written, intake not yet drained
   bool stopping_ = false;     // guarded by mu_
 
@@ -346,14 +346,15 @@ void UringPageStore::Loop() {
     }
     io_uring_cq_advance(&ring_, n);
 
-    const size_t completed = done.size();
+    // Released before the callbacks run, so a caller that counts its own
+    // completions never sees the store fuller than it is.
+    if (!done.empty()) {
+      std::lock_guard<std::mutex> l(mu_);
+      outstanding_ -= done.size();
+    }
     while (IoRequest* r = done.PopFront()) {
       stats_.Finished(*r);
       r->callback(r);  // the request may be gone after this
-    }
-    if (completed > 0) {
-      std::lock_guard<std::mutex> l(mu_);
-      outstanding_ -= completed;
     }
   }
   internal::tls_io_store = nullptr;

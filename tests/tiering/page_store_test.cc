@@ -734,6 +734,7 @@ TEST_P(FaultPageStoreTest, CallbacksRunOnTheWrappersThread) {
   EXPECT_EQ(c.threads[0], c.threads[1]);
 }
 
+// A request whose completion waits behind a slow callback is in flight.
 TEST_P(FaultPageStoreTest, PowerLossIsRefusedWhileRequestsAreInFlight) {
   OPEN_FAULTY_OR_SKIP();
   struct Gate {
@@ -741,25 +742,35 @@ TEST_P(FaultPageStoreTest, PowerLossIsRefusedWhileRequestsAreInFlight) {
     std::condition_variable cv;
     bool entered = false, open = false;
   } gate;
-  AlignedBuffer buf = Buffer(kDirectIoAlignment);
-  IoRequest r;
-  r.op = IoOp::kWrite;
-  r.length = kDirectIoAlignment;
-  r.buf = buf.data();
-  r.user = &gate;
-  r.callback = [](IoRequest* req) {  // holds the request "in flight" until the gate opens
+  AlignedBuffer buf = Buffer(2 * kDirectIoAlignment);
+  IoRequest slow;
+  slow.op = IoOp::kWrite;
+  slow.length = kDirectIoAlignment;
+  slow.buf = buf.data();
+  slow.user = &gate;
+  slow.callback = [](IoRequest* req) {  // holds the completion thread until the gate opens
     auto* g = static_cast<Gate*>(req->user);
     std::unique_lock<std::mutex> l(g->mu);
     g->entered = true;
     g->cv.notify_all();
     g->cv.wait(l, [&] { return g->open; });
   };
-  IoRequest* batch[] = {&r};
+  IoRequest* batch[] = {&slow};
   ASSERT_TRUE(store_->Submit(batch).ok());
   {
     std::unique_lock<std::mutex> l(gate.mu);
     gate.cv.wait(l, [&] { return gate.entered; });
   }
+  Completions c;
+  IoRequest queued;
+  queued.op = IoOp::kWrite;
+  queued.slot = 1;
+  queued.length = kDirectIoAlignment;
+  queued.buf = buf.data() + kDirectIoAlignment;
+  queued.callback = &Completions::Callback;
+  queued.user = &c;
+  batch[0] = &queued;
+  ASSERT_TRUE(store_->Submit(batch).ok());
   auto lost = fault_->SimulatePowerLoss();
   EXPECT_EQ(lost.status().code(), StatusCode::kFailedPrecondition) << lost.status().ToString();
   {
@@ -767,7 +778,10 @@ TEST_P(FaultPageStoreTest, PowerLossIsRefusedWhileRequestsAreInFlight) {
     gate.open = true;
     gate.cv.notify_all();
   }
-  store_.reset();  // drains
+  c.WaitFor(1);
+  lost = fault_->SimulatePowerLoss();
+  ASSERT_TRUE(lost.ok()) << lost.status().ToString();
+  EXPECT_EQ(*lost, 2u);
 }
 
 INSTANTIATE_TEST_SUITE_P(Engines, FaultPageStoreTest, ::testing::Values(Engine::kUring, Engine::kPread),
