@@ -264,14 +264,15 @@ struct SessionRec {
 struct Plan {
   rocksdb::WriteBatch batch;
   SessionKey key;
-  std::optional<SessionRec> rec;                      // new state; nullopt erases
-  std::vector<BlockSlot> created;                     // reserved -> refcount 1
-  std::vector<std::pair<BlockSlot, uint32_t>> refs;   // committed -> new refcount >= 1
-  std::vector<BlockSlot> freed;                       // refcount -> 0
-  rocksdb::Status batch_status;                       // first WriteBatch failure
+  std::optional<SessionRec> rec;                     // new state; nullopt erases
+  std::vector<BlockSlot> created;                    // reserved -> refcount 1
+  std::vector<std::pair<BlockSlot, uint32_t>> refs;  // committed -> new refcount >= 1
+  std::vector<BlockSlot> freed;                      // refcount -> 0
+  rocksdb::Status batch_status;                      // first WriteBatch failure
 
   void Put(std::string_view k, std::string_view v) {
-    if (batch_status.ok()) batch_status = batch.Put(rocksdb::Slice(k.data(), k.size()), rocksdb::Slice(v.data(), v.size()));
+    if (batch_status.ok())
+      batch_status = batch.Put(rocksdb::Slice(k.data(), k.size()), rocksdb::Slice(v.data(), v.size()));
   }
   void Delete(std::string_view k) {
     if (batch_status.ok()) batch_status = batch.Delete(rocksdb::Slice(k.data(), k.size()));
@@ -382,7 +383,8 @@ Status Index::Impl::CheckFormat() {
   if (version > kIndexFormatVersion) {
     return Status::FailedPrecondition(
         Context() + " has format version " + std::to_string(version) + ", newer than the version " +
-        std::to_string(kIndexFormatVersion) + " this mnemod reads; it was written by a newer mnemod. Run that "
+        std::to_string(kIndexFormatVersion) +
+        " this mnemod reads; it was written by a newer mnemod. Run that "
         "version, or move the directory aside to start empty. The index was not modified.");
   }
   if (version == 0) return Corrupt("format version record says version 0");
@@ -420,8 +422,7 @@ Status Index::Impl::CheckNoKeys(const rocksdb::ReadOptions& ro, std::string_view
   std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(ro));
   it->Seek(rocksdb::Slice(lo.data(), lo.size()));
   MNEMO_RETURN_IF_ERROR(Rocks(it->status()));
-  if (it->Valid() && (hi.empty() || View(it->key()) < hi))
-    return Corrupt("unknown record key " + Hex(View(it->key())));
+  if (it->Valid() && (hi.empty() || View(it->key()) < hi)) return Corrupt("unknown record key " + Hex(View(it->key())));
   return Status::Ok();
 }
 
@@ -452,7 +453,8 @@ Status Index::Impl::Recover() {
     std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(ro));
     std::unique_ptr<rocksdb::Iterator> cit(db->NewIterator(ro));
     cit->Seek(std::string(1, kChunkPrefix));
-    const std::string head_end(1, static_cast<char>(kHeadPrefix + 1)), chunk_end(1, static_cast<char>(kChunkPrefix + 1));
+    const std::string head_end(1, static_cast<char>(kHeadPrefix + 1)),
+        chunk_end(1, static_cast<char>(kChunkPrefix + 1));
     for (it->Seek(std::string(1, kHeadPrefix)); it->Valid() && View(it->key()) < head_end; it->Next()) {
       uint32_t uid = 0;
       std::string name;
@@ -492,7 +494,8 @@ Status Index::Impl::Recover() {
       const bool have_block = bit->Valid() && View(bit->key()) < block_end;
       if (have_block && !ParseSlotKey(View(bit->key()), kBlockPrefix, &bslot))
         return Corrupt("malformed block key " + Hex(View(bit->key())));
-      if (!have_block || bslot > slot) return Corrupt("slot " + std::to_string(slot) + " has a refcount but no block record");
+      if (!have_block || bslot > slot)
+        return Corrupt("slot " + std::to_string(slot) + " has a refcount but no block record");
       if (bslot < slot) return Corrupt("slot " + std::to_string(bslot) + " has a block record but no refcount");
       st = DecodeBlockRecord(View(bit->key()), View(bit->value()), slot, &sums);
       if (!st.ok()) return st.WithContext(Context());
@@ -574,7 +577,7 @@ void Index::Impl::FreeSlot(BlockSlot s) {
 }
 
 void Index::Impl::PutSessionRecords(const SessionRec* old, const SessionKey& key, const EncodedManifest& enc,
-                                      Plan* plan) const {
+                                    Plan* plan) const {
   plan->Put(HeadKey(key.first, key.second), enc.head);
   const std::string prefix = ChunkPrefix(key.first, key.second);
   const size_t old_n = old ? old->chunk_hashes.size() : 0;
@@ -699,10 +702,9 @@ Result<std::vector<BlockSlot>> Index::AllocateSlots(uint64_t n) {
   std::lock_guard<std::mutex> l(x.mu);
   MNEMO_RETURN_IF_ERROR(x.write_error);  // nothing could be committed
   if (n > x.free_slots) {
-    return Status::ResourceExhausted("T2 is full: " + std::to_string(n) + " slots wanted, " +
-                                     std::to_string(x.free_slots) + " free of " +
-                                     std::to_string(x.options.capacity_slots) + " (" +
-                                     std::to_string(x.reserved.size()) + " reserved)");
+    return Status::ResourceExhausted(
+        "T2 is full: " + std::to_string(n) + " slots wanted, " + std::to_string(x.free_slots) + " free of " +
+        std::to_string(x.options.capacity_slots) + " (" + std::to_string(x.reserved.size()) + " reserved)");
   }
   while (out.size() < n) {
     auto it = x.free_extents.begin();
@@ -773,8 +775,7 @@ Status Index::CommitTurn(const Manifest& m, std::span<const NewBlock> new_blocks
         return Status::InvalidArgument(what + ": " + slot + " is listed twice");
     }
     std::vector<BlockSlot> added, removed;
-    DiffSlots(old ? std::span<const BlockSlot>(old->slots) : std::span<const BlockSlot>(), m.blocks, &added,
-              &removed);
+    DiffSlots(old ? std::span<const BlockSlot>(old->slots) : std::span<const BlockSlot>(), m.blocks, &added, &removed);
     for (BlockSlot s : added) {
       if (auto f = fresh.find(s); f != fresh.end()) {
         plan.created.push_back(s);
@@ -823,8 +824,7 @@ Status Index::ForkSession(uint32_t src_uid, std::string_view src_name, const Man
     std::unordered_set<BlockSlot> shared(src->second.slots.begin(), src->second.slots.end());
     for (BlockSlot s : dst.blocks) {
       if (!shared.count(s))
-        return Status::InvalidArgument(what + ": block slot " + std::to_string(s) + " is not a block of " +
-                                       src_what);
+        return Status::InvalidArgument(what + ": block slot " + std::to_string(s) + " is not a block of " + src_what);
       auto r = x.refs.find(s);
       MNEMO_CHECK_MSG(r != x.refs.end(), "a committed manifest references an uncommitted slot");
       const uint32_t ref = r->second;
@@ -852,8 +852,7 @@ Status Index::DeleteSession(uint32_t uid, std::string_view name) {
     for (BlockSlot s : it->second.slots) x.DropRef(s, &plan);
     plan.Delete(HeadKey(uid, name));
     const std::string prefix = ChunkPrefix(uid, name);
-    for (size_t i = 0; i < it->second.chunk_hashes.size(); ++i)
-      plan.Delete(ChunkKey(prefix, static_cast<uint32_t>(i)));
+    for (size_t i = 0; i < it->second.chunk_hashes.size(); ++i) plan.Delete(ChunkKey(prefix, static_cast<uint32_t>(i)));
   }
   return x.Execute(&plan).WithContext(what);
 }

@@ -86,10 +86,10 @@ struct IndexOptions {
 // What Open found. Immutable after Open; the daemon logs it at start-up.
 struct RecoveryReport {
   uint64_t sessions = 0;
-  uint64_t slots_committed = 0;   // with a block record (refcount >= 1)
-  uint64_t slots_free = 0;        // allocatable, within capacity
+  uint64_t slots_committed = 0;        // with a block record (refcount >= 1)
+  uint64_t slots_free = 0;             // allocatable, within capacity
   uint64_t slots_beyond_capacity = 0;  // committed at or above capacity_slots
-  uint64_t block_references = 0;  // sum of refcounts
+  uint64_t block_references = 0;       // sum of refcounts
   uint64_t elapsed_ms = 0;
   // The write-ahead log ended inside a record, which was dropped (see
   // IndexOptions::fail_on_torn_wal_tail); RocksDB's description of it.

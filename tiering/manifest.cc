@@ -120,21 +120,20 @@ Status CheckInvariants(const Manifest& m) {
   if (kv.n_layers <= 0 || kv.n_layers > kMaxLayers || kv.page_tokens <= 0 || kv.page_tokens > kMaxPageTokens ||
       kv.n_kv_heads <= 0 || kv.n_kv_heads > kMaxKvHeads || kv.head_dim <= 0 || kv.head_dim > kMaxHeadDim) {
     return Invalid("KV geometry out of range (layers " + std::to_string(kv.n_layers) + ", page tokens " +
-                          std::to_string(kv.page_tokens) + ", kv heads " + std::to_string(kv.n_kv_heads) +
-                          ", head dim " + std::to_string(kv.head_dim) + ")");
+                   std::to_string(kv.page_tokens) + ", kv heads " + std::to_string(kv.n_kv_heads) + ", head dim " +
+                   std::to_string(kv.head_dim) + ")");
   }
-  if (kv.dtype != KvDtype::kF16)
-    return Invalid("unknown KV dtype " + std::to_string(static_cast<uint32_t>(kv.dtype)));
+  if (kv.dtype != KvDtype::kF16) return Invalid("unknown KV dtype " + std::to_string(static_cast<uint32_t>(kv.dtype)));
   if (m.tokens.size() > kMaxManifestTokens)
     return Invalid(std::to_string(m.tokens.size()) + " tokens exceed the limit of " +
-                          std::to_string(kMaxManifestTokens));
+                   std::to_string(kMaxManifestTokens));
   if (m.kv_tokens > m.tokens.size())
-    return Invalid("KV length " + std::to_string(m.kv_tokens) + " exceeds the " +
-                          std::to_string(m.tokens.size()) + " tokens of history");
+    return Invalid("KV length " + std::to_string(m.kv_tokens) + " exceeds the " + std::to_string(m.tokens.size()) +
+                   " tokens of history");
   const uint64_t want_blocks = BlocksForTokens(m.kv_tokens, kv.page_tokens);
   if (m.blocks.size() != want_blocks)
     return Invalid(std::to_string(m.blocks.size()) + " blocks for " + std::to_string(m.kv_tokens) +
-                          " KV tokens (want " + std::to_string(want_blocks) + ")");
+                   " KV tokens (want " + std::to_string(want_blocks) + ")");
   for (size_t i = 0; i < m.tokens.size(); ++i) {
     if (m.tokens[i] < 0) return Invalid("negative token id at position " + std::to_string(i));
   }
@@ -150,9 +149,7 @@ Status CheckInvariants(const Manifest& m) {
 
 }  // namespace
 
-Status ValidateManifest(const Manifest& m) {
-  return CheckInvariants(m).WithContext(SessionLabel(m.owner_uid, m.name));
-}
+Status ValidateManifest(const Manifest& m) { return CheckInvariants(m).WithContext(SessionLabel(m.owner_uid, m.name)); }
 
 Result<EncodedManifest> EncodeManifest(const Manifest& m) {
   MNEMO_RETURN_IF_ERROR(ValidateManifest(m));
@@ -253,10 +250,9 @@ Result<ManifestDecoder> ManifestDecoder::Start(std::string_view head, std::strin
                   b.GetString<uint16_t>(&m.parent, kMaxSessionNameBytes) && b.Get(&m.model_fingerprint) &&
                   b.Get(&m.kv.n_layers) && b.Get(&m.kv.page_tokens) && b.Get(&m.kv.n_kv_heads) &&
                   b.Get(&m.kv.head_dim) && b.Get(&dtype) && b.Get(&d.n_tokens_) && b.Get(&m.kv_tokens) &&
-                  b.Get(&d.n_blocks_) && b.GetString<uint32_t>(&m.close_text, kMaxCloseTextBytes) &&
-                  b.Get(&flags) && b.Get(&m.turns) && b.Get(&m.created_unix_ms) && b.Get(&m.last_used_unix_ms) &&
-                  b.Get(&seed) && b.Get(&draws) && b.Get(&m.turn_seq) && b.Get(&d.chunk_tokens_) &&
-                  b.Get(&n_chunks);
+                  b.Get(&d.n_blocks_) && b.GetString<uint32_t>(&m.close_text, kMaxCloseTextBytes) && b.Get(&flags) &&
+                  b.Get(&m.turns) && b.Get(&m.created_unix_ms) && b.Get(&m.last_used_unix_ms) && b.Get(&seed) &&
+                  b.Get(&draws) && b.Get(&m.turn_seq) && b.Get(&d.chunk_tokens_) && b.Get(&n_chunks);
   if (!ok) return d.Bad("head body truncated or a string is over its bound");
   m.kv.dtype = static_cast<KvDtype>(dtype);
   if ((flags & ~(kFlagChatOpen | kFlagSampler)) != 0) return d.Bad("head has unknown flags");
@@ -294,8 +290,8 @@ Status ManifestDecoder::AddChunk(std::string_view chunk) {
   Reader r(chunk);
   uint32_t magic = 0, index = 0, n_tok = 0, n_blk = 0;
   uint16_t version = 0, reserved = 0;
-  if (!r.Get(&magic) || !r.Get(&version) || !r.Get(&reserved) || !r.Get(&index) || !r.Get(&n_tok) ||
-      !r.Get(&n_blk) || magic != kChunkMagic || version == 0 || version > kManifestVersion || reserved != 0)
+  if (!r.Get(&magic) || !r.Get(&version) || !r.Get(&reserved) || !r.Get(&index) || !r.Get(&n_tok) || !r.Get(&n_blk) ||
+      magic != kChunkMagic || version == 0 || version > kManifestVersion || reserved != 0)
     return Bad("chunk " + std::to_string(i) + " has a bad header");
   const uint64_t chunk_blocks = chunk_tokens_ / static_cast<uint32_t>(m_.kv.page_tokens);
   const uint64_t t0 = uint64_t{i} * chunk_tokens_;
@@ -303,9 +299,9 @@ Status ManifestDecoder::AddChunk(std::string_view chunk) {
   const uint64_t want_tok = std::min<uint64_t>(n_tokens_ - t0, chunk_tokens_);
   const uint64_t want_blk = std::min(n_blocks_ - b0, chunk_blocks);
   if (index != i || n_tok != want_tok || n_blk != want_blk)
-    return Bad("chunk " + std::to_string(i) + " has index " + std::to_string(index) + " and " +
-               std::to_string(n_tok) + " tokens, " + std::to_string(n_blk) + " blocks (want " +
-               std::to_string(want_tok) + ", " + std::to_string(want_blk) + ")");
+    return Bad("chunk " + std::to_string(i) + " has index " + std::to_string(index) + " and " + std::to_string(n_tok) +
+               " tokens, " + std::to_string(n_blk) + " blocks (want " + std::to_string(want_tok) + ", " +
+               std::to_string(want_blk) + ")");
   if (r.left() != uint64_t{4} * n_tok + uint64_t{8} * n_blk)
     return Bad("chunk " + std::to_string(i) + " has the wrong length");
   for (uint32_t k = 0; k < n_tok; ++k) {

@@ -146,7 +146,6 @@ class ManifestDecoder {
 
 // The whole manifest from its head and chunks (convenience over
 // ManifestDecoder).
-Result<Manifest> DecodeManifest(std::string_view head, std::span<const std::string> chunks,
-                                std::string_view what);
+Result<Manifest> DecodeManifest(std::string_view head, std::span<const std::string> chunks, std::string_view what);
 
 }  // namespace mnemo::tiering

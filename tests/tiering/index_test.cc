@@ -42,14 +42,14 @@ namespace fs = std::filesystem;
 constexpr int32_t kLayers = 4;
 constexpr int32_t kPageTokens = 16;
 
-#define ASSERT_OK(expr)                                     \
-  do {                                                      \
-    const ::mnemo::Status _st = StatusOf(expr);             \
+#define ASSERT_OK(expr)                                       \
+  do {                                                        \
+    const ::mnemo::Status _st = StatusOf(expr);               \
     ASSERT_TRUE(_st.ok()) << #expr << ": " << _st.ToString(); \
   } while (0)
-#define EXPECT_OK(expr)                                     \
-  do {                                                      \
-    const ::mnemo::Status _st = StatusOf(expr);             \
+#define EXPECT_OK(expr)                                       \
+  do {                                                        \
+    const ::mnemo::Status _st = StatusOf(expr);               \
     EXPECT_TRUE(_st.ok()) << #expr << ": " << _st.ToString(); \
   } while (0)
 
@@ -210,9 +210,9 @@ class IndexTest : public ::testing::Test {
  protected:
   void SetUp() override {
     const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    dir_ = (fs::path(::testing::TempDir()) /
-            ("mnemo_index_" + std::string(info->name()) + "_" + std::to_string(getpid())))
-               .string();
+    dir_ =
+        (fs::path(::testing::TempDir()) / ("mnemo_index_" + std::string(info->name()) + "_" + std::to_string(getpid())))
+            .string();
     fs::remove_all(dir_);
   }
   void TearDown() override {
@@ -351,8 +351,7 @@ TEST_F(IndexTest, CommitRejectsBadBlockListsAndStaleTurns) {
   EXPECT_EQ(idx->CommitTurn(y, good).code(), StatusCode::kInvalidArgument);
   // Checksums for the wrong number of layers.
   const std::vector<uint64_t> short_sums(kLayers - 1, 0);
-  EXPECT_EQ(idx->CommitTurn(next, std::vector<NewBlock>{NewBlock{s, short_sums}}).code(),
-            StatusCode::kInvalidArgument);
+  EXPECT_EQ(idx->CommitTurn(next, std::vector<NewBlock>{NewBlock{s, short_sums}}).code(), StatusCode::kInvalidArgument);
   // Listed twice.
   EXPECT_EQ(idx->CommitTurn(next, std::vector<NewBlock>{good[0], good[0]}).code(), StatusCode::kInvalidArgument);
   // A turn that does not follow the committed one.
@@ -746,8 +745,7 @@ class FlakySyncFs : public rocksdb::FileSystemWrapper {
   const char* Name() const override { return "FlakySyncFs"; }
 
   rocksdb::IOStatus NewWritableFile(const std::string& f, const rocksdb::FileOptions& o,
-                                    std::unique_ptr<rocksdb::FSWritableFile>* r,
-                                    rocksdb::IODebugContext* d) override {
+                                    std::unique_ptr<rocksdb::FSWritableFile>* r, rocksdb::IODebugContext* d) override {
     rocksdb::IOStatus s = target()->NewWritableFile(f, o, r, d);
     if (s.ok() && f.ends_with(".log")) *r = std::make_unique<File>(std::move(*r), &fail_sync);
     return s;
@@ -928,8 +926,9 @@ class IndexFlipTest : public IndexTest {
       }
     }
     fs::remove_all(scratch);
-    std::printf("%s: %d flips: %d Corruption, %d reported torn log tails, the rest harmless (offsets from the end:%s)\n",
-                std::string(pattern).c_str(), trials, corrupt, tail_dropped, harmless.c_str());
+    std::printf(
+        "%s: %d flips: %d Corruption, %d reported torn log tails, the rest harmless (offsets from the end:%s)\n",
+        std::string(pattern).c_str(), trials, corrupt, tail_dropped, harmless.c_str());
     EXPECT_GT(corrupt, 0);
   }
 
@@ -1099,7 +1098,8 @@ bool ReadLines(int fd, std::string* buf, std::vector<std::string>* lines,
   for (;;) {
     int timeout_ms = -1;
     if (!drain) {
-      const auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
       if (left.count() <= 0) return true;
       timeout_ms = static_cast<int>(left.count());
     }
@@ -1141,8 +1141,8 @@ TEST_F(IndexTest, CrashConsistencyUnderKill9) {
     } else {
       while (alive && std::find(lines.begin(), lines.end(), "R") == lines.end() &&
              std::chrono::steady_clock::now() - start < std::chrono::seconds(60)) {
-        alive = ReadLines(child.fd, &buf, &lines, std::chrono::steady_clock::now() + std::chrono::milliseconds(20),
-                          false);
+        alive =
+            ReadLines(child.fd, &buf, &lines, std::chrono::steady_clock::now() + std::chrono::milliseconds(20), false);
       }
       ASSERT_NE(std::find(lines.begin(), lines.end(), "R"), lines.end()) << "child did not get ready";
       alive = ReadLines(child.fd, &buf, &lines,

@@ -6,7 +6,9 @@
 #include <gtest/gtest.h>
 #include <xxhash.h>
 
+#include <functional>
 #include <random>
+#include <utility>
 
 namespace mnemo::tiering {
 namespace {
@@ -100,20 +102,32 @@ TEST(ManifestTest, ValidationRejectsEveryBrokenInvariant) {
   };
   Manifest m = Sample(50, 40);
   ASSERT_TRUE(ValidateManifest(m).ok());
-  { Manifest x = m; x.name.clear(); expect_invalid(x, "empty name"); }
-  { Manifest x = m; x.name = std::string(kMaxSessionNameBytes + 1, 'a'); expect_invalid(x, "long name"); }
-  { Manifest x = m; x.name = std::string("a\0b", 3); expect_invalid(x, "NUL in name"); }
-  { Manifest x = m; x.parent = std::string("p\0", 2); expect_invalid(x, "NUL in parent"); }
-  { Manifest x = m; x.kv.n_layers = 0; expect_invalid(x, "layers"); }
-  { Manifest x = m; x.kv.page_tokens = 0; x.blocks.clear(); x.kv_tokens = 0; expect_invalid(x, "page tokens"); }
-  { Manifest x = m; x.kv.head_dim = kMaxHeadDim + 1; expect_invalid(x, "head dim"); }
-  { Manifest x = m; x.kv.dtype = static_cast<KvDtype>(9); expect_invalid(x, "dtype"); }
-  { Manifest x = m; x.kv_tokens = 51; expect_invalid(x, "kv > tokens"); }
-  { Manifest x = m; x.blocks.pop_back(); expect_invalid(x, "too few blocks"); }
-  { Manifest x = m; x.blocks.push_back(5); expect_invalid(x, "too many blocks"); }
-  { Manifest x = m; x.blocks[1] = x.blocks[0]; expect_invalid(x, "duplicate slot"); }
-  { Manifest x = m; x.tokens[3] = -1; expect_invalid(x, "negative token"); }
-  { Manifest x = m; x.close_text.assign(kMaxCloseTextBytes + 1, 'x'); expect_invalid(x, "close text"); }
+  const std::vector<std::pair<std::string_view, std::function<void(Manifest&)>>> breaks = {
+      {"empty name", [](Manifest& x) { x.name.clear(); }},
+      {"long name", [](Manifest& x) { x.name.assign(kMaxSessionNameBytes + 1, 'a'); }},
+      {"NUL in name", [](Manifest& x) { x.name = std::string("a\0b", 3); }},
+      {"NUL in parent", [](Manifest& x) { x.parent = std::string("p\0", 2); }},
+      {"layers", [](Manifest& x) { x.kv.n_layers = 0; }},
+      {"page tokens",
+       [](Manifest& x) {
+         x.kv.page_tokens = 0;
+         x.blocks.clear();
+         x.kv_tokens = 0;
+       }},
+      {"head dim", [](Manifest& x) { x.kv.head_dim = kMaxHeadDim + 1; }},
+      {"dtype", [](Manifest& x) { x.kv.dtype = static_cast<KvDtype>(9); }},
+      {"kv > tokens", [](Manifest& x) { x.kv_tokens = 51; }},
+      {"too few blocks", [](Manifest& x) { x.blocks.pop_back(); }},
+      {"too many blocks", [](Manifest& x) { x.blocks.push_back(5); }},
+      {"duplicate slot", [](Manifest& x) { x.blocks[1] = x.blocks[0]; }},
+      {"negative token", [](Manifest& x) { x.tokens[3] = -1; }},
+      {"close text", [](Manifest& x) { x.close_text.assign(kMaxCloseTextBytes + 1, 'x'); }},
+  };
+  for (const auto& [what, breaker] : breaks) {
+    Manifest x = m;
+    breaker(x);
+    expect_invalid(x, what);
+  }
 }
 
 TEST(ManifestTest, EveryHeadByteFlipIsCorruptionNamingTheSession) {
