@@ -13,7 +13,11 @@
 #          [--turns T] [--max-tokens M] [--prompt-tokens P]
 #          [--long-prompt-tokens L] [--ctx C] [--llama-bin DIR] [--skip-llama]
 # Environment: MNEMOD (default build/daemon/mnemod), MNEMO_BENCH
-# (build/bench/mnemo-bench), MNEMO_CLI (build/client/mnemo).
+# (build/bench/mnemo-bench), MNEMO_CLI (build/client/mnemo), LLAMA_SERVER_ARGS
+# (extra llama-server flags, e.g. "--poll 0").
+#
+# On an oversubscribed machine (load above the core count) llama.cpp's
+# spinning workers lose far more than mnemo does: quote ratios from quiet runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -101,7 +105,7 @@ if [[ $SKIP_LLAMA == 0 ]]; then
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   LD_LIBRARY_PATH="$LLAMA_BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$LLAMA_BIN/llama-server" \
     -m "$MODEL" -np "$CLIENTS" -c $((CLIENTS * CTX)) -t "$THREADS" --host 127.0.0.1 --port "$port" \
-    > "$tmp/llama-server.log" 2>&1 &
+    ${LLAMA_SERVER_ARGS:-} > "$tmp/llama-server.log" 2>&1 &
   server_pid=$!
   server_up() {
     python3 - "$port" <<'PY' 2>/dev/null
@@ -145,6 +149,7 @@ def ratio(a, b):
 
 out = {
     "threads": threads,
+    "load_average_1m": __import__("os").getloadavg()[0],
     "mnemo_1": brief(m1),
     f"mnemo_{clients}": brief(mn),
     f"mnemo_{clients}_vs_1_tokens_per_s": ratio(mn["tokens_per_s"], m1["tokens_per_s"]),

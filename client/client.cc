@@ -255,6 +255,10 @@ class Connection {
     std::lock_guard<std::mutex> lock(mu_);
     if (closing_ && end.code() == StatusCode::kUnavailable) {
       end = Status::Unavailable(std::string(kLost) + "the client closed it");
+    } else if (!last_connection_error_.ok() && end.code() == StatusCode::kUnavailable) {
+      // Say why the daemon hung up (idle timeout, shutdown, a bad frame).
+      end = Status::Unavailable(std::string(end.message()) + " (mnemod said " + last_connection_error_.ToString() +
+                                ")");
     }
     FailAllLocked(end);
   }
@@ -292,6 +296,7 @@ class Connection {
       // waiting call learns it. Anything else with id 0 answers nothing.
       if (auto* e = std::get_if<protocol::ErrorReply>(&response.body)) {
         Status s = e->ToStatus();
+        last_connection_error_ = s;  // usually followed by the daemon closing
         for (auto& [id, call] : calls_) EndCallLocked(*call, s);
         calls_.clear();
       }
@@ -368,6 +373,7 @@ class Connection {
   mutable std::mutex mu_;
   std::unordered_map<uint64_t, std::shared_ptr<Call>> calls_;  // calls awaiting their terminal reply
   Status broken_;  // non-OK once the connection is unusable
+  Status last_connection_error_;  // the daemon's last Error with id 0
   bool closing_ = false;
 };
 

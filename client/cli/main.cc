@@ -391,6 +391,12 @@ int CmdChat(const GlobalOptions& g, const std::string& session_arg, const GenOpt
   std::string text;
   while (ReadInput(interactive, &text)) {
     if (text.find_first_not_of(" \t\n") == std::string::npos) continue;
+    if (!c->connected()) {
+      // mnemod closes idle connections (--idle-timeout): the session lives on.
+      auto again = ConnectTo(g);
+      if (!again.ok()) return Fail(again.status());
+      *c = std::move(again).value();
+    }
     const GenerateRequest req = MakeRequest(session, text, o);
     bool interrupted = false;
     auto r = RunTurn(*c, req, /*quiet=*/g.json, &interrupted);

@@ -15,6 +15,7 @@
 #include <chrono>
 #include <cstring>
 #include <functional>
+#include <future>
 #include <string>
 #include <thread>
 #include <vector>
@@ -667,9 +668,11 @@ TEST(ClientGenerate, DroppingAnUnfinishedStreamCancelsIt) {
 
 TEST(ClientGenerate, ConcurrentRequestsOnOneConnectionAreRoutedById) {
   FakeServer server;
-  server.Serve([](Peer& p) {
+  std::promise<void> both_read;
+  server.Serve([&](Peer& p) {
     auto [id_a, a] = p.Expect<protocol::GenerateRequest>();
     auto [id_b, b] = p.Expect<protocol::GenerateRequest>();
+    both_read.set_value();
     ASSERT_NE(id_a, id_b);
     // Whichever thread sent first, each session gets its own words back.
     auto word = [](const protocol::GenerateRequest& r) { return r.session == "left" ? "L" : "R"; };
@@ -678,7 +681,7 @@ TEST(ClientGenerate, ConcurrentRequestsOnOneConnectionAreRoutedById) {
       p.Send(id_a, Chunk(word(a), {i}));
     }
     p.Send(id_a, DoneWith(FinishReason::kLength, 20));
-    auto [hid, h] = p.Expect<protocol::HealthRequest>();  // a unary call between the two streams' ends
+    auto [hid, h] = p.Expect<protocol::HealthRequest>();  // a unary call while one stream is still open
     p.Send(hid, HealthReply{});
     p.Send(id_b, DoneWith(FinishReason::kLength, 20));
   });
@@ -688,8 +691,9 @@ TEST(ClientGenerate, ConcurrentRequestsOnOneConnectionAreRoutedById) {
   Result<GenerateResult> right = Status::Internal("unset");
   std::thread tl([&] { left = c->GenerateText(Chat("left", "go")); });
   std::thread tr([&] { right = c->GenerateText(Chat("right", "go")); });
-  tl.join();  // "left" or "right" may have finished first; join both
+  ASSERT_EQ(both_read.get_future().wait_for(5s), std::future_status::ready);
   EXPECT_TRUE(c->Health().ok());
+  tl.join();
   tr.join();
   ASSERT_TRUE(left.ok()) << left.status().ToString();
   ASSERT_TRUE(right.ok()) << right.status().ToString();
@@ -851,6 +855,23 @@ TEST(ClientFailure, ConnectionLevelErrorReachesEveryWaitingCall) {
   EXPECT_EQ(r.status().message(), "mnemod is shutting down");
   c->Close();
   server.Join();
+}
+
+TEST(ClientFailure, ReasonTheDaemonGaveForClosingIsKept) {
+  FakeServer server;
+  server.Serve([](Peer& p) {
+    p.Send(0, ErrorReply{StatusCode::kResourceExhausted, "connection idle for longer than the limit; closed"});
+    p.Close();
+  });
+  auto c = Client::Connect(Options(server));
+  ASSERT_TRUE(c.ok());
+  server.Join();
+  for (int i = 0; i < 500 && c->connected(); ++i) std::this_thread::sleep_for(10ms);
+  EXPECT_FALSE(c->connected());
+  Status s = c->Health().status();
+  EXPECT_EQ(s.code(), StatusCode::kUnavailable);
+  EXPECT_NE(s.message().find("connection to mnemod lost"), std::string_view::npos) << s.ToString();
+  EXPECT_NE(s.message().find("idle for longer"), std::string_view::npos) << s.ToString();
 }
 
 }  // namespace

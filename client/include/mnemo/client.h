@@ -128,6 +128,9 @@ struct GenerateResult {
 
 // A connection to mnemod.
 //
+// mnemod closes connections idle for longer than its --idle-timeout; the
+// next call then returns Unavailable and the caller connects again.
+//
 // Thread-safe: any number of threads may issue calls at once; their requests
 // travel interleaved on the one connection and each reply is routed to its
 // caller by request id. A background thread reads the socket. Move and
