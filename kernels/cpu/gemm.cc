@@ -124,6 +124,43 @@ HWY_INLINE VI32 DotU8I8(VU8 a, VI8 b) {
 #endif
 }
 
+// y[k] = SumF(v[k]) + add[k] for k < 4, or SumF(v[k]) where add is null. On
+// 256-bit x86 targets the four reductions share their shuffles, each lane
+// adding the very pairs SumF (and GGML's hsum_float_8) adds:
+// (v0+v4) and (v2+v6) first, ... then ((v0+v4)+(v2+v6)) + ((v1+v5)+(v3+v7)).
+HWY_INLINE void StoreSums4(const VF* v, const float* HWY_RESTRICT add, float* HWY_RESTRICT y) {
+#if HWY_TARGET == HWY_AVX2 || HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
+  // (a_k + a_k+4, c_k + c_k+4) and (b.., d..) for k < 4.
+  const __m256 ac = _mm256_add_ps(_mm256_permute2f128_ps(v[0].raw, v[2].raw, 0x20),
+                                  _mm256_permute2f128_ps(v[0].raw, v[2].raw, 0x31));
+  const __m256 bd = _mm256_add_ps(_mm256_permute2f128_ps(v[1].raw, v[3].raw, 0x20),
+                                  _mm256_permute2f128_ps(v[1].raw, v[3].raw, 0x31));
+  // (a02, a13, b02, b13 | c02, c13, d02, d13).
+  const __m256 p = _mm256_add_ps(_mm256_shuffle_ps(ac, bd, _MM_SHUFFLE(1, 0, 1, 0)),
+                                 _mm256_shuffle_ps(ac, bd, _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m256 even = _mm256_permutevar8x32_ps(p, _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6));
+  const __m256 odd = _mm256_permutevar8x32_ps(p, _mm256_setr_epi32(1, 3, 5, 7, 1, 3, 5, 7));
+  __m128 sum = _mm_add_ps(_mm256_castps256_ps128(even), _mm256_castps256_ps128(odd));
+  if (add != nullptr) sum = _mm_add_ps(sum, _mm_loadu_ps(add));
+  _mm_storeu_ps(y, sum);
+#else
+  for (int k = 0; k < 4; ++k) y[k] = add != nullptr ? SumF(v[k]) + add[k] : SumF(v[k]);
+#endif
+}
+
+// DotU8I8(a, Load(p)) with the load folded into the multiply: the compiler
+// would otherwise keep each loaded x vector in a register for reuse, and
+// the register file then runs out for the tile's accumulators.
+HWY_INLINE VI32 DotU8I8Mem(VU8 a, const int8_t* HWY_RESTRICT p) {
+#if HWY_TARGET == HWY_AVX2
+  __m256i prod;
+  asm("vpmaddubsw %2, %1, %0" : "=x"(prod) : "x"(a.raw), "m"(*reinterpret_cast<const __m256i*>(p)));
+  return VI32{_mm256_madd_epi16(prod, _mm256_set1_epi16(1))};
+#else
+  return DotU8I8(a, hn::Load(DI8(), p));
+#endif
+}
+
 // x where s > 0, -x where s < 0 (x where s == 0: callers multiply by |s|).
 HWY_INLINE VI8 ApplySign(VI8 x, VI8 s) {
 #if HWY_TARGET == HWY_AVX2 || HWY_TARGET == HWY_AVX3 || HWY_TARGET == HWY_AVX3_DL
@@ -213,117 +250,164 @@ HWY_INLINE void TileQ4N1(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
   }
 }
 
-// RM weight rows x RN activation rows over all blocks, with the weight
-// scales decoded beforehand (wd, wm) since each is used RN times. Q4_0 is
-// Q4_1 with m = -8d: sum (q - 8) d x = d sum(q x) - 8 d sum(x).
-// The products wd * dx for every (r, c, b), formed beforehand into `dd`
-// (RM * RN * nb floats, laid out [b][c][r]) one RM-lane multiply per (b, c):
-// the same single rounding GGML's scalar d0 * d1 has, with the multiply off
-// the inner loop. wd holds the RM rows' scales interleaved by block.
-template <int RM, int RN>
+// The products wd * dx for every (r, c, b) of G weight rows and RN
+// activation rows, formed beforehand into `dd` (laid out [b][c][r]) one
+// G-lane multiply per (b, c): the same single rounding GGML's scalar
+// d0 * d1 has, with the multiply off the inner loop. wd holds the G rows'
+// scales interleaved by block. Q4_0 is Q4_1 with m = -8d:
+// sum (q - 8) d x = d sum(q x) - 8 d sum(x).
+template <int G, int RN>
 HWY_INLINE void ScaleProducts(const float* HWY_RESTRICT wd, int64_t nb, const float* const* xd,
                               float* HWY_RESTRICT dd) {
-  const hn::CappedTag<float, RM> dr;
+  const hn::CappedTag<float, G> dr;
+  constexpr int kN = static_cast<int>(hn::MaxLanes(dr));
   for (int64_t b = 0; b < nb; ++b) {
-    const auto w = hn::LoadU(dr, wd + b * RM);
-    for (int c = 0; c < RN; ++c) {
-      hn::StoreU(hn::Mul(hn::Set(dr, xd[c][b]), w), dr, dd + (b * RN + c) * RM);
+    for (int k = 0; k < G; k += kN) {
+      const auto w = hn::LoadU(dr, wd + b * G + k);
+      for (int c = 0; c < RN; ++c) {
+        hn::StoreU(hn::Mul(hn::Set(dr, xd[c][b]), w), dr, dd + (b * RN + c) * G + k);
+      }
     }
   }
 }
 
-template <int RM, int RN, size_t kBlockBytes, size_t kQsOffset>
-HWY_INLINE void TileQ4(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
-                       const float* HWY_RESTRICT wd, const float* HWY_RESTRICT ms,
-                       float* HWY_RESTRICT dd, const ActView& x, int64_t i,
+// The nibbles of G weight rows unpacked once into `uw` ([b][r][32] u8,
+// 32-byte aligned) and their scales decoded into wd and wm ([b][r]), so that
+// every tile over activation rows reuses them from L1. Reads each row front
+// to back (one sequential stream for the prefetchers).
+template <int G, size_t kBlockBytes, size_t kQsOffset, bool kQ41>
+HWY_INLINE void PackQ4(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
+                       uint8_t* HWY_RESTRICT uw, float* HWY_RESTRICT wd,
+                       float* HWY_RESTRICT wm) {
+  const DU8 du8;
+  for (int r = 0; r < G; ++r) {
+    const uint8_t* row = w + r * ws;
+#pragma GCC unroll 4
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = row + b * kBlockBytes;
+      const V2 dm = LoadHalfPair(blk);
+      const float d = hn::GetLane(dm);
+      wd[b * G + r] = d;
+      wm[b * G + r] = kQ41 ? hn::ExtractLane(dm, 1) : -8.0f * d;
+      VU8 v[kParts];
+      UnpackNibbles(blk + kQsOffset, v);
+      for (int p = 0; p < kParts; ++p) hn::Store(v[p], du8, uw + (b * G + r) * 32 + p * kN8);
+    }
+  }
+}
+
+// RM packed weight rows (of a group of G, starting at uw, dd, ms and y) x
+// RN activation rows from i, over all blocks. The inner loop keeps one
+// weight vector in a register and reads x from memory, so that the RM * RN
+// accumulators fit the register file (AVX2 has 16).
+template <int RM, int G, int RN>
+HWY_INLINE void TileQ4(const uint8_t* HWY_RESTRICT uw, int64_t nb, const float* HWY_RESTRICT dd,
+                       const float* HWY_RESTRICT ms, const ActView& x, int64_t i,
                        float* HWY_RESTRICT y, int64_t ldy) {
   const DF df;
-  const DI8 di8;
+  const DU8 du8;
   VF acc[RM][RN];
   for (int r = 0; r < RM; ++r)
     for (int c = 0; c < RN; ++c) acc[r][c] = hn::Zero(df);
   const int8_t* xq[RN];
-  const float* xd[RN];
-  for (int c = 0; c < RN; ++c) {
-    xq[c] = x.qs(i + c);
-    xd[c] = x.d(i + c);
-  }
-  ScaleProducts<RM, RN>(wd, nb, xd, dd);
+  for (int c = 0; c < RN; ++c) xq[c] = x.qs(i + c);
   for (int64_t b = 0; b < nb; ++b) {
-    VU8 wv[RM][kParts];
-    for (int r = 0; r < RM; ++r) UnpackNibbles(w + r * ws + b * kBlockBytes + kQsOffset, wv[r]);
-    for (int c = 0; c < RN; ++c) {
-      VI8 xv[kParts];
-      for (int p = 0; p < kParts; ++p) xv[p] = hn::Load(di8, xq[c] + b * 32 + p * kN8);
-      for (int r = 0; r < RM; ++r) {
-        VI32 dot = DotU8I8(wv[r][0], xv[0]);
-        if constexpr (kParts == 2) dot = hn::Add(dot, DotU8I8(wv[r][1], xv[1]));
+    for (int r = 0; r < RM; ++r) {
+      VU8 wv[kParts];
+      for (int p = 0; p < kParts; ++p) wv[p] = hn::Load(du8, uw + (b * G + r) * 32 + p * kN8);
+      for (int c = 0; c < RN; ++c) {
+        VI32 dot = DotU8I8Mem(wv[0], xq[c] + b * 32);
+        if constexpr (kParts == 2) dot = hn::Add(dot, DotU8I8Mem(wv[1], xq[c] + b * 32 + kN8));
         acc[r][c] =
-            hn::MulAdd(hn::ConvertTo(df, dot), hn::Set(df, dd[(b * RN + c) * RM + r]), acc[r][c]);
+            hn::MulAdd(hn::ConvertTo(df, dot), hn::Set(df, dd[(b * RN + c) * G + r]), acc[r][c]);
       }
     }
   }
-  for (int c = 0; c < RN; ++c)
-    for (int r = 0; r < RM; ++r) y[(i + c) * ldy + r] = SumF(acc[r][c]) + ms[c * RM + r];
+  for (int c = 0; c < RN; ++c) {
+    if constexpr (RM == 4) {
+      const VF v[4] = {acc[0][c], acc[1][c], acc[2][c], acc[3][c]};
+      StoreSums4(v, ms + c * G, y + (i + c) * ldy);
+    } else {
+      for (int r = 0; r < RM; ++r) y[(i + c) * ldy + r] = SumF(acc[r][c]) + ms[c * G + r];
+    }
+  }
 }
 
 // Sums over blocks of m * s, fused and in block order as GGML's vec_dot (so
-// results are bit-identical to llama.cpp's AVX2 build), for G activation
-// rows from i: the RM weight rows are the lanes, wm holds their m
-// interleaved by block. G independent chains hide the FMA latency.
-template <int RM, int G>
+// results are bit-identical to llama.cpp's AVX2 build), for NC activation
+// rows from i: the G weight rows are the lanes, wm holds their m
+// interleaved by block. NC independent chains hide the FMA latency.
+template <int G, int NC>
 HWY_INLINE void SumMsGroup(const float* HWY_RESTRICT wm, int64_t nb, const ActView& x, int64_t i,
                            float* HWY_RESTRICT ms) {
-  const hn::CappedTag<float, RM> dr;
-  hn::Vec<decltype(dr)> summ[G];
-  const float* xs[G];
-  for (int g = 0; g < G; ++g) {
-    summ[g] = hn::Zero(dr);
-    xs[g] = x.s(i + g);
+  const hn::CappedTag<float, G> dr;
+  constexpr int kN = static_cast<int>(hn::MaxLanes(dr));
+  const float* xs[NC];
+  for (int g = 0; g < NC; ++g) xs[g] = x.s(i + g);
+  for (int k = 0; k < G; k += kN) {
+    hn::Vec<decltype(dr)> summ[NC];
+    for (int g = 0; g < NC; ++g) summ[g] = hn::Zero(dr);
+    for (int64_t b = 0; b < nb; ++b) {
+      const auto m = hn::LoadU(dr, wm + b * G + k);
+      for (int g = 0; g < NC; ++g) summ[g] = hn::MulAdd(m, hn::Set(dr, xs[g][b]), summ[g]);
+    }
+    for (int g = 0; g < NC; ++g) hn::StoreU(summ[g], dr, ms + g * G + k);
   }
-  for (int64_t b = 0; b < nb; ++b) {
-    const auto m = hn::LoadU(dr, wm + b * RM);
-    for (int g = 0; g < G; ++g) summ[g] = hn::MulAdd(m, hn::Set(dr, xs[g][b]), summ[g]);
-  }
-  for (int g = 0; g < G; ++g) hn::StoreU(summ[g], dr, ms + g * RM);
 }
 
-// ms[(i - i0) * RM + r]: the m * s sum of weight row r and activation row i.
-template <int RM>
+// ms[(i - i0) * G + r]: the m * s sum of weight row r and activation row i.
+template <int G>
 HWY_INLINE void SumMs(const float* wm, int64_t nb, const ActView& x, int64_t i0, int64_t i1,
                       float* ms) {
   int64_t i = i0;
-  for (; i + 8 <= i1; i += 8) SumMsGroup<RM, 8>(wm, nb, x, i, ms + (i - i0) * RM);
-  for (; i < i1; ++i) SumMsGroup<RM, 1>(wm, nb, x, i, ms + (i - i0) * RM);
+  for (; i + 8 <= i1; i += 8) SumMsGroup<G, 8>(wm, nb, x, i, ms + (i - i0) * G);
+  for (; i < i1; ++i) SumMsGroup<G, 1>(wm, nb, x, i, ms + (i - i0) * G);
 }
 
-// Runs RM-row tiles over activation rows [i0, i1) in groups of up to kRN.
-// A lone leftover row would unpack the weights for one dot each, so with
-// kRN == 3 a remainder of 4 goes as 2 + 2 instead of 3 + 1.
-template <int RM, int kRN, bool kQ41>
-HWY_INLINE void RowsQ4(const uint8_t* w, size_t ws, int64_t nb, const float* wd, const float* ms,
-                       float* dd, const ActView& x, int64_t i0, int64_t i1, float* y,
-                       int64_t ldy) {
+// All G packed weight rows x RN activation rows from i: the scale products
+// once for the group, then tiles of up to kRM rows.
+template <int G, int RN>
+HWY_INLINE void ColumnsQ4(const uint8_t* uw, int64_t nb, const float* wd, const float* ms,
+                          float* dd, const ActView& x, int64_t i, float* y, int64_t ldy) {
+  constexpr int kRM = G < MNEMO_Q4_RM ? G : MNEMO_Q4_RM;
+  static_assert(G % kRM == 0);
+  const float* xd[RN];
+  for (int c = 0; c < RN; ++c) xd[c] = x.d(i + c);
+  ScaleProducts<G, RN>(wd, nb, xd, dd);
+  for (int r = 0; r < G; r += kRM) {
+    TileQ4<kRM, G, RN>(uw + r * 32, nb, dd + r, ms + r, x, i, y + r, ldy);
+  }
+}
+
+// One group of G weight rows against activation rows [i0, i1), in column
+// tiles of up to kRN.
+template <int G, bool kQ41>
+HWY_INLINE void GroupQ4(const uint8_t* w, size_t ws, int64_t nb, const ActView& x, int64_t i0,
+                        int64_t i1, float* y, int64_t ldy, float* scratch) {
+  constexpr int kRN = MNEMO_Q4_RN;
   constexpr size_t kBB = kQ41 ? sizeof(BlockQ4_1) : sizeof(BlockQ4_0);
   constexpr size_t kQO = kQ41 ? 4 : 2;
+  // Unpacked nibbles first (32-byte aligned), then wd, wm, dd, ms.
+  uint8_t* uw = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(scratch) + 31) & ~uintptr_t{31});
+  float* wd = reinterpret_cast<float*>(uw + 32 * G * nb);
+  float* wm = wd + G * nb;
+  float* dd = wm + G * nb;
+  float* ms = dd + kRN * G * nb;
+  PackQ4<G, kBB, kQO, kQ41>(w, ws, nb, uw, wd, wm);
+  SumMs<G>(wm, nb, x, i0, i1, ms);
   int64_t i = i0;
-  if constexpr (kRN == 3) {
-    for (; i1 - i > 4 || i1 - i == 3; i += 3) TileQ4<RM, 3, kBB, kQO>(w, ws, nb, wd, ms + (i - i0) * RM, dd, x, i, y, ldy);
-    for (; i1 - i >= 2; i += 2) TileQ4<RM, 2, kBB, kQO>(w, ws, nb, wd, ms + (i - i0) * RM, dd, x, i, y, ldy);
-  } else {
-    for (; i + kRN <= i1; i += kRN) TileQ4<RM, kRN, kBB, kQO>(w, ws, nb, wd, ms + (i - i0) * RM, dd, x, i, y, ldy);
-  }
+  for (; i + kRN <= i1; i += kRN) ColumnsQ4<G, kRN>(uw, nb, wd, ms + (i - i0) * G, dd, x, i, y, ldy);
   switch (i1 - i) {
     case 0:
       break;
     case 1:
-      TileQ4<RM, 1, kBB, kQO>(w, ws, nb, wd, ms + (i - i0) * RM, dd, x, i, y, ldy);
+      ColumnsQ4<G, 1>(uw, nb, wd, ms + (i - i0) * G, dd, x, i, y, ldy);
       break;
     case 2:
-      if constexpr (kRN > 2) TileQ4<RM, 2, kBB, kQO>(w, ws, nb, wd, ms + (i - i0) * RM, dd, x, i, y, ldy);
+      if constexpr (kRN > 2) ColumnsQ4<G, 2>(uw, nb, wd, ms + (i - i0) * G, dd, x, i, y, ldy);
       break;
     case 3:
-      if constexpr (kRN > 3) TileQ4<RM, 3, kBB, kQO>(w, ws, nb, wd, ms + (i - i0) * RM, dd, x, i, y, ldy);
+      if constexpr (kRN > 3) ColumnsQ4<G, 3>(uw, nb, wd, ms + (i - i0) * G, dd, x, i, y, ldy);
       break;
     default:
       MNEMO_CHECK(false);
@@ -332,8 +416,6 @@ HWY_INLINE void RowsQ4(const uint8_t* w, size_t ws, int64_t nb, const float* wd,
 
 template <bool kQ41>
 void GemmQ4(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
-  constexpr int kRM = MNEMO_Q4_RM;
-  constexpr int kRN = MNEMO_Q4_RN;
   constexpr size_t kBB = kQ41 ? sizeof(BlockQ4_1) : sizeof(BlockQ4_0);
   constexpr size_t kQO = kQ41 ? 4 : 2;
   const int64_t nb = a.format.blocks;
@@ -352,31 +434,24 @@ void GemmQ4(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
     }
     return;
   }
-  float* wd = ScaleScratch(static_cast<size_t>((2 + kRN) * kRM * nb + kRM * (i1 - i0)));
-  float* wm = wd + kRM * nb;
-  float* dd = wm + kRM * nb;
-  float* ms = dd + kRN * kRM * nb;
+  // Groups of 8 weight rows share the m * s sums and scale products over
+  // 8 lanes; 4 and 1 for the rest of the range.
+  constexpr int kG = 8;
+  float* scratch =
+      ScaleScratch(static_cast<size_t>((8 + 2 + MNEMO_Q4_RN) * kG * nb + kG * (i1 - i0) + 8));
   for (int64_t r = r0; r < r1;) {
-    const int rm = r1 - r >= kRM ? kRM : 1;
     const uint8_t* w = a.w + r * a.w_row_bytes;
-    for (int rr = 0; rr < rm; ++rr) {
-      const uint8_t* row = w + rr * a.w_row_bytes;
-      for (int64_t b = 0; b < nb; ++b) {
-        const V2 dm = LoadHalfPair(row + b * kBB);
-        const float d = hn::GetLane(dm);
-        wd[b * rm + rr] = d;
-        wm[b * rm + rr] = kQ41 ? hn::ExtractLane(dm, 1) : -8.0f * d;
-      }
-    }
-    float* yr = a.y + r;
-    if (rm == kRM) {
-      SumMs<kRM>(wm, nb, x, i0, i1, ms);
-      RowsQ4<kRM, kRN, kQ41>(w, a.w_row_bytes, nb, wd, ms, dd, x, i0, i1, yr, a.ldy);
+    float* y = a.y + r;
+    if (r1 - r >= kG) {
+      GroupQ4<kG, kQ41>(w, a.w_row_bytes, nb, x, i0, i1, y, a.ldy, scratch);
+      r += kG;
+    } else if (r1 - r >= 4) {
+      GroupQ4<4, kQ41>(w, a.w_row_bytes, nb, x, i0, i1, y, a.ldy, scratch);
+      r += 4;
     } else {
-      SumMs<1>(wm, nb, x, i0, i1, ms);
-      RowsQ4<1, kRN, kQ41>(w, a.w_row_bytes, nb, wd, ms, dd, x, i0, i1, yr, a.ldy);
+      GroupQ4<1, kQ41>(w, a.w_row_bytes, nb, x, i0, i1, y, a.ldy, scratch);
+      r += 1;
     }
-    r += rm;
   }
 }
 
@@ -418,10 +493,14 @@ HWY_INLINE void TileQ8_0N1(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
   for (int r = 0; r < RM; ++r) y[r] = SumF(acc[r]);
 }
 
-template <int RM, int RN>
+// RM weight rows (of a group of G, starting at w, dd and y) x RN activation
+// rows from i. Per block the RN x vectors stay in registers and each weight
+// row is read from L1 by its abs and sign instructions, so that the RM * RN
+// accumulators fit the register file.
+template <int RM, int G, int RN>
 HWY_INLINE void TileQ8_0(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
-                         const float* HWY_RESTRICT wd, float* HWY_RESTRICT dd, const ActView& x,
-                         int64_t i, float* HWY_RESTRICT y, int64_t ldy) {
+                         const float* HWY_RESTRICT dd, const ActView& x, int64_t i,
+                         float* HWY_RESTRICT y, int64_t ldy) {
   const DF df;
   const DI8 di8;
   const DU8 du8;
@@ -429,54 +508,74 @@ HWY_INLINE void TileQ8_0(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
   for (int r = 0; r < RM; ++r)
     for (int c = 0; c < RN; ++c) acc[r][c] = hn::Zero(df);
   const int8_t* xq[RN];
-  const float* xd[RN];
-  for (int c = 0; c < RN; ++c) {
-    xq[c] = x.qs(i + c);
-    xd[c] = x.d(i + c);
-  }
-  ScaleProducts<RM, RN>(wd, nb, xd, dd);
-  for (int64_t b = 0; b < nb; ++b) {
-    VI8 wq[RM][kParts];
-    VU8 wa[RM][kParts];
+  for (int c = 0; c < RN; ++c) xq[c] = x.qs(i + c);
+  const int8_t* wq0 = reinterpret_cast<const int8_t*>(w + 2);
+  for (int64_t b = 0; b < nb; ++b, wq0 += sizeof(BlockQ8_0)) {
+    VI8 xv[RN][kParts];
+    for (int c = 0; c < RN; ++c)
+      for (int p = 0; p < kParts; ++p) xv[c][p] = hn::Load(di8, xq[c] + b * 32 + p * kN8);
     for (int r = 0; r < RM; ++r) {
-      const int8_t* q =
-          reinterpret_cast<const int8_t*>(w + r * ws + b * sizeof(BlockQ8_0) + 2);
+      const int8_t* q = wq0 + r * ws;
+      VI8 wq[kParts];
+      VU8 wa[kParts];
       for (int p = 0; p < kParts; ++p) {
-        wq[r][p] = hn::LoadU(di8, q + p * kN8);
-        wa[r][p] = hn::BitCast(du8, hn::Abs(wq[r][p]));
+        wq[p] = hn::LoadU(di8, q + p * kN8);
+        wa[p] = hn::BitCast(du8, hn::Abs(wq[p]));
       }
-    }
-    for (int c = 0; c < RN; ++c) {
-      VI8 xv[kParts];
-      for (int p = 0; p < kParts; ++p) xv[p] = hn::Load(di8, xq[c] + b * 32 + p * kN8);
-      for (int r = 0; r < RM; ++r) {
-        VI32 dot = DotU8I8(wa[r][0], ApplySign(xv[0], wq[r][0]));
-        if constexpr (kParts == 2) dot = hn::Add(dot, DotU8I8(wa[r][1], ApplySign(xv[1], wq[r][1])));
+      for (int c = 0; c < RN; ++c) {
+        VI32 dot = DotU8I8(wa[0], ApplySign(xv[c][0], wq[0]));
+        if constexpr (kParts == 2) dot = hn::Add(dot, DotU8I8(wa[1], ApplySign(xv[c][1], wq[1])));
         acc[r][c] =
-            hn::MulAdd(hn::ConvertTo(df, dot), hn::Set(df, dd[(b * RN + c) * RM + r]), acc[r][c]);
+            hn::MulAdd(hn::ConvertTo(df, dot), hn::Set(df, dd[(b * RN + c) * G + r]), acc[r][c]);
       }
     }
   }
-  for (int c = 0; c < RN; ++c)
-    for (int r = 0; r < RM; ++r) y[(i + c) * ldy + r] = SumF(acc[r][c]);
+  for (int c = 0; c < RN; ++c) {
+    if constexpr (RM == 4) {
+      const VF v[4] = {acc[0][c], acc[1][c], acc[2][c], acc[3][c]};
+      StoreSums4(v, nullptr, y + (i + c) * ldy);
+    } else {
+      for (int r = 0; r < RM; ++r) y[(i + c) * ldy + r] = SumF(acc[r][c]);
+    }
+  }
 }
 
-template <int RM, int kRN>
-HWY_INLINE void RowsQ8_0(const uint8_t* w, size_t ws, int64_t nb, const float* wd, float* dd,
-                         const ActView& x, int64_t i0, int64_t i1, float* y, int64_t ldy) {
+// All G weight rows x RN activation rows from i: the scale products once for
+// the group, then tiles of up to kRM rows.
+template <int G, int RN>
+HWY_INLINE void ColumnsQ8_0(const uint8_t* w, size_t ws, int64_t nb, const float* wd, float* dd,
+                            const ActView& x, int64_t i, float* y, int64_t ldy) {
+  constexpr int kRM = G < MNEMO_Q8_RM ? G : MNEMO_Q8_RM;
+  static_assert(G % kRM == 0);
+  const float* xd[RN];
+  for (int c = 0; c < RN; ++c) xd[c] = x.d(i + c);
+  ScaleProducts<G, RN>(wd, nb, xd, dd);
+  for (int r = 0; r < G; r += kRM) {
+    TileQ8_0<kRM, G, RN>(w + r * ws, ws, nb, dd + r, x, i, y + r, ldy);
+  }
+}
+
+template <int G>
+HWY_INLINE void GroupQ8_0(const uint8_t* w, size_t ws, int64_t nb, const ActView& x, int64_t i0,
+                          int64_t i1, float* y, int64_t ldy, float* scratch) {
+  constexpr int kRN = MNEMO_Q8_RN;
+  float* wd = scratch;
+  float* dd = wd + G * nb;
+  for (int r = 0; r < G; ++r) {
+    for (int64_t b = 0; b < nb; ++b) {
+      wd[b * G + r] = hn::GetLane(LoadHalfPair(w + r * ws + b * sizeof(BlockQ8_0)));
+    }
+  }
   int64_t i = i0;
-  for (; i + kRN <= i1; i += kRN) TileQ8_0<RM, kRN>(w, ws, nb, wd, dd, x, i, y, ldy);
+  for (; i + kRN <= i1; i += kRN) ColumnsQ8_0<G, kRN>(w, ws, nb, wd, dd, x, i, y, ldy);
   switch (i1 - i) {
     case 0:
       break;
     case 1:
-      TileQ8_0<RM, 1>(w, ws, nb, wd, dd, x, i, y, ldy);
+      ColumnsQ8_0<G, 1>(w, ws, nb, wd, dd, x, i, y, ldy);
       break;
     case 2:
-      if constexpr (kRN > 2) TileQ8_0<RM, 2>(w, ws, nb, wd, dd, x, i, y, ldy);
-      break;
-    case 3:
-      if constexpr (kRN > 3) TileQ8_0<RM, 3>(w, ws, nb, wd, dd, x, i, y, ldy);
+      if constexpr (kRN > 2) ColumnsQ8_0<G, 2>(w, ws, nb, wd, dd, x, i, y, ldy);
       break;
     default:
       MNEMO_CHECK(false);
@@ -484,8 +583,6 @@ HWY_INLINE void RowsQ8_0(const uint8_t* w, size_t ws, int64_t nb, const float* w
 }
 
 void GemmQ8_0(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
-  constexpr int kRM = MNEMO_Q8_RM;
-  constexpr int kRN = MNEMO_Q8_RN;
   const int64_t nb = a.format.blocks;
   const ActView x{a.x, a.format.row_bytes, &a.format};
   if (i1 - i0 == 1) {
@@ -500,24 +597,21 @@ void GemmQ8_0(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1)
     for (; r < r1; ++r) TileQ8_0N1<1>(a.w + r * a.w_row_bytes, a.w_row_bytes, nb, xq, xds, y + r);
     return;
   }
-  float* wd = ScaleScratch(static_cast<size_t>((1 + kRN) * kRM * nb));
-  float* dd = wd + kRM * nb;
+  constexpr int kG = 8;
+  float* scratch = ScaleScratch(static_cast<size_t>((1 + MNEMO_Q8_RN) * kG * nb));
   for (int64_t r = r0; r < r1;) {
-    const int rm = r1 - r >= kRM ? kRM : 1;
     const uint8_t* w = a.w + r * a.w_row_bytes;
-    for (int rr = 0; rr < rm; ++rr) {
-      const uint8_t* row = w + rr * a.w_row_bytes;
-      for (int64_t b = 0; b < nb; ++b) {
-        wd[b * rm + rr] = hn::GetLane(LoadHalfPair(row + b * sizeof(BlockQ8_0)));
-      }
-    }
-    float* yr = a.y + r;
-    if (rm == kRM) {
-      RowsQ8_0<kRM, kRN>(w, a.w_row_bytes, nb, wd, dd, x, i0, i1, yr, a.ldy);
+    float* y = a.y + r;
+    if (r1 - r >= kG) {
+      GroupQ8_0<kG>(w, a.w_row_bytes, nb, x, i0, i1, y, a.ldy, scratch);
+      r += kG;
+    } else if (r1 - r >= 4) {
+      GroupQ8_0<4>(w, a.w_row_bytes, nb, x, i0, i1, y, a.ldy, scratch);
+      r += 4;
     } else {
-      RowsQ8_0<1, kRN>(w, a.w_row_bytes, nb, wd, dd, x, i0, i1, yr, a.ldy);
+      GroupQ8_0<1>(w, a.w_row_bytes, nb, x, i0, i1, y, a.ldy, scratch);
+      r += 1;
     }
-    r += rm;
   }
 }
 

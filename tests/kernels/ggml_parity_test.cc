@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <random>
 #include <vector>
 
 #include "hwy/targets.h"  // HWY_AVX2 etc.
@@ -92,6 +93,37 @@ TEST_P(GgmlParityTest, MatMulBitIdenticalToGgml) {
           EXPECT_EQ(F32ToBits(y[i * kRows + r]), want[i * kRows + r])
               << Info(t).name << " n=3 i=" << i << " r=" << r;
           EXPECT_EQ(F32ToBits(y1[r]), want[i * kRows + r]) << Info(t).name << " n=1 i=" << i << " r=" << r;
+        }
+      }
+    }
+  }
+}
+
+// The decode path (n = 1) is pinned to ggml's bits above; every batched
+// shape (row tiles, column tiles and their remainders, the prefill tiling)
+// must return those very bits for each row of x, on every target.
+TEST_P(GgmlParityTest, EveryBatchSizeMatchesOneRowBits) {
+  std::mt19937 rng(7);
+  for (DType t : {DType::kQ4_0, DType::kQ4_1, DType::kQ8_0}) {
+    for (const int64_t cols : {int64_t{576}, int64_t{1536}}) {
+      for (const int64_t rows : {int64_t{1}, int64_t{7}, int64_t{13}, int64_t{36}, int64_t{203}}) {
+        const auto w = testing::RandomWeights(rng, t, rows, cols);
+        const Weight weight{t, rows, cols, w.data()};
+        const int64_t n_max = 50;
+        const auto x = testing::RandomFloats(rng, static_cast<size_t>(n_max * cols));
+        auto backend = MakeCpuBackend(2);
+        std::vector<float> want(static_cast<size_t>(n_max * rows));
+        for (int64_t i = 0; i < n_max; ++i) {
+          backend->MatMul(weight, x.data() + i * cols, 1, want.data() + i * rows);
+        }
+        for (const int64_t n : {2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 50}) {
+          std::vector<float> y(static_cast<size_t>(n * rows));
+          backend->MatMul(weight, x.data(), n, y.data());
+          for (int64_t j = 0; j < n * rows; ++j) {
+            ASSERT_EQ(F32ToBits(y[j]), F32ToBits(want[j]))
+                << Info(t).name << " cols=" << cols << " rows=" << rows << " n=" << n
+                << " i=" << j / rows << " r=" << j % rows;
+          }
         }
       }
     }
