@@ -23,6 +23,7 @@
 #include "daemon/server.h"
 #include "daemon/systemd.h"
 #include "model/engine.h"
+#include "tiering/tier_manager.h"
 
 namespace mnemo::daemon {
 namespace {
@@ -126,7 +127,26 @@ int Run(int argc, char** argv) {
     spdlog::info("metrics on http://{}/metrics", cfg.metrics_listen);
   }
 
+  // Durable sessions: T2 pages and the index in the data directory.
+  std::unique_ptr<tiering::TierManager> tier;
+  if (cfg.t2_budget_bytes > 0) {
+    systemd::NotifyStatus("opening session storage in " + cfg.data_dir);
+    tiering::TierOptions to;
+    to.data_dir = cfg.data_dir;
+    to.t1_budget_bytes = cfg.t1_budget_bytes;
+    to.t2_budget_bytes = cfg.t2_budget_bytes;
+    to.model_fingerprint = (*engine)->model().fingerprint();
+    to.kv = tiering::KvGeometry{mc.n_layers, cfg.page_tokens, mc.n_kv_heads, mc.head_dim, tiering::KvDtype::kF16};
+    to.page_bytes = (*engine)->pool().page_bytes();
+    Result<std::unique_ptr<tiering::TierManager>> t = tiering::TierManager::Open(to);
+    if (!t.ok()) return Fail(t.status().WithContext("opening session storage in " + cfg.data_dir));
+    tier = std::move(t).value();
+  } else {
+    spdlog::warn("--t2-budget 0: sessions live in memory only and are lost at exit");
+  }
+
   SchedulerOptions so;
+  so.tier = tier.get();
   so.max_batch = cfg.max_batch;
   so.step_tokens = cfg.step_tokens;
   so.prefill_chunk = cfg.prefill_chunk;
@@ -135,6 +155,7 @@ int Run(int argc, char** argv) {
   so.max_sessions_per_uid = cfg.max_sessions_per_uid;
   pthread_sigmask(SIG_BLOCK, &sigs, nullptr);
   Scheduler scheduler(engine->get(), so, &metrics);
+  if (Status s = scheduler.Recover(); !s.ok()) return Fail(s.WithContext("recovering sessions"));
   scheduler.Start();
 
   boost::asio::io_context io(1);

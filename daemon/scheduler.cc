@@ -23,18 +23,15 @@ uint64_t UnixMs() {
                                    .count());
 }
 
-// Attention's share of a token's cost grows with the context it attends to:
-// a token at context L costs about (1 + L / kAttentionCostTokens) decode
-// rows of weight streaming on this CPU backend. Prefill chunks are sized
-// with it so that a step carrying a chunk of a long prompt costs about the
-// step budget, however deep into the prompt it is.
-constexpr double kAttentionCostTokens = 2048;
-// A prefill makes progress every step, even when decoders fill the budget.
-constexpr int64_t kMinPrefillChunk = 16;
+// While requests decode, the prefill rows a step carries are sized by
+// feedback: a step with prefill may take up to kPrefillStepFactor times a
+// decode-only step. The cost of a prefill row depends on the machine, the
+// batch and how deep into a long prompt it attends, so the chunk is measured
+// rather than modelled. A prefill makes progress every step all the same.
+constexpr double kPrefillStepFactor = 2.0;
+constexpr int64_t kMinPrefillChunk = 4;
 // Prompts longer than this report PrefillProgress after each chunk.
 constexpr size_t kProgressMinTokens = 64;
-
-double RowCost(int64_t context) { return 1.0 + static_cast<double>(context) / kAttentionCostTokens; }
 
 protocol::FinishReason ToWire(model::FinishReason r) {
   return static_cast<protocol::FinishReason>(static_cast<uint8_t>(r));
@@ -57,11 +54,14 @@ struct ActiveRequest {
   int64_t kv0 = 0;
   std::string close_text0;
   bool chat_open0 = false;
+  bool persisted0 = false;
   uint32_t prompt_tokens = 0;   // tokens prefilled by this turn
   uint32_t generated = 0;
   double t_arrive = 0, t_first = 0, t_last = 0;
   bool cancelled = false;
   bool detached = false;  // the connection is gone: replies are dropped
+  bool loading = false;   // the session's KV is being read from T2
+  protocol::Done done;    // built at the end of the turn, sent once persisted
 
   ActiveRequest(model::Sampler s, model::StopMatcher m) : sampler(std::move(s)), stop(std::move(m)) {}
   void Reply(protocol::ResponseBody body) {
@@ -73,9 +73,35 @@ Scheduler::Scheduler(model::Engine* engine, SchedulerOptions options, Metrics* m
     : engine_(engine),
       options_(options),
       metrics_(metrics),
-      sessions_(options.max_sessions_per_uid) {}
+      sessions_(options.max_sessions_per_uid),
+      prefill_budget_(options.step_tokens) {}
 
 Scheduler::~Scheduler() { Shutdown(std::chrono::milliseconds(0)); }
+
+Status Scheduler::Recover() {
+  if (!options_.tier) return Status::Ok();
+  MNEMO_ASSIGN_OR_RETURN(std::vector<tiering::Manifest> manifests, options_.tier->LoadManifests());
+  size_t incompatible = 0;
+  for (tiering::Manifest& m : manifests) {
+    Session* s = sessions_.Restore(m.owner_uid, m.name);
+    s->parent = m.parent;
+    s->tokens = std::move(m.tokens);
+    s->close_text = m.close_text;
+    s->chat_open = m.chat_open;
+    s->turns = m.turns;
+    s->created_unix_ms = m.created_unix_ms;
+    s->last_used_unix_ms = m.last_used_unix_ms;
+    s->t2 = tiering::CommittedKv{m.kv_tokens, std::move(m.blocks), m.turn_seq};
+    s->persisted = true;
+    s->resume_error = options_.tier->CheckCompatible(m);
+    incompatible += !s->resume_error.ok();
+  }
+  session_count_.store(static_cast<uint32_t>(sessions_.size()));
+  if (!manifests.empty())
+    spdlog::info("recovered {} sessions ({} under another model or KV layout, kept but not resumable)",
+                 manifests.size(), incompatible);
+  return Status::Ok();
+}
 
 void Scheduler::Start() {
   heartbeat_.store(Clock::now().time_since_epoch().count());
@@ -118,20 +144,25 @@ void Scheduler::Run() {
   for (;;) {
     std::deque<Job> jobs;
     std::vector<uint64_t> dead;
+    std::deque<std::function<void()>> posted;
     bool draining;
     Clock::time_point deadline;
+    bool runnable = !running_.empty();
+    for (const auto& r : waiting_) runnable |= !r->loading;
     {
       std::unique_lock<std::mutex> lock(mu_);
       cv_.wait_for(lock, std::chrono::seconds(1), [&] {
-        return !inbox_.empty() || !dead_conns_.empty() || draining_ || !running_.empty() ||
-               !waiting_.empty();
+        return !inbox_.empty() || !dead_conns_.empty() || !posted_.empty() || (draining_ && !draining_local_) ||
+               runnable;
       });
       jobs.swap(inbox_);
       dead.swap(dead_conns_);
+      posted.swap(posted_);
       draining = draining_;
       deadline = drain_deadline_;
     }
     heartbeat_.store(Clock::now().time_since_epoch().count());
+    for (auto& fn : posted) fn();
     for (uint64_t conn : dead) {
       auto mark = [&](auto& list) {
         for (auto& r : list)
@@ -143,15 +174,23 @@ void Scheduler::Run() {
     for (Job& job : jobs) Handle(std::move(job));
     if (draining && !draining_local_) {
       draining_local_ = true;
-      // Queued requests have not started: refuse them now.
-      while (!waiting_.empty()) Fail(waiting_.front().get(), Status::Unavailable("mnemod is shutting down"));
+      // Queued requests have not started: refuse them now (those loading
+      // KV end when their load completes).
+      for (size_t i = 0; i < waiting_.size();) {
+        if (waiting_[i]->loading) {
+          waiting_[i]->cancelled = true;
+          ++i;
+        } else {
+          Fail(waiting_[i].get(), Status::Unavailable("mnemod is shutting down"));
+        }
+      }
     }
     if (draining && Clock::now() >= deadline) {
       while (!running_.empty())
         Fail(running_.front().get(),
              Status::Unavailable("mnemod is shutting down: generation ended before completion"));
     }
-    if (draining && running_.empty() && waiting_.empty()) break;
+    if (draining && running_.empty() && waiting_.empty() && persisting_.empty()) break;
     Admit();
     if (!running_.empty()) Step();
     PublishGauges();
@@ -159,8 +198,14 @@ void Scheduler::Run() {
   PublishGauges();
 }
 
+void Scheduler::Post(std::function<void()> fn) {
+  std::lock_guard<std::mutex> lock(mu_);
+  posted_.push_back(std::move(fn));
+  cv_.notify_one();
+}
+
 void Scheduler::PublishGauges() {
-  running_count_.store(static_cast<uint32_t>(running_.size()));
+  running_count_.store(static_cast<uint32_t>(running_.size() + persisting_.size()));
   waiting_count_.store(static_cast<uint32_t>(waiting_.size()));
   session_count_.store(static_cast<uint32_t>(sessions_.size()));
   if (!metrics_) return;
@@ -169,6 +214,12 @@ void Scheduler::PublishGauges() {
   const attention::PagePool& pool = engine_->pool();
   metrics_->SetTier("T0", pool.used_pages(), pool.used_pages() * pool.page_bytes(),
                     pool.capacity_pages() * pool.page_bytes());
+  if (options_.tier && Clock::now() - tier_stats_at_ > std::chrono::milliseconds(500)) {
+    tier_stats_at_ = Clock::now();
+    const tiering::TierStats t = options_.tier->stats();
+    metrics_->SetTier("T1", t.t1_blocks * t.n_layers, t.t1_bytes, t.t1_budget_bytes);
+    metrics_->SetTier("T2", t.t2_blocks * t.n_layers, t.t2_bytes, t.t2_budget_bytes);
+  }
 }
 
 protocol::SessionInfo Scheduler::Info(const Session& s) const {
@@ -179,13 +230,18 @@ protocol::SessionInfo Scheduler::Info(const Session& s) const {
   info.turns = s.turns;
   if (s.seq != 0) {
     if (const attention::SeqKv* kv = engine_->kv().Get(s.seq)) {
-      for (const auto& layer : kv->layers) info.kv_pages += static_cast<uint32_t>(layer.size());
+      for (const auto& layer : kv->layers) info.t0_pages += static_cast<uint32_t>(layer.size());
     }
   }
+  const uint32_t n_layers = static_cast<uint32_t>(engine_->model().config().n_layers);
+  info.t2_pages = static_cast<uint32_t>(s.t2.blocks.size()) * n_layers;
+  if (options_.tier) info.t1_pages = options_.tier->CountT1(s.t2.blocks) * n_layers;
+  // The session's KV, wherever it is.
+  info.kv_pages = s.seq != 0 ? info.t0_pages : info.t2_pages;
   info.kv_bytes = static_cast<uint64_t>(info.kv_pages) * engine_->pool().page_bytes();
   info.created_unix_ms = s.created_unix_ms;
   info.last_used_unix_ms = s.last_used_unix_ms;
-  info.persisted = false;
+  info.persisted = s.persisted;
   return info;
 }
 
@@ -205,7 +261,11 @@ void Scheduler::Handle(Job job) {
     // Queued requests end at once.
     for (size_t i = 0; i < waiting_.size(); ++i) {
       if (waiting_[i]->conn == job.conn && waiting_[i]->id == req->target_id) {
-        Finish(waiting_[i].get(), model::FinishReason::kCancelled);
+        if (waiting_[i]->loading) {
+          waiting_[i]->cancelled = true;  // ends when the load completes
+        } else {
+          Finish(waiting_[i].get(), model::FinishReason::kCancelled);
+        }
         break;
       }
     }
@@ -221,6 +281,18 @@ void Scheduler::Handle(Job job) {
   if (auto* req = std::get_if<CreateSessionRequest>(&job.body)) {
     Result<Session*> s = sessions_.Create(job.uid, req->name, UnixMs());
     if (!s.ok()) return reply_error(s.status());
+    if (options_.tier) {
+      // Durable from creation: the session survives a restart even before
+      // its first turn.
+      tiering::Manifest m = ManifestOf(**s);
+      m.turn_seq = 1;
+      if (Status st = options_.tier->CommitManifest(m); !st.ok()) {
+        sessions_.Erase(job.uid, (*s)->name);
+        return reply_error(st.WithContext("creating session"));
+      }
+      (*s)->t2.turn_seq = 1;
+      (*s)->persisted = true;
+    }
     job.reply(Info(**s));
     return;
   }
@@ -247,6 +319,10 @@ void Scheduler::Handle(Job job) {
     if ((*s)->active)
       return reply_error(Status::FailedPrecondition("session '" + req->session +
                                                     "' has a generation running; cancel it first"));
+    if (options_.tier && (*s)->t2.turn_seq > 0) {
+      Status st = options_.tier->Delete(job.uid, req->session);
+      if (!st.ok() && st.code() != StatusCode::kNotFound) return reply_error(st.WithContext("deleting session"));
+    }
     if ((*s)->seq != 0) (void)engine_->kv().FreeSeq((*s)->seq);
     sessions_.Erase(job.uid, req->session);
     job.reply(Ack{});
@@ -281,6 +357,20 @@ void Scheduler::HandleFork(Job& job, const protocol::ForkSessionRequest& req) {
   d.close_text = s.close_text;
   d.chat_open = s.chat_open;
   d.turns = s.turns;
+  d.resume_error = s.resume_error;
+  if (options_.tier && s.t2.turn_seq > 0) {
+    d.t2 = tiering::CommittedKv{s.t2.kv_tokens, s.t2.blocks, 1};
+    tiering::Manifest m = ManifestOf(d);
+    m.kv_tokens = d.t2.kv_tokens;
+    m.blocks = d.t2.blocks;
+    m.turn_seq = 1;
+    if (Status st = options_.tier->Fork(job.uid, s.name, m); !st.ok()) {
+      if (d.seq != 0) (void)engine_->kv().FreeSeq(d.seq);
+      sessions_.Erase(job.uid, d.name);
+      return reply_error(st.WithContext("forking session"));
+    }
+    d.persisted = s.persisted;
+  }
   job.reply(Info(d));
 }
 
@@ -295,6 +385,7 @@ void Scheduler::HandleGenerate(Job job) {
   if (s->active)
     return reply_error(Status::FailedPrecondition("session '" + req.session +
                                                   "' already has a generation running"));
+  if (!s->resume_error.ok()) return reply_error(s->resume_error);
   if (waiting_.size() >= options_.max_queued)
     return reply_error(Status::ResourceExhausted("request queue full: " +
                                                  std::to_string(options_.max_queued) +
@@ -368,32 +459,128 @@ void Scheduler::HandleGenerate(Job job) {
     s->close_text.clear();
     s->chat_open = true;
   }
-  // Nothing new and the KV already covers the history ("continue" right
-  // after a fork of a fully fed session): recompute the last token to get
-  // logits to sample from.
-  if (s->seq != 0 && r->kv0 >= static_cast<int64_t>(s->tokens.size()))
-    (void)engine_->kv().Truncate(s->seq, static_cast<int64_t>(s->tokens.size()) - 1);
-  int64_t kv_now = 0;
-  if (s->seq != 0) kv_now = *engine_->kv().Length(s->seq);
-  r->prompt_tokens = static_cast<uint32_t>(s->tokens.size() - kv_now);
   s->active = r.get();
   s->last_used_unix_ms = UnixMs();
-  if (metrics_) metrics_->AddPromptTokens(r->prompt_tokens);
+  r->persisted0 = s->persisted;
+  s->persisted = false;
+  if (options_.tier && s->seq == 0 && s->t2.kv_tokens > 0) {
+    // The KV is on T2 (restart, or dropped from T0): read it back rather
+    // than recompute the history.
+    if (Status st = StartLoad(r.get()); !st.ok()) {
+      RollBack(r.get());
+      s->active = nullptr;
+      r->Reply(ErrorReply::FromStatus(st));
+      return;
+    }
+  } else {
+    FinalizePrompt(r.get());
+  }
   waiting_.push_back(std::move(r));
 }
 
+void Scheduler::FinalizePrompt(ActiveRequest* r) {
+  Session* s = r->session;
+  // Nothing new and the KV already covers the history ("continue" right
+  // after a fork of a fully fed session): recompute the last token to get
+  // logits to sample from.
+  if (s->seq != 0 && r->kv0 >= static_cast<int64_t>(s->tokens.size())) {
+    (void)engine_->kv().Truncate(s->seq, static_cast<int64_t>(s->tokens.size()) - 1);
+    r->kv0 = static_cast<int64_t>(s->tokens.size()) - 1;
+  }
+  int64_t kv_now = 0;
+  if (s->seq != 0) kv_now = *engine_->kv().Length(s->seq);
+  r->prompt_tokens = static_cast<uint32_t>(s->tokens.size() - kv_now);
+  if (metrics_) metrics_->AddPromptTokens(r->prompt_tokens);
+}
+
+Status Scheduler::StartLoad(ActiveRequest* r) {
+  Session* s = r->session;
+  attention::PagePool& pool = engine_->pool();
+  const int32_t n_layers = engine_->model().config().n_layers;
+  const uint64_t per_layer = tiering::BlocksForTokens(s->t2.kv_tokens, pool.layout().page_tokens);
+  const uint64_t need = per_layer * static_cast<uint64_t>(n_layers);
+  while (pool.free_pages() < need && EvictIdle()) {
+  }
+  if (pool.free_pages() < need)
+    return Status::ResourceExhausted("session '" + s->name + "' needs " + std::to_string(need) +
+                                     " KV pages to resume; " + std::to_string(pool.free_pages()) + " of " +
+                                     std::to_string(pool.capacity_pages()) + " are free");
+  std::vector<std::vector<attention::PageId>> pages(n_layers);
+  std::vector<std::vector<void*>> dst(n_layers);
+  for (int32_t l = 0; l < n_layers; ++l) {
+    for (uint64_t p = 0; p < per_layer; ++p) {
+      Result<attention::PageId> id = pool.Allocate();
+      if (!id.ok()) {
+        for (auto& layer : pages)
+          for (attention::PageId q : layer) pool.Unref(q);
+        return id.status();
+      }
+      pages[l].push_back(*id);
+      dst[l].push_back(pool.Data(*id));
+    }
+  }
+  r->loading = true;
+  const std::string label = "session '" + s->name + "'";
+  options_.tier->Load(label, s->t2.blocks, s->t2.kv_tokens, std::move(dst),
+                      [this, r, pages = std::move(pages)](Status st) mutable {
+                        Post([this, r, st = std::move(st), pages = std::move(pages)]() mutable {
+                          LoadDone(r, std::move(st), std::move(pages));
+                        });
+                      });
+  return Status::Ok();
+}
+
+void Scheduler::LoadDone(ActiveRequest* r, Status status, std::vector<std::vector<attention::PageId>> pages) {
+  r->loading = false;
+  Session* s = r->session;
+  auto release = [&] {
+    for (auto& layer : pages)
+      for (attention::PageId q : layer) engine_->pool().Unref(q);
+  };
+  if (status.ok() && !r->cancelled && !draining_local_) {
+    Result<attention::SeqId> seq = engine_->kv().Adopt(std::move(pages), static_cast<int64_t>(s->t2.kv_tokens));
+    if (seq.ok()) {
+      s->seq = *seq;
+      r->kv0 = static_cast<int64_t>(s->t2.kv_tokens);
+      FinalizePrompt(r);
+      return;
+    }
+    status = seq.status();
+  }
+  release();
+  if (!status.ok()) {
+    Fail(r, status);
+  } else if (draining_local_) {
+    Fail(r, Status::Unavailable("mnemod is shutting down"));
+  } else {
+    Finish(r, model::FinishReason::kCancelled);
+  }
+}
+
 void Scheduler::Admit() {
-  while (!waiting_.empty() && running_.size() < static_cast<size_t>(options_.max_batch)) {
-    running_.push_back(std::move(waiting_.front()));
-    waiting_.pop_front();
+  for (size_t i = 0; i < waiting_.size() && running_.size() < static_cast<size_t>(options_.max_batch);) {
+    if (waiting_[i]->loading) {
+      ++i;
+      continue;
+    }
+    running_.push_back(std::move(waiting_[i]));
+    waiting_.erase(waiting_.begin() + static_cast<ptrdiff_t>(i));
   }
 }
 
 bool Scheduler::EvictIdle() {
+  // Sessions whose KV is on T2 lose nothing; others recompute later.
   Session* victim = nullptr;
+  bool victim_safe = false;
   for (Session* s : sessions_.All()) {
     if (s->active || s->seq == 0) continue;
-    if (!victim || s->last_used_unix_ms < victim->last_used_unix_ms) victim = s;
+    Result<int64_t> len = engine_->kv().Length(s->seq);
+    const bool safe = s->persisted && len.ok() && static_cast<uint64_t>(*len) <= s->t2.kv_tokens;
+    if (!victim || (safe && !victim_safe) ||
+        (safe == victim_safe && s->last_used_unix_ms < victim->last_used_unix_ms)) {
+      victim = s;
+      victim_safe = safe;
+    }
   }
   if (!victim) return false;
   // The history stays: the session's next turn recomputes the KV.
@@ -425,7 +612,6 @@ void Scheduler::Step() {
   };
   std::vector<Entry> entries;
   entries.reserve(running_.size());
-  double decode_cost = 0;
   bool any_decoder = false;
   for (auto& up : running_) {
     ActiveRequest* r = up.get();
@@ -434,23 +620,22 @@ void Scheduler::Step() {
     const int64_t kv_len = *kv.Length(s->seq);
     const int64_t feed = static_cast<int64_t>(s->tokens.size()) - kv_len;
     MNEMO_CHECK(feed >= 1);
-    if (feed == 1) {
-      any_decoder = true;
-      decode_cost += RowCost(kv_len);
-    }
+    if (feed == 1) any_decoder = true;
     entries.push_back({r, kv_len, feed});
   }
-  double budget = any_decoder ? std::max(0.0, options_.step_tokens - decode_cost)
-                              : static_cast<double>(options_.prefill_chunk);
+  // Prefill rows this step: the feedback-sized chunk beside decoders, a
+  // whole prefill_chunk when nobody waits for a token.
+  int64_t budget = any_decoder ? std::max<int64_t>(kMinPrefillChunk, static_cast<int64_t>(prefill_budget_))
+                               : options_.prefill_chunk;
+  const int64_t budget0 = budget;
+  int64_t prefill_rows = 0;
   std::vector<Entry> batch_entries;
   for (Entry& e : entries) {
     if (e.n > 1) {
-      // Largest chunk whose cost fits the budget, at least kMinPrefillChunk.
-      const double per_token = RowCost(e.kv_len + e.n / 2);
-      int64_t n = any_decoder ? static_cast<int64_t>(budget / per_token)
-                              : static_cast<int64_t>(budget);
-      n = std::min(e.n, std::max(n, kMinPrefillChunk));
-      budget = std::max(0.0, budget - static_cast<double>(n) * per_token);
+      const int64_t n = std::min(e.n, budget);
+      if (n <= 0) continue;  // the budget went to earlier prompts
+      budget -= n;
+      prefill_rows += n;
       e.n = n;
     }
     // Reserve per entry so a full pool is charged to the request that needs
@@ -472,7 +657,21 @@ void Scheduler::Step() {
     const Session* s = e.r->session;
     batch.push_back({s->seq, std::span<const int32_t>(s->tokens.data() + e.kv_len, e.n), false});
   }
+  const double t_step0 = NowSeconds();
   Status st = engine_->model().Forward(batch, &kv, &logits_);
+  const double step_ms = (NowSeconds() - t_step0) * 1e3;
+  if (any_decoder && st.ok()) {
+    if (prefill_rows == 0) {
+      decode_step_ms_ = decode_step_ms_ > 0 ? 0.8 * decode_step_ms_ + 0.2 * step_ms : step_ms;
+    } else if (decode_step_ms_ > 0) {
+      const double target = kPrefillStepFactor * decode_step_ms_;
+      if (step_ms > target) {
+        prefill_budget_ = std::max<double>(kMinPrefillChunk, prefill_budget_ * std::max(0.5, target / step_ms));
+      } else if (step_ms < 0.8 * target && prefill_rows >= budget0) {
+        prefill_budget_ = std::min<double>(options_.prefill_chunk, prefill_budget_ * 1.15 + 1);
+      }
+    }
+  }
   if (!st.ok()) {
     spdlog::error("model step failed: {}", st.ToString());
     for (const Entry& e : batch_entries) Fail(e.r, st);
@@ -561,7 +760,7 @@ void Scheduler::Finish(ActiveRequest* r, model::FinishReason reason) {
     }
     ++s->turns;
   }
-  protocol::Done done;
+  protocol::Done& done = r->done;
   done.finish_reason = ToWire(reason);
   done.prompt_tokens = r->prompt_tokens;
   done.generated_tokens = r->generated;
@@ -569,7 +768,80 @@ void Scheduler::Finish(ActiveRequest* r, model::FinishReason reason) {
   done.decode_tokens_per_s =
       r->generated > 1 && r->t_last > r->t_first ? (r->generated - 1) / (r->t_last - r->t_first) : 0;
   done.persisted = false;
+  const bool rolled_back = reason == model::FinishReason::kCancelled && r->generated == 0;
+  if (options_.tier && !rolled_back && s->seq != 0) {
+    StartPersist(r);
+    return;
+  }
   r->Reply(done);
+  Remove(r);
+}
+
+tiering::Manifest Scheduler::ManifestOf(const Session& s) const {
+  tiering::Manifest m;
+  m.owner_uid = s.owner;
+  m.name = s.name;
+  m.parent = s.parent;
+  m.tokens = s.tokens;
+  m.close_text = s.close_text;
+  m.chat_open = s.chat_open;
+  m.turns = s.turns;
+  m.created_unix_ms = s.created_unix_ms;
+  m.last_used_unix_ms = s.last_used_unix_ms;
+  if (options_.tier) options_.tier->Stamp(&m);
+  return m;
+}
+
+void Scheduler::StartPersist(ActiveRequest* r) {
+  Session* s = r->session;
+  attention::KvCache& kv = engine_->kv();
+  const attention::SeqKv* seq = kv.Get(s->seq);
+  tiering::PersistJob job;
+  job.manifest = ManifestOf(*s);
+  job.previous = s->t2;
+  job.kv_tokens = static_cast<uint64_t>(seq->n_tokens);
+  const uint64_t per_layer = tiering::BlocksForTokens(job.kv_tokens, engine_->pool().layout().page_tokens);
+  job.pages.resize(seq->layers.size());
+  for (size_t l = 0; l < seq->layers.size(); ++l)
+    for (uint64_t p = 0; p < per_layer; ++p) job.pages[l].push_back(engine_->pool().Data(seq->layers[l][p]));
+  // The request leaves the batch; its session stays busy (and its pages
+  // unchanged) until the commit is done.
+  for (auto* list : {&running_}) {
+    for (auto it = list->begin(); it != list->end(); ++it) {
+      if (it->get() == r) {
+        persisting_.push_back(std::move(*it));
+        list->erase(it);
+        break;
+      }
+    }
+  }
+  for (auto it = waiting_.begin(); it != waiting_.end(); ++it) {
+    if (it->get() == r) {
+      persisting_.push_back(std::move(*it));
+      waiting_.erase(it);
+      break;
+    }
+  }
+  options_.tier->Persist(std::move(job), [this, r](Status st, tiering::CommittedKv committed) {
+    Post([this, r, st = std::move(st), committed = std::move(committed)]() mutable {
+      PersistDone(r, std::move(st), std::move(committed));
+    });
+  });
+}
+
+void Scheduler::PersistDone(ActiveRequest* r, Status status, tiering::CommittedKv committed) {
+  Session* s = r->session;
+  if (status.ok()) {
+    s->t2 = std::move(committed);
+    s->persisted = true;
+    r->done.persisted = true;
+  } else {
+    r->done.persisted = false;
+    r->done.persist_error_code = status.code();
+    r->done.persist_error = "turn not persisted: " + status.ToString();
+    if (metrics_) metrics_->CountError(status.code());
+  }
+  r->Reply(r->done);
   Remove(r);
 }
 
@@ -578,6 +850,7 @@ void Scheduler::RollBack(ActiveRequest* r) {
   s->tokens.resize(r->tokens0);
   s->close_text = r->close_text0;
   s->chat_open = r->chat_open0;
+  s->persisted = r->persisted0;  // nothing changed since the last commit
   if (s->seq != 0) {
     Result<int64_t> len = engine_->kv().Length(s->seq);
     if (len.ok() && *len > r->kv0) (void)engine_->kv().Truncate(s->seq, r->kv0);
@@ -602,7 +875,7 @@ void Scheduler::Remove(ActiveRequest* r) {
     }
     return false;
   };
-  if (!drop(running_)) drop(waiting_);
+  if (!drop(running_) && !drop(waiting_)) drop(persisting_);
 }
 
 }  // namespace mnemo::daemon

@@ -29,7 +29,7 @@ namespace mnemo::daemon {
 
 struct SchedulerOptions {
   int32_t max_batch = 16;        // requests advanced per step
-  int32_t step_tokens = 64;      // work budget of a step while requests decode
+  int32_t step_tokens = 64;      // initial prefill rows of a step while requests decode (then measured)
   int32_t prefill_chunk = 512;   // tokens per step when only prefilling
   uint32_t default_max_tokens = 512;
   uint32_t max_queued = 64;      // Generate requests waiting for a batch slot
@@ -37,6 +37,8 @@ struct SchedulerOptions {
   // Defaults for sampling fields a request leaves unset (llama.cpp server's).
   model::SamplingParams default_sampling = {.temperature = 0.8f, .top_k = 40, .top_p = 0.95f,
                                             .min_p = 0.05f};
+  // Durable sessions (borrowed; null: sessions live in memory only).
+  tiering::TierManager* tier = nullptr;
 };
 
 // Delivers one response of a request. Called on the scheduler thread in
@@ -61,6 +63,9 @@ class Scheduler {
   Scheduler(const Scheduler&) = delete;
   Scheduler& operator=(const Scheduler&) = delete;
 
+  // Restores the sessions committed in the tier manager's index (their KV
+  // stays on T2 until a request needs it). Call before Start.
+  Status Recover();
   void Start();
   // Queues a CreateSession, Generate, Cancel, ListSessions, GetSession,
   // ForkSession or DeleteSession request. Its replies arrive through
@@ -86,10 +91,21 @@ class Scheduler {
 
  private:
   void Run();
+  // Runs `fn` on the scheduler thread between steps (tier callbacks).
+  void Post(std::function<void()> fn);
+  // Starts reading a session's T2 blocks into fresh T0 pages.
+  Status StartLoad(ActiveRequest* r);
+  void LoadDone(ActiveRequest* r, Status status, std::vector<std::vector<attention::PageId>> pages);
+  // Turn end with tiering: persist, then Done.
+  void StartPersist(ActiveRequest* r);
+  void PersistDone(ActiveRequest* r, Status status, tiering::CommittedKv committed);
+  tiering::Manifest ManifestOf(const Session& s) const;
   void Handle(Job job);
   void HandleGenerate(Job job);
   void HandleFork(Job& job, const protocol::ForkSessionRequest& req);
   void Admit();
+  // Sets a turn's prompt token count once its session's KV is in T0.
+  void FinalizePrompt(ActiveRequest* r);
   void Step();
   // Ends a request: Done with `reason` (the turn stays in the session).
   void Finish(ActiveRequest* r, model::FinishReason reason);
@@ -112,6 +128,7 @@ class Scheduler {
   std::condition_variable cv_;
   std::deque<Job> inbox_;                // guarded by mu_
   std::vector<uint64_t> dead_conns_;     // guarded by mu_
+  std::deque<std::function<void()>> posted_;  // guarded by mu_
   bool draining_ = false;                // guarded by mu_
   std::chrono::steady_clock::time_point drain_deadline_;  // guarded by mu_
   std::atomic<uint32_t> running_count_{0}, waiting_count_{0}, session_count_{0};
@@ -122,8 +139,14 @@ class Scheduler {
   SessionTable sessions_;
   std::deque<std::unique_ptr<ActiveRequest>> waiting_;
   std::vector<std::unique_ptr<ActiveRequest>> running_;
+  // Finished turns waiting for their persist to commit (sessions stay busy).
+  std::vector<std::unique_ptr<ActiveRequest>> persisting_;
+  std::chrono::steady_clock::time_point tier_stats_at_{};
   bool draining_local_ = false;
   std::vector<float> logits_;
+  // Feedback state of chunked prefill (see Step).
+  double decode_step_ms_ = 0;   // moving average of decode-only steps
+  double prefill_budget_ = 0;   // prefill rows beside decoders
 };
 
 }  // namespace mnemo::daemon

@@ -48,6 +48,15 @@ Result<Session*> SessionTable::Create(uid_t uid, std::optional<std::string> name
   return raw;
 }
 
+Session* SessionTable::Restore(uid_t uid, const std::string& name) {
+  auto s = std::make_unique<Session>();
+  s->name = name;
+  s->owner = uid;
+  Session* raw = s.get();
+  sessions_[std::make_pair(uid, name)] = std::move(s);
+  return raw;
+}
+
 void SessionTable::Erase(uid_t uid, const std::string& name) { sessions_.erase({uid, name}); }
 
 std::vector<Session*> SessionTable::List(uid_t uid) {

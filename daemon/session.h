@@ -18,6 +18,7 @@
 #include "attention/kv_cache.h"
 #include "common/status.h"
 #include "protocol/messages.h"
+#include "tiering/tier_manager.h"
 
 namespace mnemo::daemon {
 
@@ -40,6 +41,11 @@ struct Session {
   uint64_t created_unix_ms = 0;
   uint64_t last_used_unix_ms = 0;
   ActiveRequest* active = nullptr;  // the running Generate, if any
+  // --- durability (tiering) ---------------------------------------------------
+  tiering::CommittedKv t2;  // what the index holds; turn_seq 0: nothing committed
+  bool persisted = false;   // the last turn (or the creation) is committed
+  // Why the session cannot be resumed (another model or KV layout); OK if it can.
+  Status resume_error;
 };
 
 class SessionTable {
@@ -52,6 +58,8 @@ class SessionTable {
   // at the per-uid limit. An absent name gets a fresh unique one.
   Result<Session*> Create(uid_t uid, std::optional<std::string> name, uint64_t now_unix_ms);
   void Erase(uid_t uid, const std::string& name);
+  // Re-creates a session recovered from storage (no limit check).
+  Session* Restore(uid_t uid, const std::string& name);
   // The uid's sessions, ordered by name.
   std::vector<Session*> List(uid_t uid);
   // Every session of every uid (for eviction and stats).

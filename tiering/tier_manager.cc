@@ -1,0 +1,389 @@
+// TierManager: turn persistence (stage, write, sync, commit), resume loads
+// with checksum verification, and the T1 block cache.
+#include "tiering/tier_manager.h"
+
+#include <cstring>
+#include <filesystem>
+
+#include <spdlog/spdlog.h>
+
+namespace mnemo::tiering {
+namespace {
+
+// Blocks staged and written per window: bounds the staging memory of a
+// persist or load (window * block_bytes) whatever the session length.
+constexpr size_t kWindowBlocks = 32;
+
+}  // namespace
+
+Result<std::unique_ptr<TierManager>> TierManager::Open(const TierOptions& options) {
+  if (options.page_bytes == 0) return Status::InvalidArgument("tiering: page_bytes not set");
+  kernels::KvLayout kv{options.kv.page_tokens, options.kv.n_kv_heads, options.kv.head_dim};
+  MNEMO_ASSIGN_OR_RETURN(BlockLayout layout, BlockLayout::For(kv, options.kv.n_layers));
+  if (layout.page_bytes != options.page_bytes)
+    return Status::InvalidArgument("tiering: page size " + std::to_string(options.page_bytes) +
+                                   " does not match the KV geometry's " + std::to_string(layout.page_bytes));
+  if (options.t2_budget_bytes < layout.block_bytes)
+    return Status::InvalidArgument("T2 budget of " + std::to_string(options.t2_budget_bytes) +
+                                   " bytes holds no block of " + std::to_string(layout.block_bytes) + " bytes");
+  std::error_code ec;
+  std::filesystem::create_directories(options.data_dir, ec);
+  if (ec) return Status::IOError("cannot create " + options.data_dir + ": " + ec.message());
+
+  PageStoreOptions so;
+  so.dir = options.data_dir + "/pages";
+  so.block_bytes = layout.block_bytes;
+  so.slab_bytes = std::max<size_t>(std::min<uint64_t>(options.slab_bytes, options.t2_budget_bytes),
+                                   layout.block_bytes);
+  so.budget_bytes = options.t2_budget_bytes;
+  so.queue_depth = options.queue_depth;
+  so.engine = options.engine;
+  so.direct_io = options.direct_io;
+  Result<std::unique_ptr<PageStore>> opened = OpenPageStore(so);
+  if (!opened.ok() && opened.status().code() == StatusCode::kUnsupported && so.direct_io) {
+    spdlog::warn("{}; using buffered I/O (the page cache) for T2", opened.status().ToString());
+    so.direct_io = false;
+    opened = OpenPageStore(so);
+  }
+  if (!opened.ok()) return opened.status();
+  std::unique_ptr<PageStore> store = std::move(opened).value();
+  if (options.wrap_store) store = options.wrap_store(std::move(store));
+
+  IndexOptions io;
+  io.capacity_slots = store->max_slots();
+  MNEMO_ASSIGN_OR_RETURN(std::unique_ptr<Index> index,
+                         Index::Open(options.data_dir + "/" + std::string(kIndexDirName), io));
+  const RecoveryReport& r = index->recovery();
+  spdlog::info("T2: {} ({}), {} sessions, {} blocks committed, {} free, index opened in {} ms",
+               store->engine_name(), so.dir, r.sessions, r.slots_committed, r.slots_free, r.elapsed_ms);
+  return std::unique_ptr<TierManager>(
+      new TierManager(options, layout, std::move(store), std::move(index)));
+}
+
+TierManager::TierManager(TierOptions options, BlockLayout layout, std::unique_ptr<PageStore> store,
+                         std::unique_ptr<Index> index)
+    : options_(std::move(options)),
+      layout_(layout),
+      store_(std::move(store)),
+      index_(std::move(index)),
+      t1_capacity_blocks_(options_.t1_budget_bytes / layout_.block_bytes) {
+  StartWorker(&persist_worker_);
+  StartWorker(&load_worker_);
+}
+
+TierManager::~TierManager() {
+  StopWorker(&persist_worker_);
+  StopWorker(&load_worker_);
+}
+
+void TierManager::StartWorker(Worker* w) {
+  w->thread = std::thread([w] {
+    for (;;) {
+      std::function<void()> job;
+      {
+        std::unique_lock<std::mutex> lock(w->mu);
+        w->cv.wait(lock, [&] { return w->stop || !w->jobs.empty(); });
+        if (w->jobs.empty()) return;  // stop requested and drained
+        job = std::move(w->jobs.front());
+        w->jobs.pop_front();
+      }
+      job();
+    }
+  });
+}
+
+void TierManager::StopWorker(Worker* w) {
+  {
+    std::lock_guard<std::mutex> lock(w->mu);
+    w->stop = true;
+    w->cv.notify_all();
+  }
+  if (w->thread.joinable()) w->thread.join();
+}
+
+void TierManager::Enqueue(Worker* w, std::function<void()> job) {
+  std::lock_guard<std::mutex> lock(w->mu);
+  w->jobs.push_back(std::move(job));
+  w->cv.notify_one();
+}
+
+void TierManager::Stamp(Manifest* m) const {
+  m->model_fingerprint = options_.model_fingerprint;
+  m->kv = options_.kv;
+}
+
+Status TierManager::CheckCompatible(const Manifest& m) const {
+  if (m.model_fingerprint != options_.model_fingerprint)
+    return Status::FailedPrecondition(SessionLabel(m.owner_uid, m.name) +
+                                      " was computed with another model file (fingerprint " +
+                                      std::to_string(m.model_fingerprint) + ", this daemon's " +
+                                      std::to_string(options_.model_fingerprint) + "); it cannot be resumed");
+  if (!(m.kv == options_.kv))
+    return Status::FailedPrecondition(SessionLabel(m.owner_uid, m.name) +
+                                      " was stored with another KV layout (page tokens " +
+                                      std::to_string(m.kv.page_tokens) + ", layers " +
+                                      std::to_string(m.kv.n_layers) + "); it cannot be resumed");
+  return Status::Ok();
+}
+
+void TierManager::StageBlock(const PersistJob& job, size_t s, uint8_t* block, uint64_t* checksums) const {
+  for (int32_t l = 0; l < layout_.n_layers; ++l) {
+    uint8_t* dst = block + layout_.LayerOffset(l);
+    memcpy(dst, job.pages[l][s], layout_.page_bytes);
+    if (layout_.layer_stride > layout_.page_bytes)
+      memset(dst + layout_.page_bytes, 0, layout_.layer_stride - layout_.page_bytes);
+    checksums[l] = PageChecksum(dst, layout_.page_bytes);
+  }
+}
+
+void TierManager::Persist(PersistJob job, PersistDone done) {
+  Enqueue(&persist_worker_, [this, job = std::move(job), done = std::move(done)]() mutable {
+    CommittedKv out;
+    Status s = DoPersist(job, &out);
+    ++persists_;
+    if (!s.ok()) {
+      ++persist_errors_;
+      spdlog::warn("persisting {}: {}", SessionLabel(job.manifest.owner_uid, job.manifest.name), s.ToString());
+    }
+    done(std::move(s), std::move(out));
+  });
+}
+
+Status TierManager::DoPersist(PersistJob& job, CommittedKv* out) {
+  const int32_t pt = layout_.page_tokens;
+  const uint64_t spans = BlocksForTokens(job.kv_tokens, pt);
+  for (const auto& layer : job.pages)
+    if (layer.size() < spans) return Status::Internal("persist: page table shorter than the KV");
+  if (static_cast<int32_t>(job.pages.size()) != layout_.n_layers)
+    return Status::Internal("persist: page table has the wrong layer count");
+  // Full blocks already committed stay; a committed partial block is
+  // rewritten, as are blocks past what was committed.
+  uint64_t keep = std::min<uint64_t>(job.previous.kv_tokens, job.kv_tokens) / pt;
+  keep = std::min<uint64_t>(keep, job.previous.blocks.size());
+  const uint64_t fresh = spans - keep;
+  std::vector<BlockSlot> slots;
+  if (fresh > 0) {
+    MNEMO_ASSIGN_OR_RETURN(slots, index_->AllocateSlots(fresh));
+    if (Status s = store_->EnsureCapacity(slots.back() + 1); !s.ok()) {
+      (void)index_->ReleaseSlots(slots);
+      return s;
+    }
+  }
+  std::vector<uint64_t> checksums(fresh * layout_.n_layers);
+  auto fail = [&](Status s) {
+    if (!slots.empty()) (void)index_->ReleaseSlots(slots);
+    return s;
+  };
+  const size_t window = std::min<size_t>(kWindowBlocks, std::max<uint64_t>(fresh, 1));
+  Result<AlignedBuffer> staging = AlignedBuffer::Allocate(window * layout_.block_bytes);
+  if (!staging.ok()) return fail(staging.status());
+  for (uint64_t w0 = 0; w0 < fresh; w0 += window) {
+    const uint64_t n = std::min<uint64_t>(window, fresh - w0);
+    std::vector<const void*> bufs(n);
+    for (uint64_t i = 0; i < n; ++i) {
+      uint8_t* block = staging->data() + i * layout_.block_bytes;
+      StageBlock(job, keep + w0 + i, block, &checksums[(w0 + i) * layout_.n_layers]);
+      bufs[i] = block;
+    }
+    if (Status s = store_->WriteBlocks(std::span<const BlockSlot>(slots.data() + w0, n), bufs); !s.ok())
+      return fail(s.WithContext("writing KV blocks"));
+    for (uint64_t i = 0; i < n; ++i) T1Put(slots[w0 + i], staging->data() + i * layout_.block_bytes);
+  }
+  if (fresh > 0) {
+    if (Status s = store_->Sync(); !s.ok()) return fail(s.WithContext("syncing KV blocks"));
+  }
+  Manifest& m = job.manifest;
+  Stamp(&m);
+  m.kv_tokens = job.kv_tokens;
+  m.blocks.assign(job.previous.blocks.begin(), job.previous.blocks.begin() + static_cast<ptrdiff_t>(keep));
+  m.blocks.insert(m.blocks.end(), slots.begin(), slots.end());
+  m.turn_seq = job.previous.turn_seq + 1;
+  std::vector<NewBlock> nb(fresh);
+  for (uint64_t i = 0; i < fresh; ++i)
+    nb[i] = NewBlock{slots[i], std::span<const uint64_t>(&checksums[i * layout_.n_layers], layout_.n_layers)};
+  if (Status s = index_->CommitTurn(m, nb); !s.ok()) {
+    for (BlockSlot slot : slots) T1Drop(slot);
+    return fail(s.WithContext("committing the manifest"));
+  }
+  // The rewritten partial block's slot may be reused now.
+  for (uint64_t i = keep; i < job.previous.blocks.size(); ++i) T1Drop(job.previous.blocks[i]);
+  out->kv_tokens = m.kv_tokens;
+  out->blocks = m.blocks;
+  out->turn_seq = m.turn_seq;
+  return Status::Ok();
+}
+
+void TierManager::Load(std::string label, std::vector<BlockSlot> blocks, uint64_t kv_tokens,
+                       std::vector<std::vector<void*>> dst, std::function<void(Status)> done) {
+  Enqueue(&load_worker_, [this, label = std::move(label), blocks = std::move(blocks), kv_tokens,
+                          dst = std::move(dst), done = std::move(done)]() mutable {
+    Status s = DoLoad(label, blocks, kv_tokens, dst);
+    ++loads_;
+    if (!s.ok()) {
+      ++load_errors_;
+      spdlog::warn("loading {}: {}", label, s.ToString());
+    }
+    done(std::move(s));
+  });
+}
+
+Status TierManager::DoLoad(const std::string& label, const std::vector<BlockSlot>& blocks, uint64_t kv_tokens,
+                           const std::vector<std::vector<void*>>& dst) {
+  const uint64_t spans = BlocksForTokens(kv_tokens, layout_.page_tokens);
+  if (blocks.size() < spans) return Status::Corruption(label + ": manifest lists fewer blocks than its KV");
+  if (static_cast<int32_t>(dst.size()) != layout_.n_layers) return Status::Internal("load: wrong layer count");
+  const size_t window = std::min<size_t>(kWindowBlocks, std::max<uint64_t>(spans, 1));
+  Result<AlignedBuffer> staging = AlignedBuffer::Allocate(window * layout_.block_bytes);
+  if (!staging.ok()) return staging.status();
+  for (uint64_t w0 = 0; w0 < spans; w0 += window) {
+    const uint64_t n = std::min<uint64_t>(window, spans - w0);
+    std::vector<BlockInfo> infos(n);
+    std::vector<BlockSlot> to_read;
+    std::vector<void*> bufs;
+    std::vector<bool> from_t1(n);
+    for (uint64_t i = 0; i < n; ++i) {
+      Result<BlockInfo> info = index_->GetBlock(blocks[w0 + i]);
+      if (!info.ok()) return info.status().WithContext(label);
+      infos[i] = std::move(info).value();
+      uint8_t* block = staging->data() + i * layout_.block_bytes;
+      from_t1[i] = T1Get(blocks[w0 + i], block);
+      if (!from_t1[i]) {
+        to_read.push_back(blocks[w0 + i]);
+        bufs.push_back(block);
+      }
+    }
+    if (!to_read.empty()) {
+      if (Status s = store_->ReadBlocks(to_read, bufs); !s.ok())
+        return s.WithContext(label + ": reading KV blocks");
+    }
+    for (uint64_t i = 0; i < n; ++i) {
+      const uint8_t* block = staging->data() + i * layout_.block_bytes;
+      const BlockSlot slot = blocks[w0 + i];
+      bool ok = infos[i].page_checksums.size() == static_cast<size_t>(layout_.n_layers);
+      int32_t bad_layer = -1;
+      for (int32_t l = 0; ok && l < layout_.n_layers; ++l) {
+        if (PageChecksum(block + layout_.LayerOffset(l), layout_.page_bytes) != infos[i].page_checksums[l]) {
+          ok = false;
+          bad_layer = l;
+        }
+      }
+      if (!ok) {
+        if (from_t1[i]) {
+          // A stale cache entry (slot reused): read the disk copy instead.
+          T1Drop(slot);
+          uint8_t* b = staging->data() + i * layout_.block_bytes;
+          if (Status s = store_->ReadBlocks(std::span<const BlockSlot>(&slot, 1), std::span<void* const>(
+                                                                                      reinterpret_cast<void**>(&b), 1));
+              !s.ok())
+            return s.WithContext(label + ": reading KV blocks");
+          from_t1[i] = false;
+          --i;  // verify again
+          continue;
+        }
+        return Status::Corruption(label + ": KV page of layer " + std::to_string(bad_layer) + " in block " +
+                                  std::to_string(slot) + " fails its checksum");
+      }
+      for (int32_t l = 0; l < layout_.n_layers; ++l)
+        memcpy(dst[l][w0 + i], block + layout_.LayerOffset(l), layout_.page_bytes);
+      if (!from_t1[i]) T1Put(slot, block);
+    }
+  }
+  return Status::Ok();
+}
+
+Status TierManager::CommitManifest(const Manifest& m) {
+  Manifest copy = m;
+  Stamp(&copy);
+  return index_->CommitTurn(copy, {});
+}
+
+Status TierManager::Fork(uint32_t uid, std::string_view src, const Manifest& dst) {
+  Manifest copy = dst;
+  Stamp(&copy);
+  return index_->ForkSession(uid, src, copy);
+}
+
+Status TierManager::Delete(uint32_t uid, std::string_view name) { return index_->DeleteSession(uid, name); }
+
+void TierManager::T1Put(BlockSlot slot, const uint8_t* block) {
+  if (t1_capacity_blocks_ == 0) return;
+  std::lock_guard<std::mutex> lock(t1_mu_);
+  auto it = t1_.find(slot);
+  if (it != t1_.end()) {
+    memcpy(it->second.data.data(), block, layout_.block_bytes);
+    t1_lru_.splice(t1_lru_.begin(), t1_lru_, it->second.lru);
+    return;
+  }
+  AlignedBuffer buf;
+  if (t1_.size() >= t1_capacity_blocks_) {
+    // Reuse the least recently used entry's memory.
+    const BlockSlot victim = t1_lru_.back();
+    t1_lru_.pop_back();
+    auto v = t1_.find(victim);
+    buf = std::move(v->second.data);
+    t1_.erase(v);
+  } else {
+    Result<AlignedBuffer> b = AlignedBuffer::Allocate(layout_.block_bytes);
+    if (!b.ok()) return;  // a cache: skip under memory pressure
+    buf = std::move(b).value();
+  }
+  memcpy(buf.data(), block, layout_.block_bytes);
+  t1_lru_.push_front(slot);
+  t1_.emplace(slot, T1Entry{std::move(buf), t1_lru_.begin()});
+}
+
+bool TierManager::T1Get(BlockSlot slot, uint8_t* block) {
+  std::lock_guard<std::mutex> lock(t1_mu_);
+  auto it = t1_.find(slot);
+  if (it == t1_.end()) {
+    ++t1_misses_;
+    return false;
+  }
+  ++t1_hits_;
+  memcpy(block, it->second.data.data(), layout_.block_bytes);
+  t1_lru_.splice(t1_lru_.begin(), t1_lru_, it->second.lru);
+  return true;
+}
+
+void TierManager::T1Drop(BlockSlot slot) {
+  std::lock_guard<std::mutex> lock(t1_mu_);
+  auto it = t1_.find(slot);
+  if (it == t1_.end()) return;
+  t1_lru_.erase(it->second.lru);
+  t1_.erase(it);
+}
+
+uint32_t TierManager::CountT1(const std::vector<BlockSlot>& slots) const {
+  std::lock_guard<std::mutex> lock(t1_mu_);
+  uint32_t n = 0;
+  for (BlockSlot s : slots) n += t1_.count(s) ? 1 : 0;
+  return n;
+}
+
+TierStats TierManager::stats() const {
+  TierStats s;
+  s.block_bytes = layout_.block_bytes;
+  s.n_layers = layout_.n_layers;
+  {
+    std::lock_guard<std::mutex> lock(t1_mu_);
+    s.t1_blocks = t1_.size();
+    s.t1_hits = t1_hits_;
+    s.t1_misses = t1_misses_;
+  }
+  s.t1_bytes = s.t1_blocks * layout_.block_bytes;
+  s.t1_budget_bytes = t1_capacity_blocks_ * layout_.block_bytes;
+  const SlotStats slots = index_->slot_stats();
+  s.t2_blocks = slots.committed;
+  s.t2_bytes = slots.committed * layout_.block_bytes;
+  s.t2_budget_bytes = store_->max_slots() * layout_.block_bytes;
+  const PageStoreStats io = store_->stats();
+  s.bytes_read = io.read_bytes;
+  s.bytes_written = io.write_bytes;
+  s.persists = persists_.load();
+  s.persist_errors = persist_errors_.load();
+  s.loads = loads_.load();
+  s.load_errors = load_errors_.load();
+  return s;
+}
+
+}  // namespace mnemo::tiering

@@ -1,0 +1,168 @@
+// The tiering manager: sessions' KV beyond the compute pool (T0). At the end
+// of a turn it writes the turn's new blocks to T2 (the page store), makes
+// them durable, then commits the session manifest in the index; on resume it
+// reads a session's blocks back into T0 pages, verifying every layer page's
+// checksum. A host-memory block cache (T1) keeps recently written or read
+// blocks so a session evicted from T0 resumes without touching the disk.
+//
+// Thread-safe. Persist and Load run on two dedicated worker threads (a
+// resume never queues behind a large persist) and report through callbacks
+// on those threads; the caller's threads never wait on I/O. T0 page memory
+// is handed over as raw pointers that the caller keeps valid and unchanged
+// (persist) or untouched (load) until the callback runs.
+#pragma once
+
+#include <sys/types.h>
+
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <list>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <unordered_map>
+#include <vector>
+
+#include "common/status.h"
+#include "tiering/index.h"
+#include "tiering/layout.h"
+#include "tiering/manifest.h"
+#include "tiering/page_store.h"
+
+namespace mnemo::tiering {
+
+struct TierOptions {
+  std::string data_dir;  // holds pages/ (the T2 store) and index/
+  uint64_t t1_budget_bytes = 0;
+  uint64_t t2_budget_bytes = 0;
+  uint32_t queue_depth = 32;
+  PageStoreOptions::Engine engine = PageStoreOptions::Engine::kAuto;
+  bool direct_io = true;
+  size_t slab_bytes = size_t{1} << 30;
+  // What the KV is computed with; manifests written under anything else are
+  // refused at resume.
+  uint64_t model_fingerprint = 0;
+  KvGeometry kv;
+  size_t page_bytes = 0;  // one layer page as T0 stores it
+  // Tests: wraps the opened store (fault injection).
+  std::function<std::unique_ptr<PageStore>(std::unique_ptr<PageStore>)> wrap_store;
+};
+
+// A session's KV as last committed on T2.
+struct CommittedKv {
+  uint64_t kv_tokens = 0;
+  std::vector<BlockSlot> blocks;
+  uint64_t turn_seq = 0;
+};
+
+struct PersistJob {
+  // Everything but kv_tokens, blocks and turn_seq, which Persist fills in.
+  Manifest manifest;
+  CommittedKv previous;
+  uint64_t kv_tokens = 0;  // tokens whose KV is in `pages`
+  // [layer][page] T0 page memory covering kv_tokens.
+  std::vector<std::vector<const void*>> pages;
+};
+
+struct TierStats {
+  uint64_t t1_blocks = 0, t1_bytes = 0, t1_budget_bytes = 0;
+  uint64_t t1_hits = 0, t1_misses = 0;
+  uint64_t t2_blocks = 0, t2_bytes = 0, t2_budget_bytes = 0;
+  uint64_t bytes_read = 0, bytes_written = 0;
+  uint64_t persists = 0, persist_errors = 0, loads = 0, load_errors = 0;
+  size_t block_bytes = 0;
+  int32_t n_layers = 0;
+};
+
+class TierManager {
+ public:
+  // Opens (creating) <data_dir>/pages and <data_dir>/index. Errors as
+  // OpenPageStore and Index::Open (a newer format: FailedPrecondition; a
+  // damaged index: Corruption).
+  static Result<std::unique_ptr<TierManager>> Open(const TierOptions& options);
+  ~TierManager();  // finishes queued work, then stops the workers
+  TierManager(const TierManager&) = delete;
+  TierManager& operator=(const TierManager&) = delete;
+
+  const BlockLayout& layout() const { return layout_; }
+  const RecoveryReport& recovery() const { return index_->recovery(); }
+  std::string_view engine_name() const { return store_->engine_name(); }
+
+  // Every committed session, for the daemon's table at start-up.
+  Result<std::vector<Manifest>> LoadManifests() const { return index_->LoadManifests(); }
+  // FailedPrecondition naming the session when it was computed under
+  // another model file or KV layout.
+  Status CheckCompatible(const Manifest& m) const;
+  // The KV geometry and fingerprint new manifests carry.
+  void Stamp(Manifest* m) const;
+
+  using PersistDone = std::function<void(Status, CommittedKv)>;
+  // Writes the blocks of `job` not yet on T2 (the previous partial block is
+  // rewritten to a fresh slot), syncs, and commits the manifest. `done` gets
+  // the new committed state, or an error with nothing changed on T2.
+  void Persist(PersistJob job, PersistDone done);
+
+  // Reads the first kv_tokens tokens' blocks into `dst` ([layer][page] T0
+  // page memory, ceil(kv_tokens / page_tokens) pages per layer). Corruption
+  // naming `label` when a page fails its checksum.
+  void Load(std::string label, std::vector<BlockSlot> blocks, uint64_t kv_tokens,
+            std::vector<std::vector<void*>> dst, std::function<void(Status)> done);
+
+  // Index operations: one small synced batch each, on the caller's thread.
+  Status CommitManifest(const Manifest& m);  // a session without KV blocks
+  Status Fork(uint32_t uid, std::string_view src, const Manifest& dst);
+  Status Delete(uint32_t uid, std::string_view name);
+
+  TierStats stats() const;
+  // Blocks of `slots` present in T1.
+  uint32_t CountT1(const std::vector<BlockSlot>& slots) const;
+
+ private:
+  TierManager(TierOptions options, BlockLayout layout, std::unique_ptr<PageStore> store,
+              std::unique_ptr<Index> index);
+  struct Worker {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::deque<std::function<void()>> jobs;  // guarded by mu
+    bool stop = false;                       // guarded by mu
+    std::thread thread;
+  };
+  void StartWorker(Worker* w);
+  void StopWorker(Worker* w);
+  static void Enqueue(Worker* w, std::function<void()> job);
+  Status DoPersist(PersistJob& job, CommittedKv* out);
+  Status DoLoad(const std::string& label, const std::vector<BlockSlot>& blocks, uint64_t kv_tokens,
+                const std::vector<std::vector<void*>>& dst);
+  // Copies span `s` of `job` into `block` (block_bytes) and fills the
+  // per-layer checksums.
+  void StageBlock(const PersistJob& job, size_t s, uint8_t* block, uint64_t* checksums) const;
+  // T1.
+  void T1Put(BlockSlot slot, const uint8_t* block);
+  bool T1Get(BlockSlot slot, uint8_t* block);
+  void T1Drop(BlockSlot slot);
+
+  // --- constant after construction -------------------------------------------
+  const TierOptions options_;
+  const BlockLayout layout_;
+  std::unique_ptr<PageStore> store_;
+  std::unique_ptr<Index> index_;
+  const uint64_t t1_capacity_blocks_;
+
+  // --- T1, guarded by t1_mu_ ---------------------------------------------------
+  mutable std::mutex t1_mu_;
+  std::list<BlockSlot> t1_lru_;  // most recent first
+  struct T1Entry {
+    AlignedBuffer data;
+    std::list<BlockSlot>::iterator lru;
+  };
+  std::unordered_map<BlockSlot, T1Entry> t1_;
+  uint64_t t1_hits_ = 0, t1_misses_ = 0;
+
+  std::atomic<uint64_t> persists_{0}, persist_errors_{0}, loads_{0}, load_errors_{0};
+  Worker persist_worker_, load_worker_;
+};
+
+}  // namespace mnemo::tiering
