@@ -1,0 +1,306 @@
+// Durable sessions through the scheduler with a real TierManager (io_uring
+// page store, RocksDB index) on a tiny model: persist at turn end, resume
+// after a restart without re-prefill and with the uninterrupted output,
+// fork/delete, model mismatch, ENOSPC/EIO while persisting, and a corrupt
+// page failing only its session.
+#include <gtest/gtest.h>
+
+#include <condition_variable>
+#include <filesystem>
+#include <fstream>
+#include <mutex>
+
+#include "daemon/scheduler.h"
+#include "tests/testutil/tiny_model.h"
+#include "tiering/fault_page_store.h"
+
+namespace mnemo::daemon {
+namespace {
+
+using namespace std::chrono_literals;
+using protocol::ResponseBody;
+
+// The terminal reply of one request and the token ids streamed before it.
+struct Reply {
+  ResponseBody last;
+  std::vector<int32_t> tokens;
+};
+
+class Node {
+ public:
+  // One daemon's worth of state over `dir` with the model at `model`.
+  Node(const std::string& model, const std::string& dir, uint64_t t2_budget = 256u << 20,
+       tiering::FaultInjectingPageStore** fault = nullptr, size_t t0_budget = 64u << 20) {
+    model::EngineOptions eo;
+    eo.model_path = model;
+    eo.threads = 2;
+    eo.kv_budget_bytes = t0_budget;
+    auto e = model::Engine::Open(eo);
+    EXPECT_TRUE(e.ok()) << e.status().ToString();
+    engine = std::move(e).value();
+    const model::LlamaConfig& c = engine->model().config();
+    tiering::TierOptions to;
+    to.data_dir = dir;
+    to.t1_budget_bytes = 0;  // every resume reads T2
+    to.t2_budget_bytes = t2_budget;
+    to.model_fingerprint = engine->model().fingerprint();
+    to.kv = tiering::KvGeometry{c.n_layers, engine->pool().layout().page_tokens, c.n_kv_heads, c.head_dim,
+                                tiering::KvDtype::kF16};
+    to.page_bytes = engine->pool().page_bytes();
+    if (fault) {
+      to.wrap_store = [fault](std::unique_ptr<tiering::PageStore> inner) {
+        auto f = std::make_unique<tiering::FaultInjectingPageStore>(std::move(inner));
+        *fault = f.get();
+        return std::unique_ptr<tiering::PageStore>(std::move(f));
+      };
+    }
+    auto t = tiering::TierManager::Open(to);
+    open_status = t.status();
+    if (!t.ok()) return;
+    tier = std::move(t).value();
+    SchedulerOptions so;
+    so.tier = tier.get();
+    sched = std::make_unique<Scheduler>(engine.get(), so, nullptr);
+    open_status = sched->Recover();
+    sched->Start();
+  }
+  ~Node() {
+    if (sched) sched->Shutdown(10s);
+  }
+
+  Reply Call(protocol::RequestBody body, uid_t uid = 1000) {
+    std::mutex mu;
+    std::condition_variable cv;
+    Reply r;
+    bool done = false;
+    sched->Submit(Job{1, next_id++, uid, std::move(body), [&](ResponseBody b) {
+                        std::lock_guard<std::mutex> lock(mu);
+                        if (auto* c = std::get_if<protocol::TokenChunk>(&b)) {
+                          r.tokens.insert(r.tokens.end(), c->token_ids.begin(), c->token_ids.end());
+                          return;
+                        }
+                        if (std::holds_alternative<protocol::PrefillProgress>(b)) return;
+                        r.last = std::move(b);
+                        done = true;
+                        cv.notify_all();
+                      }});
+    std::unique_lock<std::mutex> lock(mu);
+    EXPECT_TRUE(cv.wait_for(lock, 120s, [&] { return done; }));
+    return r;
+  }
+
+  std::unique_ptr<model::Engine> engine;
+  std::unique_ptr<tiering::TierManager> tier;
+  std::unique_ptr<Scheduler> sched;
+  Status open_status;
+  uint64_t next_id = 1;
+};
+
+template <typename T>
+T As(const ResponseBody& b) {
+  if (auto* e = std::get_if<protocol::ErrorReply>(&b)) {
+    ADD_FAILURE() << "error reply: " << e->ToStatus().ToString();
+    return T{};
+  }
+  EXPECT_TRUE(std::holds_alternative<T>(b)) << "reply type " << b.index();
+  return std::holds_alternative<T>(b) ? std::get<T>(b) : T{};
+}
+
+StatusCode CodeOf(const ResponseBody& b) {
+  auto* e = std::get_if<protocol::ErrorReply>(&b);
+  return e ? e->code : StatusCode::kOk;
+}
+
+protocol::GenerateRequest Turn(const std::string& session, const std::string& text, uint32_t max_tokens = 12) {
+  protocol::GenerateRequest g;
+  g.session = session;
+  g.messages = {{"user", text}};
+  g.max_tokens = max_tokens;
+  g.sampling.temperature = 0;
+  return g;
+}
+
+class DurabilityTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    testutil::TinyModelSpec spec;
+    spec.n_layers = 3;
+    spec.context_length = 2048;
+    model_ = testutil::WriteTinyModel(spec);
+    dir_ = testutil::TempDir();
+  }
+  std::string model_, dir_;
+};
+
+TEST_F(DurabilityTest, TurnsPersistAndResumeAfterRestartWithoutRecompute) {
+  std::vector<int32_t> uninterrupted;
+  {
+    // Reference: three turns in one life.
+    Node ref(model_, testutil::TempDir());
+    ASSERT_TRUE(ref.open_status.ok()) << ref.open_status.ToString();
+    As<protocol::SessionInfo>(ref.Call(protocol::CreateSessionRequest{"s"}).last);
+    As<protocol::Done>(ref.Call(Turn("s", "first message, a long one to fill some pages of KV")).last);
+    As<protocol::Done>(ref.Call(Turn("s", "second")).last);
+    uninterrupted = ref.Call(Turn("s", "third")).tokens;
+  }
+  uint32_t tokens_before = 0;
+  {
+    Node a(model_, dir_);
+    ASSERT_TRUE(a.open_status.ok()) << a.open_status.ToString();
+    As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"s"}).last);
+    auto d1 = As<protocol::Done>(a.Call(Turn("s", "first message, a long one to fill some pages of KV")).last);
+    EXPECT_TRUE(d1.persisted);
+    auto d2 = As<protocol::Done>(a.Call(Turn("s", "second")).last);
+    EXPECT_TRUE(d2.persisted) << d2.persist_error;
+    auto info = As<protocol::SessionInfo>(a.Call(protocol::GetSessionRequest{"s"}).last);
+    EXPECT_TRUE(info.persisted);
+    EXPECT_GT(info.t2_pages, 0u);
+    tokens_before = info.tokens;
+  }
+  Node b(model_, dir_);
+  ASSERT_TRUE(b.open_status.ok()) << b.open_status.ToString();
+  auto info = As<protocol::SessionInfo>(b.Call(protocol::GetSessionRequest{"s"}).last);
+  EXPECT_EQ(info.tokens, tokens_before);
+  EXPECT_EQ(info.turns, 2u);
+  EXPECT_EQ(info.t0_pages, 0u) << "KV should still be on T2 only";
+  EXPECT_GT(info.t2_pages, 0u);
+  Reply r = b.Call(Turn("s", "third"));
+  auto d3 = As<protocol::Done>(r.last);
+  EXPECT_LT(d3.prompt_tokens, 40u) << "the history was recomputed";
+  EXPECT_EQ(r.tokens, uninterrupted) << "resumed continuation differs from the uninterrupted one";
+  EXPECT_TRUE(d3.persisted);
+  // Other uids still cannot see it after recovery.
+  EXPECT_EQ(CodeOf(b.Call(protocol::GetSessionRequest{"s"}, 2000).last), StatusCode::kNotFound);
+}
+
+TEST_F(DurabilityTest, ForkAndDeleteSurviveRestartAndFreeSpace) {
+  {
+    Node a(model_, dir_);
+    ASSERT_TRUE(a.open_status.ok());
+    As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"p"}).last);
+    As<protocol::Done>(a.Call(Turn("p", "a parent message with enough text for a few pages")).last);
+    auto f = As<protocol::SessionInfo>(a.Call(protocol::ForkSessionRequest{"p", "f"}).last);
+    EXPECT_TRUE(f.persisted);
+    As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"gone"}).last);
+    As<protocol::Done>(a.Call(Turn("gone", "to be deleted")).last);
+    As<protocol::Ack>(a.Call(protocol::DeleteSessionRequest{"gone"}).last);
+  }
+  Node b(model_, dir_);
+  ASSERT_TRUE(b.open_status.ok());
+  auto list = As<protocol::SessionList>(b.Call(protocol::ListSessionsRequest{}).last);
+  ASSERT_EQ(list.sessions.size(), 2u);
+  const uint64_t blocks_shared = b.tier->stats().t2_blocks;
+  auto rp = b.Call(Turn("p", "next"));
+  auto rf = b.Call(Turn("f", "next"));
+  As<protocol::Done>(rp.last);
+  As<protocol::Done>(rf.last);
+  EXPECT_EQ(rp.tokens, rf.tokens);
+  // Deleting both frees every block.
+  As<protocol::Ack>(b.Call(protocol::DeleteSessionRequest{"p"}).last);
+  As<protocol::Ack>(b.Call(protocol::DeleteSessionRequest{"f"}).last);
+  EXPECT_GT(blocks_shared, 0u);
+  EXPECT_EQ(b.tier->stats().t2_blocks, 0u);
+}
+
+TEST_F(DurabilityTest, ResumeUnderAnotherModelIsRefused) {
+  {
+    Node a(model_, dir_);
+    ASSERT_TRUE(a.open_status.ok());
+    As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"s"}).last);
+    As<protocol::Done>(a.Call(Turn("s", "hello")).last);
+  }
+  testutil::TinyModelSpec other;
+  other.n_layers = 3;
+  other.context_length = 4096;  // another file: another fingerprint, same KV geometry
+  Node b(testutil::WriteTinyModel(other), dir_);
+  ASSERT_TRUE(b.open_status.ok());
+  As<protocol::SessionInfo>(b.Call(protocol::GetSessionRequest{"s"}).last);  // still listed
+  auto r = b.Call(Turn("s", "again"));
+  ASSERT_EQ(CodeOf(r.last), StatusCode::kFailedPrecondition);
+  EXPECT_NE(std::get<protocol::ErrorReply>(r.last).message.find("another model"), std::string::npos);
+}
+
+TEST_F(DurabilityTest, EnospcWhilePersistingKeepsTheSessionAndEarlierTurns) {
+  uint32_t turns_committed = 0;
+  std::vector<int32_t> tokens_committed;
+  {
+    tiering::FaultInjectingPageStore* fault = nullptr;
+    Node a(model_, dir_, 256u << 20, &fault);
+    ASSERT_TRUE(a.open_status.ok());
+    ASSERT_NE(fault, nullptr);
+    As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"s"}).last);
+    auto d1 = As<protocol::Done>(a.Call(Turn("s", "first turn")).last);
+    ASSERT_TRUE(d1.persisted);
+    turns_committed = 1;
+    fault->AddFault({.action = tiering::FaultRule::Action::kEnospc, .op = tiering::IoOp::kWrite, .times = 0});
+    auto d2 = As<protocol::Done>(a.Call(Turn("s", "second turn fails to persist")).last);
+    EXPECT_FALSE(d2.persisted);
+    EXPECT_EQ(d2.persist_error_code, StatusCode::kResourceExhausted);
+    EXPECT_FALSE(d2.persist_error.empty());
+    // Still usable in memory, and persisting again once space is back.
+    fault->ClearFaults();
+    fault->AddFault({.action = tiering::FaultRule::Action::kEio, .op = tiering::IoOp::kWrite, .times = 0});
+    auto d3 = As<protocol::Done>(a.Call(Turn("s", "third, EIO")).last);
+    EXPECT_FALSE(d3.persisted);
+    EXPECT_EQ(d3.persist_error_code, StatusCode::kIOError);
+    fault->ClearFaults();
+    auto d4 = As<protocol::Done>(a.Call(Turn("s", "fourth")).last);
+    EXPECT_TRUE(d4.persisted) << d4.persist_error;
+    turns_committed = 4;
+    tokens_committed.clear();
+    auto info = As<protocol::SessionInfo>(a.Call(protocol::GetSessionRequest{"s"}).last);
+    EXPECT_EQ(info.turns, 4u);
+  }
+  Node b(model_, dir_);
+  ASSERT_TRUE(b.open_status.ok());
+  auto info = As<protocol::SessionInfo>(b.Call(protocol::GetSessionRequest{"s"}).last);
+  EXPECT_EQ(info.turns, turns_committed);
+  auto d = As<protocol::Done>(b.Call(Turn("s", "fifth")).last);
+  EXPECT_LT(d.prompt_tokens, 40u);
+}
+
+TEST_F(DurabilityTest, T2BudgetExhaustedIsReportedNotPersisted) {
+  Node a(model_, dir_, /*t2_budget=*/2 * 3 * 4096 * 4);  // a handful of blocks
+  ASSERT_TRUE(a.open_status.ok()) << a.open_status.ToString();
+  As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"s"}).last);
+  auto d = As<protocol::Done>(a.Call(Turn("s", std::string(600, 'x'), 4)).last);
+  EXPECT_FALSE(d.persisted);
+  EXPECT_EQ(d.persist_error_code, StatusCode::kResourceExhausted);
+  // The daemon keeps serving.
+  As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"t"}).last);
+}
+
+TEST_F(DurabilityTest, CorruptPageFailsOnlyItsSession) {
+  {
+    Node a(model_, dir_);
+    ASSERT_TRUE(a.open_status.ok());
+    As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"victim"}).last);
+    As<protocol::Done>(a.Call(Turn("victim", "this session's first block gets damaged")).last);
+    As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"bystander"}).last);
+    As<protocol::Done>(a.Call(Turn("bystander", "this one stays intact")).last);
+  }
+  // Slot 0 holds the victim's first block: flip a byte of its layer-0 page.
+  std::string slab;
+  for (const auto& e : std::filesystem::directory_iterator(dir_ + "/pages"))
+    if (e.is_regular_file() && e.file_size() > 4096 && (slab.empty() || e.path().string() < slab))
+      slab = e.path().string();
+  ASSERT_FALSE(slab.empty());
+  {
+    std::fstream f(slab, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(100);
+    char c;
+    f.read(&c, 1);
+    c ^= 0x5a;
+    f.seekp(100);
+    f.write(&c, 1);
+  }
+  Node b(model_, dir_);
+  ASSERT_TRUE(b.open_status.ok());
+  auto r = b.Call(Turn("victim", "resume"));
+  ASSERT_EQ(CodeOf(r.last), StatusCode::kCorruption);
+  EXPECT_NE(std::get<protocol::ErrorReply>(r.last).message.find("victim"), std::string::npos);
+  As<protocol::Done>(b.Call(Turn("bystander", "resume")).last);
+}
+
+}  // namespace
+}  // namespace mnemo::daemon
