@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string_view>
 
 #include "common/status.h"
@@ -112,6 +113,13 @@ class Backend {
   // weight's dot-product type first, as llama.cpp does (Q8_1 for Q4_1, Q8_0 for
   // Q4_0/Q8_0, Q8_K for K-quants, f16 for F16, bf16 for BF16).
   virtual void MatMul(const Weight& w, const float* x, int64_t n, float* y) = 0;
+  // MatMul(w[k], x, n, y[k]) for every k: several weights over one input
+  // (Q/K/V, gate/up), which a backend may run as one operation, quantizing x
+  // once. Results are those of the separate calls.
+  virtual void MatMulShared(std::span<const Weight> w, const float* x, int64_t n,
+                            float* const* y) {
+    for (size_t k = 0; k < w.size(); ++k) MatMul(w[k], x, n, y[k]);
+  }
   // out[i][:] = dequantized row ids[i] of `table`.
   virtual void GetRows(const Weight& table, const int32_t* ids, int64_t n, float* out) = 0;
   // y = x / rms(x) * gain, per row of `dim`; y may alias x.

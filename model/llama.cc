@@ -274,9 +274,11 @@ Status LlamaModel::Forward(std::span<const BatchSeq> batch, attention::KvCache* 
     const Layer& L = layers_[l];
     be.RmsNorm(x_, L.attn_norm, n, c.dim, c.rms_eps, xb_);
     Observe("attn_norm", l, xb_, n, c.dim);
-    be.MatMul(L.wq, xb_, n, q_);
-    be.MatMul(L.wk, xb_, n, k_);
-    be.MatMul(L.wv, xb_, n, v_);
+    {
+      const Weight qkv[] = {L.wq, L.wk, L.wv};
+      float* const out[] = {q_, k_, v_};
+      be.MatMulShared(qkv, xb_, n, out);
+    }
     if (L.bq) be.AddBias(q_, L.bq, n, q_dim);
     if (L.bk) be.AddBias(k_, L.bk, n, kv_dim);
     if (L.bv) be.AddBias(v_, L.bv, n, kv_dim);
@@ -330,8 +332,11 @@ Status LlamaModel::Forward(std::span<const BatchSeq> batch, attention::KvCache* 
     Observe("ffn_inp", l, x_, n, c.dim);
     be.RmsNorm(x_, L.ffn_norm, n, c.dim, c.rms_eps, xb_);
     Observe("ffn_norm", l, xb_, n, c.dim);
-    be.MatMul(L.w_gate, xb_, n, gate_);
-    be.MatMul(L.w_up, xb_, n, up_);
+    {
+      const Weight gate_up[] = {L.w_gate, L.w_up};
+      float* const out[] = {gate_, up_};
+      be.MatMulShared(gate_up, xb_, n, out);
+    }
     Observe("ffn_gate", l, gate_, n, c.ffn_dim);
     Observe("ffn_up", l, up_, n, c.ffn_dim);
     be.SiluMul(gate_, up_, n * c.ffn_dim);

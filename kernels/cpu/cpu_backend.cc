@@ -27,6 +27,8 @@ constexpr int64_t kDecodeRows = 16;
 constexpr int64_t kPrefillRowsX = 48;
 // Weight rows per task in the tiled regime.
 constexpr int64_t kPrefillRowsW = 64;
+// Most weights one MatMulShared call runs as one job.
+constexpr size_t kMaxShared = 8;
 // Element-wise ops smaller than this run on the calling thread alone.
 constexpr int64_t kParallelElems = 1 << 15;
 
@@ -68,7 +70,11 @@ class CpuBackend final : public Backend {
     std::memcpy(dst, src_host, bytes);
   }
 
-  void MatMul(const Weight& w, const float* x, int64_t n, float* y) override;
+  void MatMul(const Weight& w, const float* x, int64_t n, float* y) override {
+    MatMulShared({&w, 1}, x, n, &y);
+  }
+  void MatMulShared(std::span<const Weight> w, const float* x, int64_t n,
+                    float* const* y) override;
   void GetRows(const Weight& table, const int32_t* ids, int64_t n, float* out) override;
   void RmsNorm(const float* x, const float* gain, int64_t n, int64_t dim, float eps,
                float* y) override;
@@ -111,11 +117,24 @@ class CpuBackend final : public Backend {
   size_t act_bytes_ = 0;
 };
 
-void CpuBackend::MatMul(const Weight& w, const float* x, int64_t n, float* y) {
-  MNEMO_CHECK(IsWeightType(w.type));
-  MNEMO_CHECK(w.cols % Info(w.type).block_elems == 0);
-  if (n <= 0 || w.rows <= 0) return;
-  const ActFormat format = MakeActFormat(VecDotType(w.type), w.cols);
+void CpuBackend::MatMulShared(std::span<const Weight> ws, const float* x, int64_t n,
+                              float* const* ys) {
+  if (n <= 0 || ws.empty()) return;
+  const Weight& w0 = ws[0];
+  for (const Weight& w : ws) {
+    MNEMO_CHECK(IsWeightType(w.type));
+    MNEMO_CHECK(w.cols % Info(w.type).block_elems == 0);
+  }
+  // One quantization of x serves weights of one activation type and width;
+  // anything else runs as separate matmuls.
+  for (const Weight& w : ws) {
+    if (VecDotType(w.type) != VecDotType(w0.type) || w.cols != w0.cols) {
+      for (size_t k = 0; k < ws.size(); ++k) MatMulShared(ws.subspan(k, 1), x, n, ys + k);
+      return;
+    }
+  }
+  MNEMO_CHECK(ws.size() <= kMaxShared);
+  const ActFormat format = MakeActFormat(VecDotType(w0.type), w0.cols);
   uint8_t* act = ActBuffer(static_cast<size_t>(n) * format.row_bytes);
 
   // 1. Quantize x as llama.cpp does for this weight type.
@@ -123,41 +142,56 @@ void CpuBackend::MatMul(const Weight& w, const float* x, int64_t n, float* y) {
   if (n >= 2 * q_rows_per_task && pool_.size() > 1) {
     pool_.ParallelFor(CeilDiv(n, q_rows_per_task), [&](int64_t t, int) {
       for (int64_t i = t * q_rows_per_task; i < std::min(n, (t + 1) * q_rows_per_task); ++i) {
-        QuantizeActRow(format, x + i * w.cols, act + i * format.row_bytes);
+        QuantizeActRow(format, x + i * w0.cols, act + i * format.row_bytes);
       }
     });
   } else {
     for (int64_t i = 0; i < n; ++i) {
-      QuantizeActRow(format, x + i * w.cols, act + i * format.row_bytes);
+      QuantizeActRow(format, x + i * w0.cols, act + i * format.row_bytes);
     }
   }
 
-  // 2. Output rows in block-aligned chunks; x tiled only for long batches.
-  GemmArgs args;
-  args.w_type = w.type;
-  args.w = static_cast<const uint8_t*>(w.data);
-  args.w_row_bytes = w.row_bytes();
-  args.x = act;
-  args.format = format;
-  args.y = y;
-  args.ldy = w.rows;
-  int64_t rows_w, rows_x;
-  if (n <= kDecodeRows) {
-    rows_x = n;
-    // Enough tasks per thread to absorb imbalance, each a multiple of the
-    // 4-row tile.
-    rows_w = std::max<int64_t>(16, CeilDiv(CeilDiv(w.rows, 8 * pool_.size()), 4) * 4);
-  } else {
-    rows_x = kPrefillRowsX;
-    rows_w = kPrefillRowsW;
+  // 2. Output rows of every weight in block-aligned chunks, as one job; x
+  // tiled only for long batches.
+  struct Plan {
+    GemmArgs args;
+    int64_t rows_w, rows_x, tasks_w, first_task;
+  };
+  Plan plans[kMaxShared];
+  int64_t n_tasks = 0;
+  for (size_t k = 0; k < ws.size(); ++k) {
+    const Weight& w = ws[k];
+    Plan& p = plans[k];
+    p.args.w_type = w.type;
+    p.args.w = static_cast<const uint8_t*>(w.data);
+    p.args.w_row_bytes = w.row_bytes();
+    p.args.x = act;
+    p.args.format = format;
+    p.args.y = ys[k];
+    p.args.ldy = w.rows;
+    if (n <= kDecodeRows) {
+      p.rows_x = n;
+      // Enough tasks per thread to absorb imbalance, each a multiple of the
+      // 4-row tile.
+      p.rows_w = std::max<int64_t>(16, CeilDiv(CeilDiv(w.rows, 8 * pool_.size()), 4) * 4);
+    } else {
+      p.rows_x = kPrefillRowsX;
+      p.rows_w = kPrefillRowsW;
+    }
+    p.tasks_w = CeilDiv(w.rows, p.rows_w);
+    p.first_task = n_tasks;
+    n_tasks += p.tasks_w * CeilDiv(n, p.rows_x);
   }
-  const int64_t tasks_w = CeilDiv(w.rows, rows_w);
-  const int64_t tasks_x = CeilDiv(n, rows_x);
-  pool_.ParallelFor(tasks_w * tasks_x, [&](int64_t t, int) {
-    const int64_t tx = t / tasks_w;
-    const int64_t tw = t % tasks_w;
-    Gemm(args, tw * rows_w, std::min(w.rows, (tw + 1) * rows_w), tx * rows_x,
-         std::min(n, (tx + 1) * rows_x));
+  const size_t n_weights = ws.size();
+  pool_.ParallelFor(n_tasks, [&](int64_t t, int) {
+    size_t k = 0;
+    while (k + 1 < n_weights && t >= plans[k + 1].first_task) ++k;
+    const Plan& p = plans[k];
+    const int64_t rows = p.args.ldy;
+    const int64_t tx = (t - p.first_task) / p.tasks_w;
+    const int64_t tw = (t - p.first_task) % p.tasks_w;
+    Gemm(p.args, tw * p.rows_w, std::min(rows, (tw + 1) * p.rows_w), tx * p.rows_x,
+         std::min(n, (tx + 1) * p.rows_x));
   });
 }
 

@@ -90,6 +90,47 @@ TEST_P(BackendTest, MatMulMatchesReference) {
   }
 }
 
+TEST_P(BackendTest, MatMulSharedEqualsSeparateMatMuls) {
+  std::mt19937 rng(22);
+  struct Spec {
+    DType type;
+    int64_t rows;
+  };
+  // Q/K/V-like and gate/up-like groups, one mixing activation types (the
+  // fallback), at decode and prefill sizes.
+  const std::vector<std::vector<Spec>> groups = {
+      {{DType::kQ4_1, 96}, {DType::kQ4_1, 32}, {DType::kQ4_1, 32}},
+      {{DType::kQ4_0, 203}, {DType::kQ8_0, 70}},
+      {{DType::kQ4_1, 40}, {DType::kQ8_0, 24}, {DType::kF16, 9}},
+      {{DType::kQ4_K, 33}, {DType::kQ6_K, 17}}};
+  for (const auto& group : groups) {
+    const int64_t cols = Info(group[0].type).block_elems == 256 ? 512 : 576;
+    for (const int64_t n : {1, 3, 16, 17, 100}) {
+      std::vector<std::vector<uint8_t>> data;
+      std::vector<Weight> ws;
+      for (const Spec& sp : group) data.push_back(RandomWeights(rng, sp.type, sp.rows, cols));
+      for (size_t k = 0; k < group.size(); ++k)
+        ws.push_back(Weight{group[k].type, group[k].rows, cols, data[k].data()});
+      const auto x = RandomFloats(rng, static_cast<size_t>(n * cols));
+      std::vector<std::vector<float>> y(ws.size()), want(ws.size());
+      std::vector<float*> out;
+      for (size_t k = 0; k < ws.size(); ++k) {
+        y[k].assign(static_cast<size_t>(n * ws[k].rows), NAN);
+        want[k].assign(y[k].size(), NAN);
+        out.push_back(y[k].data());
+        backend_->MatMul(ws[k], x.data(), n, want[k].data());
+      }
+      backend_->MatMulShared(ws, x.data(), n, out.data());
+      for (size_t k = 0; k < ws.size(); ++k) {
+        for (size_t j = 0; j < y[k].size(); ++j) {
+          ASSERT_EQ(F32ToBits(y[k][j]), F32ToBits(want[k][j]))
+              << "weight " << k << " (" << Info(ws[k].type).name << ") n=" << n << " at " << j;
+        }
+      }
+    }
+  }
+}
+
 TEST_P(BackendTest, GetRowsDequantizes) {
   std::mt19937 rng(21);
   for (DType wt : {DType::kQ8_0, DType::kQ4_1, DType::kF16, DType::kQ6_K}) {
