@@ -5,8 +5,9 @@
 # files, queue depth --qd) and fio (ioengine=io_uring, direct=1, fixedbufs,
 # registerfiles, same directory, block size, depth and size) for the same
 # three patterns — sequential block writes, sequential block reads, random
-# single-page reads — alternating which goes first, --reps times, and prints
-# the best figure of each side and mnemo/fio (target: >= 0.9).
+# single-page reads — one pattern at a time, back to back, alternating which
+# goes first, --reps times, and prints
+# the median of each side, every run, and mnemo/fio (target: >= 0.9).
 #
 #   bench/compare_fio.sh [--dir DIR] [--size 2G] [--block 1M] [--page 12K]
 #                        [--qd 16] [--rand-ops N] [--reps 2] [--json]
@@ -68,57 +69,74 @@ MNEMO_CMD=("$BENCH" t2 --dir "$DIR" --size "$SIZE" --block "$BLOCK" --page "$PAG
 FIO_COMMON=(--filename="$DIR/fio-t2.dat" --ioengine=io_uring --direct=1 --fixedbufs=1 --registerfiles=1
             --iodepth="$QD" --lat_percentiles=1 --output-format=json --group_reporting)
 
-run_mnemo() { "${MNEMO_CMD[@]}" >"$OUT/mnemo_$1.json"; }
-run_fio() {
-  rm -f "$DIR/fio-t2.dat"
-  fio --name=seqwrite "${FIO_COMMON[@]}" --rw=write --bs="$BLOCK_B" --size="$DATA_B" >"$OUT/fio_write_$1.json"
-  fio --name=seqread "${FIO_COMMON[@]}" --rw=read --bs="$BLOCK_B" --size="$DATA_B" >"$OUT/fio_read_$1.json"
-  fio --name=randread "${FIO_COMMON[@]}" --rw=randread --bs="$PAGE_B" --size="$DATA_B" --norandommap \
-      --randrepeat=1 --io_size=$((RAND_OPS * PAGE_B)) >"$OUT/fio_rand_$1.json"
-  rm -f "$DIR/fio-t2.dat"
+# One pattern at a time, mnemo and fio back to back (alternating which goes
+# first), so both see the same moment of a shared, host-cached disk.
+mnemo() { "${MNEMO_CMD[@]}" --keep --phase "$1"; }
+fio_job() {
+  local name=$1; shift
+  fio --name="$name" "${FIO_COMMON[@]}" "$@"
+}
+fio_phase() {
+  case "$1" in
+    write) rm -f "$DIR/fio-t2.dat"
+           fio_job seqwrite --rw=write --bs="$BLOCK_B" --size="$DATA_B" ;;
+    read) fio_job seqread --rw=read --bs="$BLOCK_B" --size="$DATA_B" ;;
+    rand) fio_job randread --rw=randread --bs="$PAGE_B" --size="$DATA_B" --norandommap --randrepeat=1 \
+            --io_size=$((RAND_OPS * PAGE_B)) ;;
+  esac
 }
 
 for ((rep = 1; rep <= REPS; rep++)); do
   echo "compare_fio: rep $rep/$REPS" >&2
-  if ((rep % 2)); then
-    run_mnemo "$rep"; run_fio "$rep"
-  else
-    run_fio "$rep"; run_mnemo "$rep"
-  fi
+  for phase in write read rand; do
+    if ((rep % 2)); then
+      mnemo "$phase" >"$OUT/mnemo_${phase}_$rep.json"; fio_phase "$phase" >"$OUT/fio_${phase}_$rep.json"
+    else
+      fio_phase "$phase" >"$OUT/fio_${phase}_$rep.json"; mnemo "$phase" >"$OUT/mnemo_${phase}_$rep.json"
+    fi
+  done
+  rm -rf "$DIR/mnemo-t2-bench" "$DIR/fio-t2.dat"
 done
 
 python3 - "$OUT" "$REPS" "$JSON" "$FSTYPE" "$DIR" "${MNEMO_CMD[*]}" "fio ${FIO_COMMON[*]}" <<'EOF'
-import json, sys
+import json, statistics, sys
 out, reps, as_json, fstype, d, mnemo_cmd, fio_cmd = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", *sys.argv[4:]
 load = lambda name: json.load(open(f"{out}/{name}"))
-m = [load(f"mnemo_{r}.json") for r in range(1, reps + 1)]
-def fio(kind, side):
-    return [load(f"fio_{kind}_{r}.json")["jobs"][0][side] for r in range(1, reps + 1)]
-fw, fr, fx = fio("write", "write"), fio("read", "read"), fio("rand", "read")
-best = lambda xs: max(xs)
+runs = lambda side, phase: [load(f"{side}_{phase}_{r}.json") for r in range(1, reps + 1)]
+mw, mr, mx = runs("mnemo", "write"), runs("mnemo", "read"), runs("mnemo", "rand")
+m = mw
+fw = [x["jobs"][0]["write"] for x in runs("fio", "write")]
+fr = [x["jobs"][0]["read"] for x in runs("fio", "read")]
+fx = [x["jobs"][0]["read"] for x in runs("fio", "rand")]
+pct = lambda x, p: x["lat_ns"]["percentile"][p] / 1e3
+# Per pattern: every run of each side; the report uses the median (the disk
+# is shared and cached by the host, so single runs swing).
 rows = [
-    ("seq write", best(x["seq_write_bytes_per_s"] for x in m), best(x["bw_bytes"] for x in fw), "B/s"),
-    ("seq read", best(x["seq_read_bytes_per_s"] for x in m), best(x["bw_bytes"] for x in fr), "B/s"),
-    ("rand read", best(x["rand_read_bytes_per_s"] for x in m), best(x["bw_bytes"] for x in fx), "B/s"),
-    ("rand read p50 us", min(x["rand_read_lat_us_p50"] for x in m),
-     min(x["lat_ns"]["percentile"]["50.000000"] / 1e3 for x in fx), "us"),
-    ("rand read p99 us", min(x["rand_read_lat_us_p99"] for x in m),
-     min(x["lat_ns"]["percentile"]["99.000000"] / 1e3 for x in fx), "us"),
+    ("seq write", [x["seq_write_bytes_per_s"] for x in mw], [x["bw_bytes"] for x in fw], "B/s"),
+    ("seq read", [x["seq_read_bytes_per_s"] for x in mr], [x["bw_bytes"] for x in fr], "B/s"),
+    ("rand read", [x["rand_read_bytes_per_s"] for x in mx], [x["bw_bytes"] for x in fx], "B/s"),
+    ("rand read p50 us", [x["rand_read_lat_us_p50"] for x in mx], [pct(x, "50.000000") for x in fx], "us"),
+    ("rand read p99 us", [x["rand_read_lat_us_p99"] for x in mx], [pct(x, "99.000000") for x in fx], "us"),
 ]
-g = m[0]
+med = statistics.median
 # mnemo/fio for throughput; fio/mnemo for latency (lower is better): above 1 favours mnemo either way.
 ratio = lambda a, b, u: a / b if u == "B/s" else b / a
+g = m[0]
 if as_json:
     print(json.dumps({"fs": fstype, "dir": d, "size_bytes": g["size_bytes"], "block_bytes": g["block_bytes"],
                       "page_bytes": g["page_bytes"], "qd": g["qd"], "reps": reps,
-                      "rows": [{"pattern": p, "mnemo": a, "fio": b, "unit": u, "ratio": ratio(a, b, u)} for p, a, b, u in rows]}))
+                      "rows": [{"pattern": p, "mnemo": med(a), "fio": med(b), "unit": u,
+                                "ratio": ratio(med(a), med(b), u), "mnemo_runs": a, "fio_runs": b}
+                               for p, a, b, u in rows]}))
     sys.exit(0)
+fmt = lambda v, u: f"{v / 1e9:.3f}" if u == "B/s" else f"{v:.0f}"
 print(f"T2 page store vs fio on {d} ({fstype}): {g['size_bytes'] / 2**30:.2f} GiB, block {g['block_bytes'] // 1024} KiB, "
-      f"page {g['page_bytes'] // 1024} KiB, queue depth {g['qd']}, best of {reps}")
-print(f"  {'pattern':<18} {'mnemo':>12} {'fio':>12} {'mnemo/fio':>10}")
+      f"page {g['page_bytes'] // 1024} KiB, queue depth {g['qd']}; median of {reps} (GB/s or us)")
+print(f"  {'pattern':<18} {'mnemo':>8} {'fio':>8} {'ratio':>6}   runs: mnemo | fio")
 for p, a, b, u in rows:
-    fa, fb = (f"{a / 1e9:.3f} GB/s", f"{b / 1e9:.3f} GB/s") if u == "B/s" else (f"{a:.0f}", f"{b:.0f}")
-    print(f"  {p:<18} {fa:>12} {fb:>12} {ratio(a, b, u):>10.2f}")
-print(f"  mnemo: {mnemo_cmd}")
+    runs = " ".join(fmt(v, u) for v in a) + " | " + " ".join(fmt(v, u) for v in b)
+    print(f"  {p:<18} {fmt(med(a), u):>8} {fmt(med(b), u):>8} {ratio(med(a), med(b), u):>6.2f}   {runs}")
+print("  ratio: mnemo/fio for throughput, fio/mnemo for latency (>= 1 favours mnemo)")
+print(f"  mnemo: {mnemo_cmd} --keep --phase write|read|rand")
 print(f"  fio:   {fio_cmd} (--rw=write|read --bs=block / --rw=randread --bs=page --norandommap)")
 EOF

@@ -75,6 +75,7 @@ struct T2Options {
   uint64_t seed = 1;
   PageStoreOptions::Engine engine = PageStoreOptions::Engine::kUring;
   bool keep = false;
+  std::string phase = "all";        // all | write | read | rand (read/rand reuse a kept store)
   bool json = false;
 };
 
@@ -111,6 +112,10 @@ T2Options ParseOptions(int argc, char** argv) {
       } else {
         Die("--engine is uring or pread");
       }
+    } else if (a == "--phase") {
+      o.phase = value();
+      if (o.phase != "all" && o.phase != "write" && o.phase != "read" && o.phase != "rand")
+        Die("--phase is all, write, read or rand");
     } else if (a == "--keep") {
       o.keep = true;
     } else if (a == "--json") {
@@ -226,8 +231,11 @@ class Driver {
 int CmdT2(int argc, char** argv) {
   const T2Options o = ParseOptions(argc, argv);
   const std::string dir = o.dir + "/mnemo-t2-bench";
+  const bool do_write = o.phase == "all" || o.phase == "write";
+  const bool do_read = o.phase == "all" || o.phase == "read";
+  const bool do_rand = o.phase == "all" || o.phase == "rand";
   std::error_code ec;
-  std::filesystem::remove_all(dir, ec);
+  if (do_write) std::filesystem::remove_all(dir, ec);
 
   PageStoreOptions so;
   so.dir = dir;
@@ -236,19 +244,32 @@ int CmdT2(int argc, char** argv) {
   so.budget_bytes = o.size_bytes;
   so.queue_depth = o.qd;
   so.engine = o.engine;
+  so.create_if_missing = do_write;
   auto opened = tiering::OpenPageStore(so);
   if (!opened.ok()) Die(opened.status().ToString());
   std::unique_ptr<PageStore> store = std::move(opened).value();
   const uint64_t n_blocks = store->max_slots();
+  json j{{"engine", std::string(store->engine_name())},
+         {"dir", dir},
+         {"size_bytes", n_blocks * o.block_bytes},
+         {"block_bytes", o.block_bytes},
+         {"page_bytes", o.page_bytes},
+         {"qd", o.qd}};
 
   double t = Now();
-  if (Status st = store->EnsureCapacity(n_blocks); !st.ok()) Die(st.ToString());
-  const double prealloc_s = Now() - t;
+  if (do_write) {
+    if (Status st = store->EnsureCapacity(n_blocks); !st.ok()) Die(st.ToString());
+    j["prealloc_s"] = Now() - t;
+  } else if (store->capacity_slots() < n_blocks) {
+    Die("the store in " + dir + " holds " + std::to_string(store->capacity_slots()) + " of " +
+        std::to_string(n_blocks) + " blocks: run --phase write --keep first");
+  }
 
   // One registered block buffer per request in flight, filled with noise
   // (no zero pages for a device that compresses).
   auto arena = tiering::IoBufferArena::Create(store.get(), o.block_bytes, o.qd);
   if (!arena.ok()) Die(arena.status().ToString());
+  j["fixed_buffers"] = (*arena)->registered();
   std::vector<void*> bufs;
   std::mt19937_64 noise(o.seed);
   for (size_t i = 0; i < o.qd; ++i) {
@@ -267,73 +288,69 @@ int CmdT2(int argc, char** argv) {
   };
   const double bytes = static_cast<double>(n_blocks * o.block_bytes);
 
-  Driver writer(store.get(), bufs, n_blocks, whole_block(IoOp::kWrite), false);
-  const double write_s = writer.Run();
-  t = Now();
-  if (Status st = store->Sync(); !st.ok()) Die(st.ToString());
-  const double sync_s = Now() - t;
-
-  Driver reader(store.get(), bufs, n_blocks, whole_block(IoOp::kRead), false);
-  const double read_s = reader.Run();
-
-  // Random layer pages: a uniformly random block and layer per read, the
-  // layer pages of a block laid out as tiering::BlockLayout does (each
-  // padded to 4 KiB).
-  const uint64_t stride = tiering::AlignUp(o.page_bytes, tiering::kDirectIoAlignment);
-  const uint64_t layers = o.block_bytes / stride;
-  std::vector<std::pair<BlockSlot, uint64_t>> picks(o.rand_ops);
-  std::mt19937_64 rng(o.seed + 1);
-  for (auto& p : picks) p = {rng() % n_blocks, rng() % layers * stride};
-  Driver random(store.get(), bufs, o.rand_ops,
-                [&](uint64_t i, IoRequest* r) {
-                  r->op = IoOp::kRead;
-                  r->slot = picks[i].first;
-                  r->offset = picks[i].second;
-                  r->length = o.page_bytes;
-                },
-                true);
-  const double rand_s = random.Run();
-  const double rand_bytes = static_cast<double>(o.rand_ops * o.page_bytes);
+  if (do_write) {
+    Driver writer(store.get(), bufs, n_blocks, whole_block(IoOp::kWrite), false);
+    j["seq_write_bytes_per_s"] = bytes / writer.Run();
+    t = Now();
+    if (Status st = store->Sync(); !st.ok()) Die(st.ToString());
+    j["sync_s"] = Now() - t;
+  }
+  if (do_read) {
+    Driver reader(store.get(), bufs, n_blocks, whole_block(IoOp::kRead), false);
+    j["seq_read_bytes_per_s"] = bytes / reader.Run();
+  }
+  if (do_rand) {
+    // Random layer pages: a uniformly random block and layer per read, the
+    // layer pages of a block laid out as tiering::BlockLayout does (each
+    // padded to 4 KiB).
+    const uint64_t stride = tiering::AlignUp(o.page_bytes, tiering::kDirectIoAlignment);
+    const uint64_t layers = o.block_bytes / stride;
+    std::vector<std::pair<BlockSlot, uint64_t>> picks(o.rand_ops);
+    std::mt19937_64 rng(o.seed + 1);
+    for (auto& p : picks) p = {rng() % n_blocks, rng() % layers * stride};
+    Driver random(store.get(), bufs, o.rand_ops,
+                  [&](uint64_t i, IoRequest* r) {
+                    r->op = IoOp::kRead;
+                    r->slot = picks[i].first;
+                    r->offset = picks[i].second;
+                    r->length = o.page_bytes;
+                  },
+                  true);
+    const double rand_s = random.Run();
+    j["rand_read_ops"] = o.rand_ops;
+    j["rand_read_bytes_per_s"] = static_cast<double>(o.rand_ops * o.page_bytes) / rand_s;
+    j["rand_read_iops"] = static_cast<double>(o.rand_ops) / rand_s;
+    j["rand_read_lat_us_p50"] = random.LatencyUs(0.5);
+    j["rand_read_lat_us_p99"] = random.LatencyUs(0.99);
+  }
 
   const tiering::PageStoreStats stats = store->stats();
-  const bool fixed = (*arena)->registered();
+  j["fixed_buffer_ios"] = stats.fixed_buffer_ios;
+  j["overflowed"] = stats.overflowed;
+  j["resubmissions"] = stats.resubmissions;
   arena->reset();
   store.reset();
   if (!o.keep) std::filesystem::remove_all(dir, ec);
 
-  json j{{"engine", o.engine == PageStoreOptions::Engine::kUring ? "io_uring" : "pread"},
-         {"dir", dir},
-         {"size_bytes", n_blocks * o.block_bytes},
-         {"block_bytes", o.block_bytes},
-         {"page_bytes", o.page_bytes},
-         {"qd", o.qd},
-         {"fixed_buffers", fixed},
-         {"prealloc_s", prealloc_s},
-         {"seq_write_bytes_per_s", bytes / write_s},
-         {"sync_s", sync_s},
-         {"seq_read_bytes_per_s", bytes / read_s},
-         {"rand_read_ops", o.rand_ops},
-         {"rand_read_bytes_per_s", rand_bytes / rand_s},
-         {"rand_read_iops", static_cast<double>(o.rand_ops) / rand_s},
-         {"rand_read_lat_us_p50", random.LatencyUs(0.5)},
-         {"rand_read_lat_us_p99", random.LatencyUs(0.99)},
-         {"fixed_buffer_ios", stats.fixed_buffer_ios},
-         {"overflowed", stats.overflowed},
-         {"resubmissions", stats.resubmissions}};
   if (o.json) {
     std::printf("%s\n", j.dump().c_str());
     return 0;
   }
   std::printf("T2 page store (%s, O_DIRECT, queue depth %u%s) in %s\n", j["engine"].get<std::string>().c_str(), o.qd,
-              fixed ? ", registered buffers" : "", dir.c_str());
-  std::printf("  preallocate  %.2f GiB in %.3f s\n", bytes / (1 << 30), prealloc_s);
-  std::printf("  seq write    %llu KiB blocks  %.3f GB/s  (then Sync %.3f s)\n",
-              static_cast<unsigned long long>(o.block_bytes >> 10), bytes / write_s / 1e9, sync_s);
-  std::printf("  seq read     %llu KiB blocks  %.3f GB/s\n", static_cast<unsigned long long>(o.block_bytes >> 10),
-              bytes / read_s / 1e9);
-  std::printf("  random read  %llu KiB pages   %.3f GB/s  %.0f IOPS  p50 %.0f us  p99 %.0f us\n",
-              static_cast<unsigned long long>(o.page_bytes >> 10), rand_bytes / rand_s / 1e9,
-              static_cast<double>(o.rand_ops) / rand_s, random.LatencyUs(0.5), random.LatencyUs(0.99));
+              j["fixed_buffers"].get<bool>() ? ", registered buffers" : "", dir.c_str());
+  const auto block_kib = static_cast<unsigned long long>(o.block_bytes >> 10);
+  if (do_write) {
+    std::printf("  preallocate  %.2f GiB in %.3f s\n", bytes / (1 << 30), j["prealloc_s"].get<double>());
+    std::printf("  seq write    %llu KiB blocks  %.3f GB/s  (then Sync %.3f s)\n", block_kib,
+                j["seq_write_bytes_per_s"].get<double>() / 1e9, j["sync_s"].get<double>());
+  }
+  if (do_read)
+    std::printf("  seq read     %llu KiB blocks  %.3f GB/s\n", block_kib, j["seq_read_bytes_per_s"].get<double>() / 1e9);
+  if (do_rand)
+    std::printf("  random read  %llu KiB pages   %.3f GB/s  %.0f IOPS  p50 %.0f us  p99 %.0f us\n",
+                static_cast<unsigned long long>(o.page_bytes >> 10), j["rand_read_bytes_per_s"].get<double>() / 1e9,
+                j["rand_read_iops"].get<double>(), j["rand_read_lat_us_p50"].get<double>(),
+                j["rand_read_lat_us_p99"].get<double>());
   return 0;
 }
 

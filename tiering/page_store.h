@@ -92,8 +92,13 @@ struct PageStoreOptions {
 
 // A block store over slab files. Thread-safe: every method may be called
 // from any thread, except that the synchronous ones (Execute, ReadBlocks,
-// WriteBlocks, Sync, EnsureCapacity) block and must not run on the store's
-// I/O threads (i.e. inside a callback) — a CHECK catches that.
+// WriteBlocks, Write, Read, Sync, EnsureCapacity) block and must not run on
+// the store's I/O threads (i.e. inside a callback) — a CHECK catches that.
+// Callbacks run on the store's I/O thread(s): one at a time for io_uring and
+// the fault wrapper, concurrently (one per worker) for pread; so a callback
+// touching shared state must synchronise. The destructor completes every
+// accepted request (callbacks included) before it returns; Submit from a
+// callback during destruction gets Unavailable.
 class PageStore {
  public:
   virtual ~PageStore() = default;

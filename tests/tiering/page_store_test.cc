@@ -481,6 +481,27 @@ TEST_P(PageStoreTest, RegisteredArenaTakesTheFixedBufferPath) {
   EXPECT_EQ(std::memcmp(plain.data(), expect.data(), bb), 0);
 }
 
+// A slab file cut short behind the store's back: the read of a block that
+// straddles the new end gets a short transfer, resubmits the rest, gets no
+// progress, and fails with IOError instead of spinning.
+TEST_P(PageStoreTest, ShortTransfersResumeAndEndOfFileFails) {
+  OPEN_OR_SKIP();
+  ASSERT_TRUE(store_->EnsureCapacity(4).ok());
+  const size_t bb = layout_.block_bytes;
+  AlignedBuffer buf = Buffer(bb);
+  Fill(buf.data(), bb, 5);
+  ASSERT_TRUE(store_->Write(0, 0, bb, buf.data()).ok());
+  ASSERT_EQ(::truncate((dir_ + "/slab-000000").c_str(), static_cast<off_t>(bb + bb / 2)), 0);
+  Status st = store_->Read(1, 0, bb, buf.data());
+  EXPECT_EQ(st.code(), StatusCode::kIOError) << st.ToString();
+  EXPECT_NE(st.message().find("no progress"), std::string_view::npos) << st.ToString();
+  EXPECT_GE(store_->stats().resubmissions, 1u);
+  EXPECT_TRUE(store_->Read(0, 0, bb, buf.data()).ok());  // the intact block still reads
+  AlignedBuffer expect = Buffer(bb);
+  Fill(expect.data(), bb, 5);
+  EXPECT_EQ(std::memcmp(buf.data(), expect.data(), bb), 0);
+}
+
 // The destructor finishes every accepted request, and Submit afterwards is
 // impossible; what was written is there on reopen.
 TEST_P(PageStoreTest, DestructorDrainsInFlightIo) {
