@@ -243,6 +243,7 @@ int CmdT2(int argc, char** argv) {
   so.slab_bytes = std::max(o.slab_bytes, o.block_bytes);
   so.budget_bytes = o.size_bytes;
   so.queue_depth = o.qd;
+  so.pread_threads = o.qd;  // the pread engine's depth is its thread count
   so.engine = o.engine;
   so.create_if_missing = do_write;
   auto opened = tiering::OpenPageStore(so);
@@ -269,7 +270,6 @@ int CmdT2(int argc, char** argv) {
   // (no zero pages for a device that compresses).
   auto arena = tiering::IoBufferArena::Create(store.get(), o.block_bytes, o.qd);
   if (!arena.ok()) Die(arena.status().ToString());
-  j["fixed_buffers"] = (*arena)->registered();
   std::vector<void*> bufs;
   std::mt19937_64 noise(o.seed);
   for (size_t i = 0; i < o.qd; ++i) {
@@ -326,6 +326,7 @@ int CmdT2(int argc, char** argv) {
 
   const tiering::PageStoreStats stats = store->stats();
   j["fixed_buffer_ios"] = stats.fixed_buffer_ios;
+  j["fixed_buffers"] = stats.fixed_buffer_ios > 0;  // the store took the registered-buffer path
   j["overflowed"] = stats.overflowed;
   j["resubmissions"] = stats.resubmissions;
   arena->reset();

@@ -33,7 +33,8 @@ struct FaultRule {
   // the following ones until it has fired `times` times (0: no end).
   uint64_t nth = 1;
   uint64_t times = 1;
-  // Optional filter: only requests it accepts are counted.
+  // Optional filter: only requests it accepts are counted. Runs inside
+  // Submit under the wrapper's lock: it must not call the store.
   std::function<bool(const IoRequest&)> match;
   size_t torn_bytes = kDirectIoAlignment;  // kTornWrite: a multiple of 4096, < length
   size_t corrupt_offset = 0;               // kCorruptRead: byte of the request's range (mod length)
