@@ -59,6 +59,11 @@ DaemonProcess::~DaemonProcess() {
 }
 
 bool DaemonProcess::Spawn(const std::vector<std::string>& args, const std::vector<std::string>& extra_env) {
+  // A new life: forget what the previous one announced.
+  notes_.clear();
+  char drain[4096];
+  while (::recv(notify_fd_, drain, sizeof(drain), MSG_DONTWAIT) > 0) {
+  }
   std::vector<std::string> env;
   for (char** e = environ; *e; ++e) {
     if (strncmp(*e, "NOTIFY_SOCKET=", 14) == 0 || strncmp(*e, "LISTEN_", 7) == 0) continue;
