@@ -146,11 +146,16 @@ Result<std::unique_ptr<SlabFiles>> SlabFiles::Open(const PageStoreOptions& o) {
     size_t bb = 0;
     uint64_t bps = 0;
     MNEMO_RETURN_IF_ERROR(ReadMeta(meta_path, &bb, &bps));
-    if (bb != s->block_bytes_ || bps != s->blocks_per_slab_)
-      return Status::InvalidArgument(
-          "page store " + o.dir + " holds blocks of " + std::to_string(bb) + " bytes, " +
-          std::to_string(bps) + " per slab; asked for " + std::to_string(s->block_bytes_) + " bytes, " +
-          std::to_string(s->blocks_per_slab_) + " per slab");
+    if (bb != s->block_bytes_)
+      return Status::InvalidArgument("page store " + o.dir + " holds blocks of " + std::to_string(bb) +
+                                     " bytes; asked for blocks of " + std::to_string(s->block_bytes_));
+    if (bps == 0) return Status::Corruption(meta_path + ": zero blocks per slab");
+    if (bps != s->blocks_per_slab_) {
+      // The slab size only places blocks in files: the recorded one stays.
+      spdlog::info("page store {}: keeping its slab size of {} blocks (asked for {})", o.dir, bps,
+                   s->blocks_per_slab_);
+      s->blocks_per_slab_ = bps;
+    }
   } else {
     if (::stat(s->SlabPath(0).c_str(), &st) == 0)
       return Status::Corruption("page store " + o.dir + " has slab files but no " + kMetaName);

@@ -165,10 +165,11 @@ class PageStore {
 };
 
 // Opens (creating if allowed) the store in options.dir. kAuto tries io_uring
-// and falls back to pread when the kernel refuses it (logged). The slab
-// geometry is recorded in the directory; reopening with a different
-// block_bytes or slab_bytes is InvalidArgument. One process at a time: the
-// directory is locked (flock) while open.
+// and falls back to pread when the kernel refuses it (logged). The geometry
+// is recorded in the directory: reopening with another block_bytes is
+// InvalidArgument; another slab_bytes is ignored (the recorded one stays).
+// A budget below what the slab files already hold keeps them (max_slots
+// covers them). One process at a time: the directory is locked (flock).
 Result<std::unique_ptr<PageStore>> OpenPageStore(const PageStoreOptions& options);
 // Unsupported when io_uring is unavailable.
 Result<std::unique_ptr<PageStore>> OpenUringPageStore(const PageStoreOptions& options);

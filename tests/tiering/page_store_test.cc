@@ -354,15 +354,35 @@ TEST_P(PageStoreTest, ReopenSeesTheSameData) {
   }
   store_.reset();
 
-  // Another geometry is refused rather than misread.
+  // Another block size is refused rather than misread.
   PageStoreOptions other = options_;
   other.block_bytes = bb + kDirectIoAlignment;
   auto wrong = OpenPageStore(other);
   EXPECT_EQ(wrong.status().code(), StatusCode::kInvalidArgument) << wrong.status().ToString();
-  other = options_;
-  other.slab_bytes = 8 * bb;
-  wrong = OpenPageStore(other);
-  EXPECT_EQ(wrong.status().code(), StatusCode::kInvalidArgument) << wrong.status().ToString();
+
+  // Another slab size (say, from a new budget) keeps the recorded one.
+  options_.slab_bytes = 8 * bb;
+  options_.budget_bytes = 32 * bb;
+  ASSERT_TRUE(Open());
+  EXPECT_EQ(store_->capacity_slots(), 8u);
+  EXPECT_EQ(store_->max_slots(), 32u);
+  for (BlockSlot s = 0; s < 6; ++s) {
+    ASSERT_TRUE(store_->Read(s, 0, bb, buf.data()).ok());
+    Fill(expect.data(), bb, 300 + s);
+    EXPECT_EQ(std::memcmp(buf.data(), expect.data(), bb), 0) << "slot " << s;
+  }
+  ASSERT_TRUE(store_->EnsureCapacity(9).ok());
+  EXPECT_EQ(store_->capacity_slots(), 12u);  // slabs of 4 blocks, as recorded
+  store_.reset();
+
+  // A smaller budget than the files hold keeps every block.
+  options_.budget_bytes = 2 * bb;
+  ASSERT_TRUE(Open());
+  EXPECT_EQ(store_->capacity_slots(), 12u);
+  EXPECT_EQ(store_->max_slots(), 12u);
+  ASSERT_TRUE(store_->Read(5, 0, bb, buf.data()).ok());
+  Fill(expect.data(), bb, 305);
+  EXPECT_EQ(std::memcmp(buf.data(), expect.data(), bb), 0);
 }
 
 TEST_P(PageStoreTest, SyncFlushesOnlyTheSlabsWritten) {
