@@ -397,6 +397,114 @@ HWY_INLINE void PvF16(float* HWY_RESTRICT o, const float* HWY_RESTRICT vf, int64
   }
 }
 
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+// The one-chunk recurrence for R query rows of one token (heads sharing kv
+// head kvh) over its `n` keys from j0, reading K and V straight from the
+// fp16 pages: each key's K vector is converted once and used by all R rows,
+// and the R rows' f16 accumulators advance together, so that their rounding
+// chains overlap. Per row the operations are exactly those of ScoresF16,
+// the per-key recurrence and PvF16. q16: [R][D]; m, l: [R]; acc: [R][D];
+// sc, ms, vs: [R][kTile]. Requires D % 32 == 0.
+template <int R>
+HWY_INLINE void OneChunkRowsF16(const AttentionSeq& seq, const KvLayout& L, int32_t kvh,
+                                const float* HWY_RESTRICT q16, float scale, int64_t j0,
+                                int64_t n, float* HWY_RESTRICT m, float* HWY_RESTRICT l,
+                                float* HWY_RESTRICT acc, float* HWY_RESTRICT sc,
+                                float* HWY_RESTRICT ms, float* HWY_RESTRICT vs) {
+  const D8 d8;
+  const hn::Half<D8> d4;
+  const int64_t D = L.head_dim;
+  const int64_t P = L.page_tokens;
+  const uint16_t* kp[kTile];
+  const uint16_t* vp[kTile];
+  for (int64_t j = 0; j < n; ++j) {
+    const auto* page = static_cast<const uint16_t*>(seq.pages[(j0 + j) / P]);
+    const int slot = static_cast<int>((j0 + j) % P);
+    kp[j] = page + L.k_offset(kvh, slot);
+    vp[j] = page + L.v_offset(kvh, slot);
+  }
+  // Scores, four keys at a time sharing the final reductions (keys past n
+  // repeat the last one, in lanes that are never stored).
+  const auto vscale = hn::Set(d4, scale);
+  for (int64_t jb = 0; jb < n; jb += 4) {
+    hn::Vec<decltype(d4)> t[R][4];
+    for (int k = 0; k < 4; ++k) {
+      const uint16_t* kr = kp[std::min(jb + k, n - 1)];
+      V8 a[R][4];
+      for (int r = 0; r < R; ++r)
+        for (int v = 0; v < 4; ++v) a[r][v] = hn::Zero(d8);
+      for (int64_t i = 0; i < D; i += 32) {
+        for (int v = 0; v < 4; ++v) {
+          const V8 kv = LoadF16(d8, kr + i + v * 8);
+          for (int r = 0; r < R; ++r) {
+            a[r][v] = hn::MulAdd(kv, hn::LoadU(d8, q16 + r * D + i + v * 8), a[r][v]);
+          }
+        }
+      }
+      for (int r = 0; r < R; ++r) {
+        const V8 y = hn::Add(hn::Add(a[r][0], a[r][2]), hn::Add(a[r][1], a[r][3]));
+        t[r][k] = hn::Add(hn::LowerHalf(d4, y), hn::UpperHalf(d4, y));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      const auto res = hn::Mul(
+          PairwiseAdd(d4, PairwiseAdd(d4, t[r][0], t[r][1]), PairwiseAdd(d4, t[r][2], t[r][3])),
+          vscale);
+      float* out = sc + r * kTile + jb;
+      if (jb + 4 <= n) {
+        hn::StoreU(res, d4, out);
+      } else {
+        HWY_ALIGN float tmp[4];
+        hn::Store(res, d4, tmp);
+        for (int64_t k = 0; jb + k < n; ++k) out[k] = tmp[k];
+      }
+    }
+  }
+  // The per-key recurrence of each row (see OneChunkKeys).
+  for (int r = 0; r < R; ++r) {
+    float m_run = m[r], l_run = l[r];
+    for (int64_t j = 0; j < n; ++j) {
+      const float s = sc[r * kTile + j];
+      float m_scale = 1.0f, v_scale = 1.0f;
+      if (s > m_run) {
+        m_scale = std::exp(m_run - s);
+        m_run = s;
+      } else {
+        v_scale = std::exp(s - m_run);
+      }
+      ms[r * kTile + j] = m_scale;
+      vs[r * kTile + j] = v_scale;
+      l_run = std::fma(l_run, m_scale, v_scale);
+    }
+    m[r] = m_run;
+    l[r] = l_run;
+  }
+  // o = f16(o * ms[j]) on a new maximum, then o = f16(v[j] * vs[j] + o), 32
+  // elements of each row's accumulator at a time.
+  for (int64_t d = 0; d < D; d += 32) {
+    V8 o[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) o[r][i] = hn::LoadU(d8, acc + r * D + d + i * 8);
+    for (int64_t j = 0; j < n; ++j) {
+      for (int r = 0; r < R; ++r) {
+        if (ms[r * kTile + j] != 1.0f) {
+          const V8 f = hn::Set(d8, ms[r * kTile + j]);
+          for (int i = 0; i < 4; ++i) o[r][i] = RoundToF16(d8, hn::Mul(o[r][i], f));
+        }
+      }
+      for (int i = 0; i < 4; ++i) {
+        const V8 v = LoadF16(d8, vp[j] + d + i * 8);
+        for (int r = 0; r < R; ++r) {
+          o[r][i] = RoundToF16(d8, hn::MulAdd(v, hn::Set(d8, vs[r * kTile + j]), o[r][i]));
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) hn::StoreU(o[r][i], d8, acc + r * D + d + i * 8);
+  }
+}
+#endif
+
 // One-chunk rows [r0, r1) of query tokens [t0, t1), row r being head
 // r % group of token t0 + r / group, over keys [c0, c1) clipped to each
 // row's kv_len: continues the running max m[r], sum l[r] and the f16-valued
@@ -412,6 +520,38 @@ HWY_INLINE void OneChunkKeys(const AttentionArgs& a, int64_t t0, int32_t kvh,
   const int32_t group = a.n_heads / L.n_kv_heads;
   const int64_t D = L.head_dim;
   const AttentionSeq& seq = a.seqs[a.seq[t0]];
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+  if (D % 32 == 0) {
+    // Rows of one token (heads of kv head kvh) three at a time; kf holds
+    // their scores and weights.
+    float* sc3 = kf;
+    float* ms3 = sc3 + 3 * kTile;
+    float* vs3 = ms3 + 3 * kTile;
+    for (int64_t j0 = c0; j0 < c1; j0 += kTile) {
+      const int64_t n = std::min(kTile, c1 - j0);
+      for (int64_t r = 0; r < rows;) {
+        const int64_t valid = std::min(n, a.kv_len[t0 + r / group] - j0);
+        const int64_t left = group - r % group;  // rows left of this token
+        const int rr = static_cast<int>(std::min<int64_t>(3, left));
+        if (valid > 0) {
+          const float* q = q16 + r * D;
+          if (rr == 3) {
+            OneChunkRowsF16<3>(seq, L, kvh, q, a.scale, j0, valid, m + r, l + r, acc + r * D, sc3,
+                               ms3, vs3);
+          } else if (rr == 2) {
+            OneChunkRowsF16<2>(seq, L, kvh, q, a.scale, j0, valid, m + r, l + r, acc + r * D, sc3,
+                               ms3, vs3);
+          } else {
+            OneChunkRowsF16<1>(seq, L, kvh, q, a.scale, j0, valid, m + r, l + r, acc + r * D, sc3,
+                               ms3, vs3);
+          }
+        }
+        r += rr;
+      }
+    }
+    return;
+  }
+#endif
   for (int64_t j0 = c0; j0 < c1; j0 += kTile) {
     const int64_t n = std::min(kTile, c1 - j0);
     KeysToF32(seq, L, kvh, /*values=*/false, j0, n, kf);
