@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -53,12 +54,21 @@ bool IsStreamEvent(const protocol::ResponseBody& body) {
 std::string DefaultSocketPath() {
   if (const char* s = std::getenv("MNEMO_SOCKET"); s != nullptr && *s != '\0') return s;
   // XDG: a relative path is invalid and ignored (as mnemod does).
+  // A per-user daemon's socket when one exists; else the system service's
+  // (/run/mnemo, reachable through the mnemo group) when it exists.
+  constexpr const char* kSystemSocket = "/run/mnemo/mnemod.sock";
+  struct stat st;
+  auto exists = [&](const std::string& p) { return ::stat(p.c_str(), &st) == 0; };
   if (const char* x = std::getenv("XDG_RUNTIME_DIR"); x != nullptr && x[0] == '/') {
-    return std::string(x) + "/mnemo/mnemod.sock";
+    const std::string user = std::string(x) + "/mnemo/mnemod.sock";
+    if (exists(user) || !exists(kSystemSocket)) return user;
+    return kSystemSocket;
   }
   const uid_t uid = ::getuid();
-  if (uid == 0) return "/run/mnemo/mnemod.sock";
-  return "/tmp/mnemo-" + std::to_string(uid) + "/mnemod.sock";
+  if (uid == 0) return kSystemSocket;
+  const std::string user = "/tmp/mnemo-" + std::to_string(uid) + "/mnemod.sock";
+  if (exists(user) || !exists(kSystemSocket)) return user;
+  return kSystemSocket;
 }
 
 std::string_view FinishReasonName(FinishReason reason) {

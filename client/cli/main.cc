@@ -176,7 +176,8 @@ json SessionJson(const SessionInfo& s) {
           {"tokens", s.tokens},     {"turns", s.turns},
           {"kv_pages", s.kv_pages}, {"kv_bytes", s.kv_bytes},
           {"created_unix_ms", s.created_unix_ms}, {"last_used_unix_ms", s.last_used_unix_ms},
-          {"persisted", s.persisted}};
+          {"persisted", s.persisted},
+          {"pages", {{"t0", s.t0_pages}, {"t1", s.t1_pages}, {"t2", s.t2_pages}}}};
 }
 
 json DoneJson(const client::GenerateResult& r) {
@@ -187,7 +188,11 @@ json DoneJson(const client::GenerateResult& r) {
           {"generated_tokens", r.done.generated_tokens},
           {"ttft_ms", r.done.ttft_ms},
           {"decode_tokens_per_s", r.done.decode_tokens_per_s},
-          {"persisted", r.done.persisted}};
+          {"persisted", r.done.persisted},
+          {"persist_error", r.done.persist_error_code == StatusCode::kOk
+                                ? json(nullptr)
+                                : json{{"code", std::string(StatusCodeName(r.done.persist_error_code))},
+                                       {"message", r.done.persist_error}}}};
 }
 
 // ---------------------------------------------------------------- options
@@ -303,6 +308,8 @@ void NoteFinish(const Done& done) {
   } else if (done.finish_reason == client::FinishReason::kError) {
     std::fprintf(stderr, "mnemo: generation ended with an error\n");
   }
+  if (done.persist_error_code != StatusCode::kOk)
+    std::fprintf(stderr, "mnemo: warning: %s\n", done.persist_error.c_str());
 }
 
 // --------------------------------------------------------------- commands
@@ -449,6 +456,8 @@ void PrintSession(const SessionInfo& s) {
   std::printf("created:    %s\n", FormatTime(s.created_unix_ms).c_str());
   std::printf("last used:  %s (%s)\n", FormatTime(s.last_used_unix_ms).c_str(), FormatAgo(s.last_used_unix_ms).c_str());
   std::printf("persisted:  %s\n", s.persisted ? "yes" : "no");
+  std::printf("pages:      T0 %u (compute pool), T1 %u (host cache), T2 %u (NVMe)\n", s.t0_pages, s.t1_pages,
+              s.t2_pages);
 }
 
 int CmdShow(const GlobalOptions& g, const std::string& session) {

@@ -43,7 +43,9 @@ using protocol::TokenChunk;
 
 // The socket mnemod listens on by default: $MNEMO_SOCKET if set, else
 // $XDG_RUNTIME_DIR/mnemo/mnemod.sock if XDG_RUNTIME_DIR is set, else
-// /run/mnemo/mnemod.sock for root, else /tmp/mnemo-<uid>/mnemod.sock.
+// /run/mnemo/mnemod.sock for root, else /tmp/mnemo-<uid>/mnemod.sock; a
+// per-user path that does not exist yields to the system service's socket
+// /run/mnemo/mnemod.sock when that one exists.
 std::string DefaultSocketPath();
 
 // "stop", "eos", "length", "cancelled", "error", "context_full".
@@ -170,8 +172,9 @@ class Client {
   Result<HealthReply> Health();
 
   // Cancels the generation with request id `request_id` (GenerateStream::id)
-  // and waits for the daemon's acknowledgement; NotFound when it is unknown
-  // or already finished.
+  // and waits for the daemon's acknowledgement. Idempotent: cancelling a
+  // request that already finished (or never existed) is acknowledged too,
+  // since a request can always end just before its cancel arrives.
   Status Cancel(uint64_t request_id);
 
   // Generation, three ways.
