@@ -274,7 +274,8 @@ HWY_INLINE void ScaleProducts(const float* HWY_RESTRICT wd, int64_t nb, const fl
 // The nibbles of G weight rows unpacked once into `uw` ([b][r][32] u8,
 // 32-byte aligned) and their scales decoded into wd and wm ([b][r]), so that
 // every tile over activation rows reuses them from L1. Reads each row front
-// to back (one sequential stream for the prefetchers).
+// to back (one sequential stream for the prefetchers), and prefetches the
+// next group's rows at the same pace: the tiles give them time to arrive.
 template <int G, size_t kBlockBytes, size_t kQsOffset, bool kQ41>
 HWY_INLINE void PackQ4(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
                        uint8_t* HWY_RESTRICT uw, float* HWY_RESTRICT wd,
@@ -285,6 +286,7 @@ HWY_INLINE void PackQ4(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
 #pragma GCC unroll 4
     for (int64_t b = 0; b < nb; ++b) {
       const uint8_t* blk = row + b * kBlockBytes;
+      hwy::Prefetch(blk + G * ws);
       const V2 dm = LoadHalfPair(blk);
       const float d = hn::GetLane(dm);
       wd[b * G + r] = d;
@@ -311,6 +313,7 @@ HWY_INLINE void TileQ4(const uint8_t* HWY_RESTRICT uw, int64_t nb, const float* 
     for (int c = 0; c < RN; ++c) acc[r][c] = hn::Zero(df);
   const int8_t* xq[RN];
   for (int c = 0; c < RN; ++c) xq[c] = x.qs(i + c);
+#pragma GCC unroll 2
   for (int64_t b = 0; b < nb; ++b) {
     for (int r = 0; r < RM; ++r) {
       VU8 wv[kParts];
