@@ -31,6 +31,7 @@
 #undef HWY_TARGET_INCLUDE
 #define HWY_TARGET_INCLUDE "kernels/cpu/attention.cc"
 #include "hwy/foreach_target.h"  // IWYU pragma: keep
+#include "hwy/cache_control.h"
 #include "hwy/highway.h"
 #include "kernels/cpu/f16-inl.h"
 #include "kernels/cpu/ggml_exp-inl.h"
@@ -50,6 +51,8 @@ constexpr int64_t kLlamaThreads = 2;
 constexpr int64_t kSplitKeys = 512;
 // llama.cpp pads the cache length its attention sees to a multiple of this.
 constexpr int64_t kCachePad = 256;
+// How far ahead the decode path prefetches K rows from the pages.
+constexpr int64_t kPrefetchKeys = 8;
 }  // namespace
 }  // namespace mnemo::kernels::cpu
 #endif
@@ -398,6 +401,113 @@ HWY_INLINE void PvF16(float* HWY_RESTRICT o, const float* HWY_RESTRICT vf, int64
 }
 
 #if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+// expf as glibc (2.28 and later) computes it on x86-64 CPUs with FMA
+// (__expf_fma, the ifunc llama.cpp's and mnemo's expf calls resolve to
+// there), four at a time: the same double-precision operations with the
+// same fusions, so the same floats. Arguments of 88 and more in magnitude,
+// infinities and NaNs take the library's own path.
+struct LibmExpF {
+  // __exp2f_data: 2^(i/32) as double bits, then the constants.
+  static constexpr uint64_t kTab[32] = {
+      0x3ff0000000000000, 0x3fefd9b0d3158574, 0x3fefb5586cf9890f, 0x3fef9301d0125b51,
+      0x3fef72b83c7d517b, 0x3fef54873168b9aa, 0x3fef387a6e756238, 0x3fef1e9df51fdee1,
+      0x3fef06fe0a31b715, 0x3feef1a7373aa9cb, 0x3feedea64c123422, 0x3feece086061892d,
+      0x3feebfdad5362a27, 0x3feeb42b569d4f82, 0x3feeab07dd485429, 0x3feea47eb03a5585,
+      0x3feea09e667f3bcd, 0x3fee9f75e8ec5f74, 0x3feea11473eb0187, 0x3feea589994cce13,
+      0x3feeace5422aa0db, 0x3feeb737b0cdc5e5, 0x3feec49182a3f090, 0x3feed503b23e255d,
+      0x3feee89f995ad3ad, 0x3feeff76f2fb5e47, 0x3fef199bdd85529c, 0x3fef3720dcef9069,
+      0x3fef5818dcfba487, 0x3fef7c97337b9b5f, 0x3fefa4afa2a490da, 0x3fefd0765b6e4540};
+  static constexpr uint64_t kInvLn2N = 0x40471547652b82fe;  // 32 / ln 2
+  static constexpr uint64_t kShift = 0x4338000000000000;    // 0x1.8p52
+  static constexpr uint64_t kC0 = 0x3ebc6af84b912394;
+  static constexpr uint64_t kC1 = 0x3f2ebfce50fac4f3;
+  static constexpr uint64_t kC2 = 0x3f962e42ff0c52d6;
+
+  static __m256d Const(uint64_t bits) {
+    return _mm256_castsi256_pd(_mm256_set1_epi64x(static_cast<int64_t>(bits)));
+  }
+
+  // y[0..4) = expf(x[0..4)); y may alias x.
+  static void Exp4(const float* x, float* y) {
+    const __m128 xf = _mm_loadu_ps(x);
+    const __m256d xd = _mm256_cvtps_pd(xf);
+    const __m256d inv = Const(kInvLn2N), shift = Const(kShift);
+    const __m256d kd_shifted = _mm256_fmadd_pd(inv, xd, shift);
+    const __m256i ki = _mm256_castpd_si256(kd_shifted);
+    const __m256d kd = _mm256_sub_pd(kd_shifted, shift);
+    const __m256d r = _mm256_fmsub_pd(inv, xd, kd);
+    const __m256i idx = _mm256_and_si256(ki, _mm256_set1_epi64x(31));
+    const __m256i t = _mm256_add_epi64(
+        _mm256_i64gather_epi64(reinterpret_cast<const long long*>(kTab), idx, 8),
+        _mm256_slli_epi64(ki, 47));
+    const __m256d z = _mm256_fmadd_pd(r, Const(kC0), Const(kC1));
+    const __m256d r2 = _mm256_mul_pd(r, r);
+    __m256d v = _mm256_fmadd_pd(r, Const(kC2), _mm256_set1_pd(1.0));
+    v = _mm256_fmadd_pd(z, r2, v);
+    v = _mm256_mul_pd(v, _mm256_castsi256_pd(t));
+    __m128 out = _mm256_cvtpd_ps(v);
+    // |x| >= 88 (top 12 bits of the magnitude >= those of 88.0f), inf, NaN.
+    const __m128i top = _mm_and_si128(_mm_srli_epi32(_mm_castps_si128(xf), 20), _mm_set1_epi32(0x7ff));
+    const int special = _mm_movemask_ps(_mm_castsi128_ps(_mm_cmpgt_epi32(top, _mm_set1_epi32(0x42a))));
+    if (special != 0) {
+      alignas(16) float xs[4], ys[4];
+      _mm_store_ps(xs, xf);
+      _mm_store_ps(ys, out);
+      for (int k = 0; k < 4; ++k) {
+        if (special & (1 << k)) ys[k] = std::exp(xs[k]);
+      }
+      out = _mm_load_ps(ys);
+    }
+    _mm_storeu_ps(y, out);
+  }
+
+  // Whether Exp4 agrees with this process's expf (another C library, or a
+  // CPU without FMA, computes differently): checked once on a spread of
+  // arguments, including every 1/64 step of the range attention uses.
+  static bool MatchesLibm() {
+    static const bool ok = [] {
+      alignas(16) float x[4], y[4];
+      uint32_t lcg = 12345;
+      for (int i = 0; i < 8192; ++i) {
+        for (int k = 0; k < 4; ++k) {
+          if (i < 2048) {
+            x[k] = -static_cast<float>(i * 4 + k) / 16.0f;  // [-128, 0]
+          } else {
+            lcg = lcg * 1664525u + 1013904223u;
+            uint32_t bits = (lcg >> 1) | (k & 1 ? 0x80000000u : 0u);
+            std::memcpy(&x[k], &bits, 4);
+          }
+        }
+        Exp4(x, y);
+        for (int k = 0; k < 4; ++k) {
+          const float want = std::exp(x[k]);
+          if (std::memcmp(&want, &y[k], 4) != 0 && !(std::isnan(want) && std::isnan(y[k]))) {
+            return false;
+          }
+        }
+      }
+      return true;
+    }();
+    return ok;
+  }
+
+  // y[j] = expf(x[j]) for j < n; x and y may alias.
+  static void Row(const float* x, float* y, int64_t n) {
+    if (!MatchesLibm()) {
+      for (int64_t j = 0; j < n; ++j) y[j] = std::exp(x[j]);
+      return;
+    }
+    int64_t j = 0;
+    for (; j + 4 <= n; j += 4) Exp4(x + j, y + j);
+    if (j < n) {
+      alignas(16) float tx[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ty[4];
+      for (int64_t k = 0; j + k < n; ++k) tx[k] = x[j + k];
+      Exp4(tx, ty);
+      for (int64_t k = 0; j + k < n; ++k) y[j + k] = ty[k];
+    }
+  }
+};
+
 // The one-chunk recurrence for R query rows of one token (heads sharing kv
 // head kvh) over its `n` keys from j0, reading K and V straight from the
 // fp16 pages: each key's K vector is converted once and used by all R rows,
@@ -424,11 +534,23 @@ HWY_INLINE void OneChunkRowsF16(const AttentionSeq& seq, const KvLayout& L, int3
     vp[j] = page + L.v_offset(kvh, slot);
   }
   // Scores, four keys at a time sharing the final reductions (keys past n
-  // repeat the last one, in lanes that are never stored).
+  // repeat the last one, in lanes that are never stored). The pages are
+  // rarely in cache (16 sequences' KV outgrow it): K is prefetched a few
+  // keys ahead, and each key's V row while its score is formed, ready for
+  // the weighted sum below.
+  const int64_t row_bytes = D * static_cast<int64_t>(sizeof(uint16_t));
+  auto prefetch_row = [&](const uint16_t* p) {
+    for (int64_t o = 0; o < row_bytes; o += 64) hwy::Prefetch(reinterpret_cast<const uint8_t*>(p) + o);
+  };
+  for (int64_t j = 0; j < std::min<int64_t>(n, kPrefetchKeys); ++j) prefetch_row(kp[j]);
   const auto vscale = hn::Set(d4, scale);
   for (int64_t jb = 0; jb < n; jb += 4) {
     hn::Vec<decltype(d4)> t[R][4];
     for (int k = 0; k < 4; ++k) {
+      if (jb + k < n) {
+        if (jb + k + kPrefetchKeys < n) prefetch_row(kp[jb + k + kPrefetchKeys]);
+        prefetch_row(vp[jb + k]);
+      }
       const uint16_t* kr = kp[std::min(jb + k, n - 1)];
       V8 a[R][4];
       for (int r = 0; r < R; ++r)
@@ -460,20 +582,32 @@ HWY_INLINE void OneChunkRowsF16(const AttentionSeq& seq, const KvLayout& L, int3
       }
     }
   }
-  // The per-key recurrence of each row (see OneChunkKeys).
+  // The per-key recurrence of each row (see OneChunkKeys), its exponentials
+  // taken together: the arguments first (the running maximum only moves
+  // on a new maximum), then expf of all, then the weights and the sum.
   for (int r = 0; r < R; ++r) {
-    float m_run = m[r], l_run = l[r];
+    float* e = ms + r * kTile;  // arguments, then their exponentials
+    float* w = vs + r * kTile;
+    float m_run = m[r];
     for (int64_t j = 0; j < n; ++j) {
       const float s = sc[r * kTile + j];
-      float m_scale = 1.0f, v_scale = 1.0f;
       if (s > m_run) {
-        m_scale = std::exp(m_run - s);
+        e[j] = m_run - s;
+        w[j] = 0.0f;  // marks a new maximum
         m_run = s;
       } else {
-        v_scale = std::exp(s - m_run);
+        e[j] = s - m_run;
+        w[j] = 1.0f;
       }
-      ms[r * kTile + j] = m_scale;
-      vs[r * kTile + j] = v_scale;
+    }
+    LibmExpF::Row(e, e, n);
+    float l_run = l[r];
+    for (int64_t j = 0; j < n; ++j) {
+      const bool new_max = w[j] == 0.0f;
+      const float m_scale = new_max ? e[j] : 1.0f;
+      const float v_scale = new_max ? 1.0f : e[j];
+      e[j] = m_scale;
+      w[j] = v_scale;
       l_run = std::fma(l_run, m_scale, v_scale);
     }
     m[r] = m_run;
@@ -693,6 +827,22 @@ int64_t SeqRows(const AttentionArgs& a, int64_t t) {
   return e - b;
 }
 
+void LibmExpRowImpl(const float* x, float* y, int64_t n) {
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+  LibmExpF::Row(x, y, n);
+#else
+  for (int64_t j = 0; j < n; ++j) y[j] = std::exp(x[j]);
+#endif
+}
+
+bool LibmExpVectorizedImpl() {
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+  return LibmExpF::MatchesLibm();
+#else
+  return false;
+#endif
+}
+
 void AttentionRowsImpl(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh,
                        float* scratch) {
   const int64_t rows = SeqRows(a, t0);
@@ -712,6 +862,14 @@ HWY_AFTER_NAMESPACE();
 namespace mnemo::kernels::cpu {
 
 HWY_EXPORT(AttentionRowsImpl);
+HWY_EXPORT(LibmExpRowImpl);
+HWY_EXPORT(LibmExpVectorizedImpl);
+
+void LibmExpRow(const float* x, float* y, int64_t n) {
+  HWY_DYNAMIC_DISPATCH(LibmExpRowImpl)(x, y, n);
+}
+
+bool LibmExpVectorized() { return HWY_DYNAMIC_DISPATCH(LibmExpVectorizedImpl)(); }
 
 size_t AttentionScratchFloats(const AttentionArgs& args) {
   const size_t group = static_cast<size_t>(args.n_heads / args.layout.n_kv_heads);

@@ -53,6 +53,14 @@ void F16ToF32Row(const uint16_t* x, float* y, int64_t n);
 
 // --- Attention ----------------------------------------------------------------
 
+// y[j] = std::exp(x[j]) bit for bit (the C library's expf, which llama.cpp's
+// attention calls), four at a time where the library's algorithm is known;
+// x and y may alias.
+void LibmExpRow(const float* x, float* y, int64_t n);
+// Whether LibmExpRow (and attention) use the vector version on the current
+// target: it is checked against the library once and used only if equal.
+bool LibmExpVectorized();
+
 // Floats of scratch one AttentionItem call needs.
 size_t AttentionScratchFloats(const AttentionArgs& args);
 

@@ -17,6 +17,7 @@
 #include <tuple>
 #include <vector>
 
+#include "hwy/targets.h"
 #include "kernels/backend.h"
 #include "kernels/cpu/quants.h"
 #include "kernels/cpu/simd.h"
@@ -347,6 +348,39 @@ TEST_P(AttentionNumericsTest, TiledRuns) {
 // different sequences.
 TEST_P(AttentionNumericsTest, MixedBatch) {
   Check({{1, 300}, {64, 80}, {7, 30}, {1, 16}, {1, 1}}, 7);
+}
+
+// The attention's expf (vectorized where the C library's algorithm is
+// known) against the library itself: every 61st float of the range the
+// softmax uses, [-104, 0] (below, expf is 0), and the special values.
+TEST(LibmExpTest, EqualsTheCLibrary) {
+  std::vector<float> x;
+  for (float f : {0.0f, -0.0f, -INFINITY, INFINITY, NAN, -87.9f, -88.0f, -88.8f, -103.2f,
+                  -103.3f, -104.0f, -1e30f, 88.0f, 1e-30f, -1e-30f, 1.0f}) {
+    x.push_back(f);
+  }
+  for (uint32_t b = 0x80000000u; b <= 0xC2D00000u; b += 61) x.push_back(FromBits(b));
+  std::vector<float> y(x.size());
+  for (int64_t target : SimdTargets()) {
+    SetSimdTargetForTest(target);
+#if defined(__GLIBC__) && (__GLIBC__ > 2 || __GLIBC_MINOR__ >= 28) && defined(__x86_64__)
+    // glibc's x86-64 expf with FMA is the algorithm the vector version
+    // repeats: there it must be in use, not the fallback.
+    if (target == HWY_AVX2 || target == HWY_AVX3 || target == HWY_AVX3_DL) {
+      EXPECT_TRUE(LibmExpVectorized()) << SimdTargetName(target);
+    }
+#endif
+    LibmExpRow(x.data(), y.data(), static_cast<int64_t>(x.size()));
+    for (size_t i = 0; i < x.size(); ++i) {
+      const float want = std::exp(x[i]);
+      if (std::isnan(want)) {
+        ASSERT_TRUE(std::isnan(y[i])) << SimdTargetName(target) << " x=" << x[i];
+      } else {
+        ASSERT_EQ(Bits(y[i]), Bits(want)) << SimdTargetName(target) << " x=" << x[i];
+      }
+    }
+  }
+  SetSimdTargetForTest(0);
 }
 
 INSTANTIATE_TEST_SUITE_P(
