@@ -41,7 +41,9 @@ struct TierOptions {
   uint32_t queue_depth = 32;
   PageStoreOptions::Engine engine = PageStoreOptions::Engine::kAuto;
   bool direct_io = true;
-  size_t slab_bytes = size_t{1} << 30;
+  // Slab files are preallocated whole (at most the budget): large enough
+  // for long sequential extents, small enough not to grab a disk at once.
+  size_t slab_bytes = size_t{256} << 20;
   // What the KV is computed with; manifests written under anything else are
   // refused at resume.
   uint64_t model_fingerprint = 0;

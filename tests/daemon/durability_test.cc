@@ -29,7 +29,7 @@ struct Reply {
 class Node {
  public:
   // One daemon's worth of state over `dir` with the model at `model`.
-  Node(const std::string& model, const std::string& dir, uint64_t t2_budget = 256u << 20,
+  Node(const std::string& model, const std::string& dir, uint64_t t2_budget = 32u << 20,
        tiering::FaultInjectingPageStore** fault = nullptr, size_t t0_budget = 64u << 20) {
     model::EngineOptions eo;
     eo.model_path = model;
@@ -127,16 +127,26 @@ class DurabilityTest : public ::testing::Test {
     spec.n_layers = 3;
     spec.context_length = 2048;
     model_ = testutil::WriteTinyModel(spec);
-    dir_ = testutil::TempDir();
+    dir_ = Dir();
+  }
+  void TearDown() override {
+    // T2 slab files are preallocated: do not leave them behind.
+    std::error_code ec;
+    for (const auto& d : dirs_) std::filesystem::remove_all(d, ec);
+  }
+  std::string Dir() {
+    dirs_.push_back(testutil::TempDir());
+    return dirs_.back();
   }
   std::string model_, dir_;
+  std::vector<std::string> dirs_;
 };
 
 TEST_F(DurabilityTest, TurnsPersistAndResumeAfterRestartWithoutRecompute) {
   std::vector<int32_t> uninterrupted;
   {
     // Reference: three turns in one life.
-    Node ref(model_, testutil::TempDir());
+    Node ref(model_, Dir());
     ASSERT_TRUE(ref.open_status.ok()) << ref.open_status.ToString();
     As<protocol::SessionInfo>(ref.Call(protocol::CreateSessionRequest{"s"}).last);
     As<protocol::Done>(ref.Call(Turn("s", "first message, a long one to fill some pages of KV")).last);
@@ -225,7 +235,7 @@ TEST_F(DurabilityTest, EnospcWhilePersistingKeepsTheSessionAndEarlierTurns) {
   std::vector<int32_t> tokens_committed;
   {
     tiering::FaultInjectingPageStore* fault = nullptr;
-    Node a(model_, dir_, 256u << 20, &fault);
+    Node a(model_, dir_, 32u << 20, &fault);
     ASSERT_TRUE(a.open_status.ok());
     ASSERT_NE(fault, nullptr);
     As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"s"}).last);

@@ -52,7 +52,7 @@ TEST(CrashTest, KillNineAtRandomMomentsLosesNoCommittedTurn) {
   if (!std::filesystem::exists(testutil::MnemodPath())) GTEST_SKIP() << "mnemod not built";
   if (!std::filesystem::exists(testutil::DefaultModelPath()))
     GTEST_SKIP() << "default model not fetched (scripts/fetch-model)";
-  const std::vector<std::string> args = {"--t1-budget", "0", "--t2-budget", "256M"};
+  const std::vector<std::string> args = {"--t1-budget", "0", "--t2-budget", "64M"};
   Reference ref;
   {
     DaemonProcess d;

@@ -11,6 +11,7 @@
 #include <unistd.h>
 
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 #include <thread>
@@ -56,6 +57,9 @@ DaemonProcess::~DaemonProcess() {
     ::waitpid(pid_, &status_, 0);
   }
   if (notify_fd_ >= 0) ::close(notify_fd_);
+  // T2 slab files are preallocated: leaving them behind fills the disk.
+  std::error_code ec;
+  std::filesystem::remove_all(dir_, ec);
 }
 
 bool DaemonProcess::Spawn(const std::vector<std::string>& args, const std::vector<std::string>& extra_env) {
@@ -96,7 +100,8 @@ bool DaemonProcess::Spawn(const std::vector<std::string>& args, const std::vecto
 bool DaemonProcess::Start(const std::vector<std::string>& extra_args, std::chrono::seconds timeout) {
   std::vector<std::string> args = {MnemodPath(),     "--model",     DefaultModelPath(), "--socket",
                                    socket_path_,     "--data-dir",  data_dir_,          "--threads",
-                                   "2",              "--log-level", "debug"};
+                                   "2",              "--log-level", "debug",            "--t2-budget",
+                                   "128M",           "--t1-budget", "32M"};
   args.insert(args.end(), extra_args.begin(), extra_args.end());
   if (!Spawn(args)) return false;
   if (!WaitNotify("READY=1", timeout)) {

@@ -21,10 +21,11 @@ std::string DefaultModelPath();
 class DaemonProcess {
  public:
   DaemonProcess();
-  ~DaemonProcess();  // SIGKILLs a daemon still running
+  ~DaemonProcess();  // SIGKILLs a daemon still running, removes dir()
 
-  // Starts mnemod with the private socket/data dir, the default model and
-  // `extra_args`, and waits for READY=1. False (with a reason in error())
+  // Starts mnemod with the private socket/data dir, the default model, a
+  // small T2 budget (128M) and `extra_args` (later flags win), and waits
+  // for READY=1. False (with a reason in error())
   // when it exits or does not become ready in time.
   bool Start(const std::vector<std::string>& extra_args = {},
              std::chrono::seconds timeout = std::chrono::seconds(120));
