@@ -254,10 +254,8 @@ void Scheduler::Handle(Job job) {
     return;
   }
   if (auto* req = std::get_if<CancelRequest>(&job.body)) {
-    for (auto* list : {&running_}) {
-      for (auto& r : *list)
-        if (r->conn == job.conn && r->id == req->target_id) r->cancelled = true;
-    }
+    for (auto& r : running_)
+      if (r->conn == job.conn && r->id == req->target_id) r->cancelled = true;
     // Queued requests end at once.
     for (size_t i = 0; i < waiting_.size(); ++i) {
       if (waiting_[i]->conn == job.conn && waiting_[i]->id == req->target_id) {
@@ -806,22 +804,7 @@ void Scheduler::StartPersist(ActiveRequest* r) {
     for (uint64_t p = 0; p < per_layer; ++p) job.pages[l].push_back(engine_->pool().Data(seq->layers[l][p]));
   // The request leaves the batch; its session stays busy (and its pages
   // unchanged) until the commit is done.
-  for (auto* list : {&running_}) {
-    for (auto it = list->begin(); it != list->end(); ++it) {
-      if (it->get() == r) {
-        persisting_.push_back(std::move(*it));
-        list->erase(it);
-        break;
-      }
-    }
-  }
-  for (auto it = waiting_.begin(); it != waiting_.end(); ++it) {
-    if (it->get() == r) {
-      persisting_.push_back(std::move(*it));
-      waiting_.erase(it);
-      break;
-    }
-  }
+  persisting_.push_back(Detach(r));
   options_.tier->Persist(std::move(job), [this, r](Status st, tiering::CommittedKv committed) {
     Post([this, r, st = std::move(st), committed = std::move(committed)]() mutable {
       PersistDone(r, std::move(st), std::move(committed));
@@ -863,19 +846,27 @@ void Scheduler::Fail(ActiveRequest* r, const Status& status) {
   Remove(r);
 }
 
-void Scheduler::Remove(ActiveRequest* r) {
-  r->session->active = nullptr;
-  r->session->last_used_unix_ms = UnixMs();
-  auto drop = [r](auto& list) {
+std::unique_ptr<ActiveRequest> Scheduler::Detach(ActiveRequest* r) {
+  std::unique_ptr<ActiveRequest> owner;
+  auto take = [&](auto& list) {
     for (auto it = list.begin(); it != list.end(); ++it) {
       if (it->get() == r) {
+        owner = std::move(*it);
         list.erase(it);
         return true;
       }
     }
     return false;
   };
-  if (!drop(running_) && !drop(waiting_)) drop(persisting_);
+  if (!take(running_) && !take(waiting_)) take(persisting_);
+  MNEMO_CHECK(owner != nullptr);
+  return owner;
+}
+
+void Scheduler::Remove(ActiveRequest* r) {
+  r->session->active = nullptr;
+  r->session->last_used_unix_ms = UnixMs();
+  Detach(r);  // destroys it
 }
 
 }  // namespace mnemo::daemon

@@ -113,6 +113,8 @@ class Scheduler {
   void Fail(ActiveRequest* r, const Status& status);
   void RollBack(ActiveRequest* r);
   void Remove(ActiveRequest* r);
+  // Takes r out of whichever list holds it (running, waiting, persisting).
+  std::unique_ptr<ActiveRequest> Detach(ActiveRequest* r);
   // Frees the KV of the least recently used idle session; false if none.
   bool EvictIdle();
   protocol::SessionInfo Info(const Session& s) const;
