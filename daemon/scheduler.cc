@@ -3,6 +3,11 @@
 #include "daemon/scheduler.h"
 
 #include <algorithm>
+#include <chrono>
+#include <condition_variable>
+#include <memory>
+#include <mutex>
+#include <optional>
 #include <random>
 
 #include <spdlog/spdlog.h>
@@ -39,6 +44,47 @@ protocol::FinishReason ToWire(model::FinishReason r) {
 
 }  // namespace
 
+// A resume load's progress, shared by the load thread and the scheduler.
+struct LoadState {
+  std::mutex mu;
+  std::condition_variable cv;
+  int32_t layers_ready = 0;  // guarded by mu
+  bool done = false;         // guarded by mu
+  Status status;             // guarded by mu; final once done
+  // Scheduler thread only: a pipelined step took the pages over, so the
+  // posted completion has nothing left to do.
+  bool consumed = false;
+};
+
+// Forward's view of a load in progress: waits for each layer, counting
+// the layers that were ready (prefetch hits) and the time spent waiting.
+class LoadGate : public model::KvLayerGate {
+ public:
+  explicit LoadGate(LoadState* load) : load_(load) {}
+  Status WaitLayer(int32_t layer) override {
+    std::unique_lock<std::mutex> lock(load_->mu);
+    if (load_->layers_ready > layer) {
+      ++hits_;
+      return Status::Ok();
+    }
+    ++stalls_;
+    const auto t0 = std::chrono::steady_clock::now();
+    load_->cv.wait(lock, [&] { return load_->layers_ready > layer || load_->done; });
+    stall_s_ += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    if (load_->layers_ready > layer) return Status::Ok();
+    return load_->status.ok() ? Status::Internal("KV load ended before layer " + std::to_string(layer))
+                              : load_->status;
+  }
+  int32_t hits() const { return hits_; }
+  int32_t stalls() const { return stalls_; }
+  double stall_seconds() const { return stall_s_; }
+
+ private:
+  LoadState* const load_;
+  int32_t hits_ = 0, stalls_ = 0;
+  double stall_s_ = 0;
+};
+
 struct ActiveRequest {
   uint64_t conn = 0;
   uint64_t id = 0;
@@ -61,6 +107,8 @@ struct ActiveRequest {
   bool cancelled = false;
   bool detached = false;  // the connection is gone: replies are dropped
   bool loading = false;   // the session's KV is being read from T2
+  std::shared_ptr<LoadState> load;                      // while loading
+  std::vector<std::vector<attention::PageId>> load_pages;  // their destination
   protocol::Done done;    // built at the end of the turn, sent once persisted
 
   ActiveRequest(model::Sampler s, model::StopMatcher m) : sampler(std::move(s)), stop(std::move(m)) {}
@@ -518,18 +566,67 @@ Status Scheduler::StartLoad(ActiveRequest* r) {
     }
   }
   r->loading = true;
+  r->load = std::make_shared<LoadState>();
+  r->load_pages = pages;
   const std::string label = "session '" + s->name + "'";
-  options_.tier->Load(label, s->t2.blocks, s->t2.kv_tokens, std::move(dst),
-                      [this, r, pages = std::move(pages)](Status st) mutable {
-                        Post([this, r, st = std::move(st), pages = std::move(pages)]() mutable {
-                          LoadDone(r, std::move(st), std::move(pages));
-                        });
-                      });
+  std::shared_ptr<LoadState> load = r->load;
+  options_.tier->Load(
+      label, s->t2.blocks, s->t2.kv_tokens, std::move(dst),
+      [this, r, load, pages = std::move(pages)](Status st) mutable {
+        {
+          std::lock_guard<std::mutex> lock(load->mu);
+          load->done = true;
+          load->status = st;
+          load->cv.notify_all();
+        }
+        Post([this, r, load, st = std::move(st), pages = std::move(pages)]() mutable {
+          if (load->consumed) return;  // a pipelined step finished it (r may be gone)
+          LoadDone(r, std::move(st), std::move(pages));
+        });
+      },
+      [load](int32_t layers) {
+        std::lock_guard<std::mutex> lock(load->mu);
+        load->layers_ready = layers;
+        load->cv.notify_all();
+      });
   return Status::Ok();
+}
+
+bool Scheduler::StartPipelined(ActiveRequest* r) {
+  Session* s = r->session;
+  Result<attention::SeqId> seq =
+      engine_->kv().Adopt(r->load_pages, static_cast<int64_t>(s->t2.kv_tokens));
+  if (!seq.ok()) return false;  // it joins when loaded
+  r->load->consumed = true;
+  r->load_pages.clear();
+  s->seq = *seq;
+  r->kv0 = static_cast<int64_t>(s->t2.kv_tokens);
+  FinalizePrompt(r);
+  return true;
+}
+
+Status Scheduler::EndPipelined(ActiveRequest* r) {
+  Status status;
+  {
+    std::unique_lock<std::mutex> lock(r->load->mu);
+    r->load->cv.wait(lock, [&] { return r->load->done; });
+    status = r->load->status;
+  }
+  r->loading = false;
+  r->load.reset();
+  if (!status.ok()) {
+    // Its pages hold a partial load: the KV is not usable.
+    Session* s = r->session;
+    (void)engine_->kv().FreeSeq(s->seq);
+    s->seq = 0;
+  }
+  return status;
 }
 
 void Scheduler::LoadDone(ActiveRequest* r, Status status, std::vector<std::vector<attention::PageId>> pages) {
   r->loading = false;
+  r->load.reset();
+  r->load_pages.clear();
   Session* s = r->session;
   auto release = [&] {
     for (auto& layer : pages)
@@ -556,6 +653,15 @@ void Scheduler::LoadDone(ActiveRequest* r, Status status, std::vector<std::vecto
 }
 
 void Scheduler::Admit() {
+  // Nothing runs and the next request waits for its KV from T2: it computes
+  // on its pages as they arrive, alone in the batch (its step waits on
+  // them, which nobody else should).
+  if (running_.empty() && options_.pipelined_resume && !waiting_.empty() && waiting_.front()->loading &&
+      !waiting_.front()->cancelled && !draining_local_ && StartPipelined(waiting_.front().get())) {
+    running_.push_back(std::move(waiting_.front()));
+    waiting_.pop_front();
+    return;
+  }
   for (size_t i = 0; i < waiting_.size() && running_.size() < static_cast<size_t>(options_.max_batch);) {
     if (waiting_[i]->loading) {
       ++i;
@@ -642,12 +748,23 @@ void Scheduler::Step() {
     while (st.code() == StatusCode::kResourceExhausted && EvictIdle())
       st = kv.Reserve(e.r->session->seq, e.n);
     if (!st.ok()) {
+      if (e.r->loading) {
+        const Status load = EndPipelined(e.r);
+        if (!load.ok()) st = load;
+      }
       Fail(e.r, st.WithContext("session '" + e.r->session->name + "'"));
       continue;
     }
     batch_entries.push_back(e);
   }
   if (batch_entries.empty()) return;
+  // A pipelined resume runs alone (Admit): its pages may still be loading.
+  ActiveRequest* pipelined = nullptr;
+  for (const Entry& e : batch_entries)
+    if (e.r->loading) pipelined = e.r;
+  MNEMO_CHECK(pipelined == nullptr || batch_entries.size() == 1);
+  std::optional<LoadGate> gate;
+  if (pipelined) gate.emplace(pipelined->load.get());
 
   std::vector<model::BatchSeq> batch;
   batch.reserve(batch_entries.size());
@@ -656,8 +773,14 @@ void Scheduler::Step() {
     batch.push_back({s->seq, std::span<const int32_t>(s->tokens.data() + e.kv_len, e.n), false});
   }
   const double t_step0 = NowSeconds();
-  Status st = engine_->model().Forward(batch, &kv, &logits_);
+  Status st = engine_->model().Forward(batch, &kv, &logits_, gate ? &*gate : nullptr);
   const double step_ms = (NowSeconds() - t_step0) * 1e3;
+  if (pipelined) {
+    const Status load = EndPipelined(pipelined);
+    if (!load.ok()) st = load;
+    spdlog::debug("resumed '{}' pipelined: {} layers ready when needed, {} waited for ({:.1f} ms)",
+                  pipelined->session->name, gate->hits(), gate->stalls(), gate->stall_seconds() * 1e3);
+  }
   if (any_decoder && st.ok()) {
     if (prefill_rows == 0) {
       decode_step_ms_ = decode_step_ms_ > 0 ? 0.8 * decode_step_ms_ + 0.2 * step_ms : step_ms;

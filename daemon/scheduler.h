@@ -39,6 +39,10 @@ struct SchedulerOptions {
                                             .min_p = 0.05f};
   // Durable sessions (borrowed; null: sessions live in memory only).
   tiering::TierManager* tier = nullptr;
+  // A session resumed from T2 while nothing else runs starts computing as
+  // soon as its first layers are loaded (layer l computes while later
+  // layers still load); otherwise it joins the batch once fully loaded.
+  bool pipelined_resume = true;
 };
 
 // Delivers one response of a request. Called on the scheduler thread in
@@ -96,6 +100,11 @@ class Scheduler {
   // Starts reading a session's T2 blocks into fresh T0 pages.
   Status StartLoad(ActiveRequest* r);
   void LoadDone(ActiveRequest* r, Status status, std::vector<std::vector<attention::PageId>> pages);
+  // Admits a loading request into the batch on its pages as they load.
+  bool StartPipelined(ActiveRequest* r);
+  // Waits for a pipelined request's load to end; on failure its KV is
+  // dropped. Returns the load's status.
+  Status EndPipelined(ActiveRequest* r);
   // Turn end with tiering: persist, then Done.
   void StartPersist(ActiveRequest* r);
   void PersistDone(ActiveRequest* r, Status status, tiering::CommittedKv committed);

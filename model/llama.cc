@@ -210,7 +210,7 @@ void LlamaModel::Observe(std::string_view name, int layer, const float* data, in
 }
 
 Status LlamaModel::Forward(std::span<const BatchSeq> batch, attention::KvCache* kv,
-                           std::vector<float>* logits) {
+                           std::vector<float>* logits, KvLayerGate* gate) {
   const LlamaConfig& c = cfg_;
   logits->clear();
   if (batch.empty()) return Status::Ok();
@@ -288,6 +288,12 @@ Status LlamaModel::Forward(std::span<const BatchSeq> batch, attention::KvCache* 
     Observe("Kcur", l, k_, n, kv_dim);
     Observe("Vcur", l, v_, n, kv_dim);
 
+    if (gate) {
+      if (Status s = gate->WaitLayer(l); !s.ok()) {
+        for (size_t b = 0; b < batch.size(); ++b) (void)kv->Truncate(batch[b].seq, start[b]);
+        return s;
+      }
+    }
     // Page tables of this layer.
     // (Pointers are taken after the table is complete: push_back may move it.)
     page_ptrs_.clear();

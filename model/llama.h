@@ -56,6 +56,15 @@ struct BatchSeq {
   bool all_logits = false;  // logits for every token (scoring); else only the last
 };
 
+// Pages that arrive layer by layer (a session resumed from storage while a
+// step already runs): Forward calls WaitLayer(l) before it reads or writes
+// any KV page of layer l. An error ends the step as any Forward error does.
+class KvLayerGate {
+ public:
+  virtual ~KvLayerGate() = default;
+  virtual Status WaitLayer(int32_t layer) = 0;
+};
+
 class LlamaModel {
  public:
   // Binds the weights of `file` (kept alive by the model) on `backend`
@@ -76,9 +85,10 @@ class LlamaModel {
   // Runs one step over `batch` (each sequence at most once). Writes the new
   // tokens' K/V into `kv` and appends logits rows to `logits` (cleared
   // first): per entry, every token's row when all_logits, else the last
-  // token's. On error no sequence's length changed.
+  // token's. On error no sequence's length changed. `gate` (optional) is
+  // waited on before each layer's KV is used.
   Status Forward(std::span<const BatchSeq> batch, attention::KvCache* kv,
-                 std::vector<float>* logits);
+                 std::vector<float>* logits, KvLayerGate* gate = nullptr);
 
   // Debugging and numerical comparison with other implementations: when
   // set, Forward reports each intermediate activation (host copy, [rows][cols])

@@ -2,6 +2,7 @@
 // with checksum verification, and the T1 block cache.
 #include "tiering/tier_manager.h"
 
+#include <algorithm>
 #include <cstring>
 #include <filesystem>
 
@@ -214,10 +215,12 @@ Status TierManager::DoPersist(PersistJob& job, CommittedKv* out) {
 }
 
 void TierManager::Load(std::string label, std::vector<BlockSlot> blocks, uint64_t kv_tokens,
-                       std::vector<std::vector<void*>> dst, std::function<void(Status)> done) {
+                       std::vector<std::vector<void*>> dst, std::function<void(Status)> done,
+                       std::function<void(int32_t)> on_layers) {
   Enqueue(&load_worker_, [this, label = std::move(label), blocks = std::move(blocks), kv_tokens,
-                          dst = std::move(dst), done = std::move(done)]() mutable {
-    Status s = DoLoad(label, blocks, kv_tokens, dst);
+                          dst = std::move(dst), done = std::move(done),
+                          on_layers = std::move(on_layers)]() mutable {
+    Status s = DoLoad(label, blocks, kv_tokens, dst, on_layers);
     ++loads_;
     if (!s.ok()) {
       ++load_errors_;
@@ -227,66 +230,170 @@ void TierManager::Load(std::string label, std::vector<BlockSlot> blocks, uint64_
   });
 }
 
+namespace {
+
+// One extent read of a load: the request, and whether it completed. The
+// completion runs on the store's I/O thread and only flags it.
+struct LoadRing {
+  std::mutex mu;
+  std::condition_variable cv;
+};
+
+struct LoadIo {
+  IoRequest req;
+  LoadRing* ring = nullptr;
+  bool done = false;  // guarded by ring->mu
+  bool submitted = false;
+};
+
+void LoadIoDone(IoRequest* req) {
+  auto* io = static_cast<LoadIo*>(req->user);
+  std::lock_guard<std::mutex> lock(io->ring->mu);
+  io->done = true;
+  io->ring->cv.notify_all();
+}
+
+}  // namespace
+
 Status TierManager::DoLoad(const std::string& label, const std::vector<BlockSlot>& blocks, uint64_t kv_tokens,
-                           const std::vector<std::vector<void*>>& dst) {
+                           const std::vector<std::vector<void*>>& dst,
+                           const std::function<void(int32_t)>& on_layers) {
   const uint64_t spans = BlocksForTokens(kv_tokens, layout_.page_tokens);
+  const int32_t n_layers = layout_.n_layers;
   if (blocks.size() < spans) return Status::Corruption(label + ": manifest lists fewer blocks than its KV");
-  if (static_cast<int32_t>(dst.size()) != layout_.n_layers) return Status::Internal("load: wrong layer count");
-  const size_t window = std::min<size_t>(kWindowBlocks, std::max<uint64_t>(spans, 1));
-  Result<AlignedBuffer> staging = AlignedBuffer::Allocate(window * layout_.block_bytes);
+  if (static_cast<int32_t>(dst.size()) != n_layers) return Status::Internal("load: wrong layer count");
+  if (spans == 0) {
+    if (on_layers) on_layers(n_layers);
+    return Status::Ok();
+  }
+  std::vector<BlockInfo> infos(spans);
+  for (uint64_t i = 0; i < spans; ++i) {
+    Result<BlockInfo> info = index_->GetBlock(blocks[i]);
+    if (!info.ok()) return info.status().WithContext(label);
+    if (info->page_checksums.size() != static_cast<size_t>(n_layers))
+      return Status::Corruption(label + ": block " + std::to_string(blocks[i]) + " has " +
+                                std::to_string(info->page_checksums.size()) + " page checksums, expected " +
+                                std::to_string(n_layers));
+    infos[i] = std::move(info).value();
+  }
+
+  // Items in load order: (layer group g, block i) for g, then i.
+  const int32_t per_group = static_cast<int32_t>(
+      std::clamp<size_t>(options_.load_extent_bytes / layout_.layer_stride, 1, static_cast<size_t>(n_layers)));
+  const int32_t groups = (n_layers + per_group - 1) / per_group;
+  const uint64_t items = static_cast<uint64_t>(groups) * spans;
+  const size_t extent_max = static_cast<size_t>(per_group) * layout_.layer_stride;
+  const size_t ring_n = std::min<uint64_t>(std::max<uint32_t>(options_.load_inflight, 1), items);
+  Result<AlignedBuffer> staging = AlignedBuffer::Allocate(ring_n * extent_max);
   if (!staging.ok()) return staging.status();
-  for (uint64_t w0 = 0; w0 < spans; w0 += window) {
-    const uint64_t n = std::min<uint64_t>(window, spans - w0);
-    std::vector<BlockInfo> infos(n);
-    std::vector<BlockSlot> to_read;
-    std::vector<void*> bufs;
-    std::vector<bool> from_t1(n);
-    for (uint64_t i = 0; i < n; ++i) {
-      Result<BlockInfo> info = index_->GetBlock(blocks[w0 + i]);
-      if (!info.ok()) return info.status().WithContext(label);
-      infos[i] = std::move(info).value();
-      uint8_t* block = staging->data() + i * layout_.block_bytes;
-      from_t1[i] = T1Get(blocks[w0 + i], block);
-      if (!from_t1[i]) {
-        to_read.push_back(blocks[w0 + i]);
-        bufs.push_back(block);
+  LoadRing ring;
+  std::vector<LoadIo> ios(ring_n);
+  auto group_layers = [&](uint64_t item, int32_t* l0, int32_t* l1) {
+    const int32_t g = static_cast<int32_t>(item / spans);
+    *l0 = g * per_group;
+    *l1 = std::min(n_layers, *l0 + per_group);
+  };
+  // Starts item k in ring slot k % ring_n: from T1 when cached, else a read.
+  auto start = [&](uint64_t k) -> Status {
+    LoadIo& io = ios[k % ring_n];
+    int32_t l0, l1;
+    group_layers(k, &l0, &l1);
+    const BlockSlot slot = blocks[k % spans];
+    uint8_t* buf = staging->data() + (k % ring_n) * extent_max;
+    const size_t off = layout_.LayerOffset(l0);
+    const size_t len = static_cast<size_t>(l1 - l0) * layout_.layer_stride;
+    io.req = IoRequest{};
+    io.req.op = IoOp::kRead;
+    io.req.slot = slot;
+    io.req.offset = off;
+    io.req.length = len;
+    io.req.buf = buf;
+    io.req.callback = &LoadIoDone;
+    io.req.user = &io;
+    io.ring = &ring;
+    io.submitted = false;
+    if (T1GetRange(slot, off, len, buf)) {
+      std::lock_guard<std::mutex> lock(ring.mu);
+      io.done = true;
+      return Status::Ok();
+    }
+    {
+      std::lock_guard<std::mutex> lock(ring.mu);
+      io.done = false;
+    }
+    IoRequest* r = &io.req;
+    Status s = store_->Submit(std::span<IoRequest* const>(&r, 1));
+    if (s.ok()) io.submitted = true;
+    return s;
+  };
+  // Waits until every submitted read is back (their buffers are ours again).
+  auto drain = [&] {
+    std::unique_lock<std::mutex> lock(ring.mu);
+    for (LoadIo& io : ios)
+      if (io.submitted) ring.cv.wait(lock, [&] { return io.done; });
+  };
+
+  uint64_t next = 0;
+  for (; next < ring_n; ++next) {
+    if (Status s = start(next); !s.ok()) {
+      drain();
+      return s.WithContext(label + ": reading KV blocks");
+    }
+  }
+  for (uint64_t k = 0; k < items; ++k) {
+    LoadIo& io = ios[k % ring_n];
+    {
+      std::unique_lock<std::mutex> lock(ring.mu);
+      ring.cv.wait(lock, [&] { return io.done; });
+    }
+    io.submitted = false;
+    const uint64_t i = k % spans;
+    const BlockSlot slot = blocks[i];
+    int32_t l0, l1;
+    group_layers(k, &l0, &l1);
+    Status s = io.req.status;
+    uint8_t* buf = static_cast<uint8_t*>(io.req.buf);
+    int32_t bad_layer = -1;
+    for (int32_t l = l0; s.ok() && l < l1; ++l) {
+      if (PageChecksum(buf + static_cast<size_t>(l - l0) * layout_.layer_stride, layout_.page_bytes) !=
+          infos[i].page_checksums[l]) {
+        bad_layer = l;
+        break;
       }
     }
-    if (!to_read.empty()) {
-      if (Status s = store_->ReadBlocks(to_read, bufs); !s.ok())
-        return s.WithContext(label + ": reading KV blocks");
-    }
-    for (uint64_t i = 0; i < n; ++i) {
-      const uint8_t* block = staging->data() + i * layout_.block_bytes;
-      const BlockSlot slot = blocks[w0 + i];
-      bool ok = infos[i].page_checksums.size() == static_cast<size_t>(layout_.n_layers);
-      int32_t bad_layer = -1;
-      for (int32_t l = 0; ok && l < layout_.n_layers; ++l) {
-        if (PageChecksum(block + layout_.LayerOffset(l), layout_.page_bytes) != infos[i].page_checksums[l]) {
-          ok = false;
+    if (s.ok() && bad_layer >= 0) {
+      // A stale T1 entry (its slot was reused) or a bad disk copy: drop the
+      // cache entry and check the disk once more.
+      T1Drop(slot);
+      s = store_->Read(slot, io.req.offset, io.req.length, buf);
+      bad_layer = -1;
+      for (int32_t l = l0; s.ok() && l < l1; ++l) {
+        if (PageChecksum(buf + static_cast<size_t>(l - l0) * layout_.layer_stride, layout_.page_bytes) !=
+            infos[i].page_checksums[l]) {
           bad_layer = l;
+          break;
         }
       }
-      if (!ok) {
-        if (from_t1[i]) {
-          // A stale cache entry (slot reused): read the disk copy instead.
-          T1Drop(slot);
-          uint8_t* b = staging->data() + i * layout_.block_bytes;
-          if (Status s = store_->ReadBlocks(std::span<const BlockSlot>(&slot, 1), std::span<void* const>(
-                                                                                      reinterpret_cast<void**>(&b), 1));
-              !s.ok())
-            return s.WithContext(label + ": reading KV blocks");
-          from_t1[i] = false;
-          --i;  // verify again
-          continue;
-        }
-        return Status::Corruption(label + ": KV page of layer " + std::to_string(bad_layer) + " in block " +
-                                  std::to_string(slot) + " fails its checksum");
-      }
-      for (int32_t l = 0; l < layout_.n_layers; ++l)
-        memcpy(dst[l][w0 + i], block + layout_.LayerOffset(l), layout_.page_bytes);
-      if (!from_t1[i]) T1Put(slot, block);
     }
+    if (!s.ok()) {
+      drain();
+      return s.WithContext(label + ": reading KV blocks");
+    }
+    if (bad_layer >= 0) {
+      drain();
+      return Status::Corruption(label + ": KV page of layer " + std::to_string(bad_layer) + " in block " +
+                                std::to_string(slot) + " fails its checksum");
+    }
+    for (int32_t l = l0; l < l1; ++l)
+      memcpy(dst[l][i], buf + static_cast<size_t>(l - l0) * layout_.layer_stride, layout_.page_bytes);
+    if (groups == 1 && bad_layer < 0 && !T1Has(slot)) T1Put(slot, buf);
+    if (next < items) {
+      if (Status st = start(next++); !st.ok()) {
+        drain();
+        return st.WithContext(label + ": reading KV blocks");
+      }
+    }
+    if (i + 1 == spans && on_layers) on_layers(l1);
   }
   return Status::Ok();
 }
@@ -332,7 +439,7 @@ void TierManager::T1Put(BlockSlot slot, const uint8_t* block) {
   t1_.emplace(slot, T1Entry{std::move(buf), t1_lru_.begin()});
 }
 
-bool TierManager::T1Get(BlockSlot slot, uint8_t* block) {
+bool TierManager::T1GetRange(BlockSlot slot, size_t offset, size_t length, uint8_t* out) {
   std::lock_guard<std::mutex> lock(t1_mu_);
   auto it = t1_.find(slot);
   if (it == t1_.end()) {
@@ -340,9 +447,14 @@ bool TierManager::T1Get(BlockSlot slot, uint8_t* block) {
     return false;
   }
   ++t1_hits_;
-  memcpy(block, it->second.data.data(), layout_.block_bytes);
+  memcpy(out, it->second.data.data() + offset, length);
   t1_lru_.splice(t1_lru_.begin(), t1_lru_, it->second.lru);
   return true;
+}
+
+bool TierManager::T1Has(BlockSlot slot) const {
+  std::lock_guard<std::mutex> lock(t1_mu_);
+  return t1_.count(slot) != 0;
 }
 
 void TierManager::T1Drop(BlockSlot slot) {

@@ -49,6 +49,12 @@ struct TierOptions {
   uint64_t model_fingerprint = 0;
   KvGeometry kv;
   size_t page_bytes = 0;  // one layer page as T0 stores it
+  // Resume reads each block in extents of about this many bytes (whole
+  // layer pages), layer group after layer group: smaller extents let
+  // compute start sooner, larger ones read faster.
+  size_t load_extent_bytes = size_t{128} << 10;
+  // Extents in flight per load (bounds its staging memory).
+  uint32_t load_inflight = 64;
   // Tests: wraps the opened store (fault injection).
   std::function<std::unique_ptr<PageStore>(std::unique_ptr<PageStore>)> wrap_store;
 };
@@ -110,8 +116,16 @@ class TierManager {
   // Reads the first kv_tokens tokens' blocks into `dst` ([layer][page] T0
   // page memory, ceil(kv_tokens / page_tokens) pages per layer). Corruption
   // naming `label` when a page fails its checksum.
+  //
+  // The pages arrive in layer order: every block's first layers (one extent
+  // of about load_extent_bytes per block), then the next ones, so that a
+  // step can compute layer l while later layers still load. `on_layers(n)`
+  // (optional, on the load thread) reports that layers [0, n) of every
+  // block are verified and in `dst`; it runs with increasing n, the last
+  // time with n_layers, before `done`.
   void Load(std::string label, std::vector<BlockSlot> blocks, uint64_t kv_tokens,
-            std::vector<std::vector<void*>> dst, std::function<void(Status)> done);
+            std::vector<std::vector<void*>> dst, std::function<void(Status)> done,
+            std::function<void(int32_t)> on_layers = nullptr);
 
   // Index operations: one small synced batch each, on the caller's thread.
   Status CommitManifest(const Manifest& m);  // a session without KV blocks
@@ -137,13 +151,15 @@ class TierManager {
   static void Enqueue(Worker* w, std::function<void()> job);
   Status DoPersist(PersistJob& job, CommittedKv* out);
   Status DoLoad(const std::string& label, const std::vector<BlockSlot>& blocks, uint64_t kv_tokens,
-                const std::vector<std::vector<void*>>& dst);
+                const std::vector<std::vector<void*>>& dst, const std::function<void(int32_t)>& on_layers);
   // Copies span `s` of `job` into `block` (block_bytes) and fills the
   // per-layer checksums.
   void StageBlock(const PersistJob& job, size_t s, uint8_t* block, uint64_t* checksums) const;
   // T1.
   void T1Put(BlockSlot slot, const uint8_t* block);
-  bool T1Get(BlockSlot slot, uint8_t* block);
+  // Bytes [offset, offset + length) of a cached block.
+  bool T1GetRange(BlockSlot slot, size_t offset, size_t length, uint8_t* out);
+  bool T1Has(BlockSlot slot) const;
   void T1Drop(BlockSlot slot);
 
   // --- constant after construction -------------------------------------------

@@ -1,0 +1,220 @@
+// TierManager resume loads: pages arrive layer group by layer group, every
+// layer reported ready is verified and in place when reported, from T2 and
+// from T1 alike; a damaged page stops the load with Corruption before the
+// layers it belongs to are reported.
+#include "tiering/tier_manager.h"
+
+#include <gtest/gtest.h>
+
+#include <condition_variable>
+#include <cstring>
+#include <filesystem>
+#include <mutex>
+
+#include "tests/testutil/tiny_model.h"
+#include "tiering/fault_page_store.h"
+
+namespace mnemo::tiering {
+namespace {
+
+constexpr int32_t kLayers = 8;
+constexpr int32_t kPageTokens = 16;
+constexpr int32_t kKvHeads = 2;
+constexpr int32_t kHeadDim = 32;
+// One layer page: K and V, fp16.
+constexpr size_t kPageBytes = size_t{kPageTokens} * kKvHeads * kHeadDim * 2 * 2;
+
+// A byte of layer `l`, page `p`, at `i`: distinct per page.
+uint8_t Pattern(int32_t l, size_t p, size_t i) { return static_cast<uint8_t>(l * 31 + p * 7 + i * 13 + (i >> 8)); }
+
+struct LoadResult {
+  Status status;
+  std::vector<int32_t> progress;  // on_layers arguments, in order
+  bool layers_complete_when_reported = true;
+};
+
+class TierManagerTest : public ::testing::Test {
+ protected:
+  void TearDown() override {
+    tier_.reset();
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
+  }
+
+  void Open(uint64_t t1_budget, size_t extent_bytes, bool fault = false) {
+    TierOptions o;
+    o.data_dir = dir_;
+    o.t1_budget_bytes = t1_budget;
+    o.t2_budget_bytes = 16u << 20;
+    o.slab_bytes = 16u << 20;
+    o.model_fingerprint = 42;
+    o.kv = KvGeometry{kLayers, kPageTokens, kKvHeads, kHeadDim, KvDtype::kF16};
+    o.page_bytes = kPageBytes;
+    o.load_extent_bytes = extent_bytes;
+    o.load_inflight = 5;  // fewer than the extents of a load: the ring wraps
+    if (fault) {
+      o.wrap_store = [this](std::unique_ptr<PageStore> inner) {
+        auto f = std::make_unique<FaultInjectingPageStore>(std::move(inner));
+        fault_ = f.get();
+        return std::unique_ptr<PageStore>(std::move(f));
+      };
+    }
+    auto t = TierManager::Open(o);
+    ASSERT_TRUE(t.ok()) << t.status().ToString();
+    tier_ = std::move(t).value();
+  }
+
+  // Persists a session of `tokens` tokens with pattern pages.
+  CommittedKv Persist(uint64_t tokens) {
+    const size_t pages = BlocksForTokens(tokens, kPageTokens);
+    src_.assign(kLayers, std::vector<std::vector<uint8_t>>(pages));
+    PersistJob job;
+    job.manifest.owner_uid = 1000;
+    job.manifest.name = "s";
+    job.manifest.tokens.assign(tokens, 7);
+    job.kv_tokens = tokens;
+    job.pages.resize(kLayers);
+    for (int32_t l = 0; l < kLayers; ++l) {
+      for (size_t p = 0; p < pages; ++p) {
+        src_[l][p].resize(kPageBytes);
+        for (size_t i = 0; i < kPageBytes; ++i) src_[l][p][i] = Pattern(l, p, i);
+        job.pages[l].push_back(src_[l][p].data());
+      }
+    }
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    Status status;
+    CommittedKv committed;
+    tier_->Persist(std::move(job), [&](Status s, CommittedKv c) {
+      std::lock_guard<std::mutex> lock(mu);
+      status = s;
+      committed = std::move(c);
+      done = true;
+      cv.notify_all();
+    });
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return done; });
+    EXPECT_TRUE(status.ok()) << status.ToString();
+    return committed;
+  }
+
+  // Loads into fresh page buffers (dst_), checking at every progress report
+  // that the layers reported are complete and correct.
+  LoadResult Load(const CommittedKv& kv) {
+    const size_t pages = BlocksForTokens(kv.kv_tokens, kPageTokens);
+    dst_.assign(kLayers, std::vector<std::vector<uint8_t>>(pages, std::vector<uint8_t>(kPageBytes, 0)));
+    std::vector<std::vector<void*>> dst(kLayers);
+    for (int32_t l = 0; l < kLayers; ++l)
+      for (size_t p = 0; p < pages; ++p) dst[l].push_back(dst_[l][p].data());
+    std::mutex mu;
+    std::condition_variable cv;
+    bool done = false;
+    LoadResult r;
+    tier_->Load(
+        "session 's'", kv.blocks, kv.kv_tokens, std::move(dst),
+        [&](Status s) {
+          std::lock_guard<std::mutex> lock(mu);
+          r.status = s;
+          done = true;
+          cv.notify_all();
+        },
+        [&](int32_t n) {
+          std::lock_guard<std::mutex> lock(mu);
+          r.progress.push_back(n);
+          for (int32_t l = 0; l < n; ++l)
+            for (size_t p = 0; p < pages; ++p)
+              if (dst_[l][p] != src_[l][p]) r.layers_complete_when_reported = false;
+        });
+    std::unique_lock<std::mutex> lock(mu);
+    cv.wait(lock, [&] { return done; });
+    return r;
+  }
+
+  std::string dir_ = testutil::TempDir();
+  std::unique_ptr<TierManager> tier_;
+  FaultInjectingPageStore* fault_ = nullptr;
+  std::vector<std::vector<std::vector<uint8_t>>> src_, dst_;
+};
+
+TEST_F(TierManagerTest, LoadDeliversLayerGroupsInOrderFromT2) {
+  Open(/*t1_budget=*/0, /*extent_bytes=*/3 * kPageBytes);  // groups of 3 layers: 3, 6, 8
+  const CommittedKv kv = Persist(100);                      // 7 blocks, the last partial
+  ASSERT_EQ(kv.blocks.size(), 7u);
+  LoadResult r = Load(kv);
+  ASSERT_TRUE(r.status.ok()) << r.status.ToString();
+  EXPECT_EQ(r.progress, (std::vector<int32_t>{3, 6, 8}));
+  EXPECT_TRUE(r.layers_complete_when_reported);
+  EXPECT_EQ(dst_, src_);
+  EXPECT_EQ(tier_->stats().t1_hits, 0u);
+}
+
+TEST_F(TierManagerTest, WholeBlockExtentsLoadInOneGroupAndFillT1) {
+  Open(/*t1_budget=*/4u << 20, /*extent_bytes=*/size_t{1} << 20);
+  const CommittedKv kv = Persist(40);
+  LoadResult r = Load(kv);  // written blocks are cached: T1 hits
+  ASSERT_TRUE(r.status.ok()) << r.status.ToString();
+  EXPECT_EQ(r.progress, (std::vector<int32_t>{kLayers}));
+  EXPECT_TRUE(r.layers_complete_when_reported);
+  EXPECT_EQ(dst_, src_);
+  EXPECT_GE(tier_->stats().t1_hits, kv.blocks.size());
+}
+
+TEST_F(TierManagerTest, LoadFromT1InLayerGroupsMatches) {
+  Open(/*t1_budget=*/4u << 20, /*extent_bytes=*/kPageBytes);  // one layer per group
+  const CommittedKv kv = Persist(70);
+  LoadResult r = Load(kv);
+  ASSERT_TRUE(r.status.ok()) << r.status.ToString();
+  std::vector<int32_t> expected;
+  for (int32_t l = 1; l <= kLayers; ++l) expected.push_back(l);
+  EXPECT_EQ(r.progress, expected);
+  EXPECT_TRUE(r.layers_complete_when_reported);
+  EXPECT_EQ(dst_, src_);
+}
+
+TEST_F(TierManagerTest, CorruptPageStopsTheLoadBeforeItsLayersAreReported) {
+  Open(/*t1_budget=*/0, /*extent_bytes=*/2 * kPageBytes, /*fault=*/true);  // groups: 2, 4, 6, 8
+  const CommittedKv kv = Persist(64);  // 4 blocks
+  ASSERT_NE(fault_, nullptr);
+  // Every read of block 1's layers 4-5 comes back with a byte of layer 5's
+  // page flipped (a bad disk copy: the re-read fails as well).
+  const BlockSlot victim = kv.blocks[1];
+  FaultRule rule;
+  rule.action = FaultRule::Action::kCorruptRead;
+  rule.op = IoOp::kRead;
+  rule.times = 0;
+  rule.match = [victim](const IoRequest& r) { return r.slot == victim && r.offset == 4 * kPageBytes; };
+  rule.corrupt_offset = kPageBytes + 5;
+  fault_->AddFault(rule);
+  LoadResult r = Load(kv);
+  ASSERT_EQ(r.status.code(), StatusCode::kCorruption) << r.status.ToString();
+  EXPECT_NE(r.status.message().find("session 's'"), std::string::npos) << r.status.ToString();
+  EXPECT_NE(r.status.message().find("layer 5"), std::string::npos) << r.status.ToString();
+  EXPECT_EQ(r.progress, (std::vector<int32_t>{2, 4}));
+  EXPECT_TRUE(r.layers_complete_when_reported);
+  // Once the disk gives the true bytes, the same load succeeds.
+  fault_->ClearFaults();
+  LoadResult again = Load(kv);
+  ASSERT_TRUE(again.status.ok()) << again.status.ToString();
+  EXPECT_EQ(dst_, src_);
+}
+
+TEST_F(TierManagerTest, OneBadReadIsHealedByReadingAgain) {
+  Open(/*t1_budget=*/0, /*extent_bytes=*/2 * kPageBytes, /*fault=*/true);
+  const CommittedKv kv = Persist(64);
+  ASSERT_NE(fault_, nullptr);
+  const BlockSlot victim = kv.blocks[2];
+  FaultRule rule;
+  rule.action = FaultRule::Action::kCorruptRead;
+  rule.op = IoOp::kRead;
+  rule.times = 1;
+  rule.match = [victim](const IoRequest& r) { return r.slot == victim && r.offset == 2 * kPageBytes; };
+  fault_->AddFault(rule);
+  LoadResult r = Load(kv);
+  ASSERT_TRUE(r.status.ok()) << r.status.ToString();
+  EXPECT_EQ(fault_->faults_fired(), 1u);
+  EXPECT_EQ(dst_, src_);
+}
+
+}  // namespace
+}  // namespace mnemo::tiering
