@@ -183,6 +183,52 @@ TEST_F(DurabilityTest, TurnsPersistAndResumeAfterRestartWithoutRecompute) {
   EXPECT_EQ(CodeOf(b.Call(protocol::GetSessionRequest{"s"}, 2000).last), StatusCode::kNotFound);
 }
 
+TEST_F(DurabilityTest, TierStatsCountResidentHitsAndResumeStalls) {
+  uint64_t t2_pages = 0;
+  {
+    Node a(model_, dir_);
+    ASSERT_TRUE(a.open_status.ok()) << a.open_status.ToString();
+    As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"s"}).last);
+    ASSERT_TRUE(As<protocol::Done>(a.Call(Turn("s", "first message, a long one to fill some pages of KV")).last)
+                    .persisted);
+    // A first turn has no history to find: neither hit nor miss.
+    tiering::TierStats t = a.tier->stats();
+    EXPECT_EQ(t.t0_hits + t.t0_misses, 0u);
+    EXPECT_GT(t.bytes_written, 0u);
+    EXPECT_EQ(t.t2_write_latency.count, t.bytes_written / t.block_bytes) << "one timed write per block";
+    EXPECT_GE(t.t2_sync_latency.count, 1u);
+    EXPECT_EQ(t.t0_bytes_read, t.bytes_written / t.block_bytes * t.n_layers * a.engine->pool().page_bytes());
+    ASSERT_TRUE(As<protocol::Done>(a.Call(Turn("s", "second")).last).persisted);
+    // The second turn found the KV resident: a hit, every page ready.
+    t = a.tier->stats();
+    EXPECT_EQ(t.t0_hits, 1u);
+    EXPECT_EQ(t.t0_misses, 0u);
+    EXPECT_GT(t.prefetch_hits, 0u);
+    EXPECT_EQ(t.prefetch_stalls, 0u);
+    EXPECT_EQ(t.prefetch_stall_ns, 0u);
+    EXPECT_EQ(t.bytes_read, 0u);
+    t2_pages = As<protocol::SessionInfo>(a.Call(protocol::GetSessionRequest{"s"}).last).t2_pages;
+    ASSERT_GT(t2_pages, 0u);
+  }
+  Node b(model_, dir_);
+  ASSERT_TRUE(b.open_status.ok()) << b.open_status.ToString();
+  ASSERT_TRUE(As<protocol::Done>(b.Call(Turn("s", "third")).last).persisted);
+  // The resumed turn missed T0 and waited for every page it loaded from T2
+  // (T1 is off in these nodes).
+  const tiering::TierStats t = b.tier->stats();
+  EXPECT_EQ(t.t0_hits, 0u);
+  EXPECT_EQ(t.t0_misses, 1u);
+  EXPECT_EQ(t.prefetch_hits, 0u);
+  EXPECT_EQ(t.prefetch_stalls, t2_pages);
+  EXPECT_GT(t.prefetch_stall_ns, 0u);
+  EXPECT_EQ(t.t0_bytes_written, t2_pages * b.engine->pool().page_bytes());
+  EXPECT_EQ(t.bytes_read, t2_pages / t.n_layers * t.block_bytes);
+  EXPECT_EQ(t.t2_read_latency.count, t2_pages / t.n_layers);
+  EXPECT_GT(t.t2_read_latency.sum_ns, 0u);
+  EXPECT_EQ(t.t1_hits, 0u);
+  EXPECT_EQ(t.t1_misses, t2_pages / t.n_layers);
+}
+
 TEST_F(DurabilityTest, ForkAndDeleteSurviveRestartAndFreeSpace) {
   {
     Node a(model_, dir_);
