@@ -16,6 +16,8 @@
 #include <charconv>
 #include <chrono>
 #include <cmath>
+#include <functional>
+#include <limits>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -109,21 +111,95 @@ Status ValidateListenAddress(std::string_view address) {
 
 namespace {
 
-// What a scrape collects: refreshes the uptime gauge, then the registry.
+// What a scrape collects: refreshes the uptime gauge, then the registry,
+// then the families built from the tier rows (`tier_families`).
 class Exposition : public prometheus::Collectable {
  public:
-  Exposition(std::shared_ptr<prometheus::Registry> registry, Gauge* uptime, std::chrono::steady_clock::time_point start)
-      : registry_(std::move(registry)), uptime_(uptime), start_(start) {}
+  using Families = std::function<std::vector<prometheus::MetricFamily>()>;
+  Exposition(std::shared_ptr<prometheus::Registry> registry, Gauge* uptime, std::chrono::steady_clock::time_point start,
+             Families tier_families)
+      : registry_(std::move(registry)), uptime_(uptime), start_(start), tier_families_(std::move(tier_families)) {}
   std::vector<prometheus::MetricFamily> Collect() const override {
     uptime_->Set(std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count());
-    return registry_->Collect();
+    std::vector<prometheus::MetricFamily> out = registry_->Collect();
+    for (auto& f : tier_families_()) out.push_back(std::move(f));
+    return out;
   }
 
  private:
   const std::shared_ptr<prometheus::Registry> registry_;
   Gauge* const uptime_;
   const std::chrono::steady_clock::time_point start_;
+  const Families tier_families_;
 };
+
+// The tiers' counters and I/O histograms arrive as totals (TierStats
+// snapshots), which prometheus-cpp's Counter cannot take, so they are
+// exposed from the rows at scrape time. Every tier gets every counter
+// series from its first row on, so rate() sees the first increment.
+std::vector<prometheus::MetricFamily> TierFamilies(const std::vector<protocol::TierUsage>& rows) {
+  using prometheus::ClientMetric;
+  using prometheus::MetricFamily;
+  using prometheus::MetricType;
+  auto family = [](const char* name, const char* help, MetricType type) {
+    MetricFamily f;
+    f.name = name;
+    f.help = help;
+    f.type = type;
+    return f;
+  };
+  MetricFamily hits = family("mnemo_tier_hits_total",
+                             "Tier hits: requests whose session KV was resident (T0), blocks found by loads (T1).",
+                             MetricType::Counter);
+  MetricFamily misses = family("mnemo_tier_misses_total",
+                               "Tier misses: requests whose session KV had to be loaded or recomputed (T0), blocks "
+                               "loads did not find (T1).",
+                               MetricType::Counter);
+  MetricFamily read = family("mnemo_tier_read_bytes_total", "Bytes moved out of a tier.", MetricType::Counter);
+  MetricFamily written = family("mnemo_tier_written_bytes_total", "Bytes moved into a tier.", MetricType::Counter);
+  MetricFamily io = family("mnemo_tier_io_seconds", "Device latency of a tier's I/O, by operation.",
+                           MetricType::Histogram);
+  MetricFamily pf_hits = family("mnemo_prefetch_hits_total",
+                                "KV layer pages that were in the tier when compute needed them.", MetricType::Counter);
+  MetricFamily pf_stalls = family("mnemo_prefetch_stalls_total", "KV layer pages compute had to wait for.",
+                                  MetricType::Counter);
+  MetricFamily pf_stall_s = family("mnemo_prefetch_stall_seconds_total", "Time compute waited for KV pages.",
+                                   MetricType::Counter);
+  for (const protocol::TierUsage& t : rows) {
+    const std::vector<ClientMetric::Label> labels = {{"tier", t.tier}};
+    auto add = [&](MetricFamily& f, double v) {
+      ClientMetric m;
+      m.label = labels;
+      m.counter.value = v;
+      f.metric.push_back(std::move(m));
+    };
+    add(hits, static_cast<double>(t.hits));
+    add(misses, static_cast<double>(t.misses));
+    add(read, static_cast<double>(t.bytes_read));
+    add(written, static_cast<double>(t.bytes_written));
+    add(pf_hits, static_cast<double>(t.prefetch_hits));
+    add(pf_stalls, static_cast<double>(t.prefetch_stalls));
+    add(pf_stall_s, t.prefetch_stall_s);
+    for (const protocol::IoLatency& h : t.io_latency) {
+      ClientMetric m;
+      m.label = {{"op", h.op}, {"tier", t.tier}};
+      m.histogram.sample_count = h.count;
+      m.histogram.sample_sum = h.sum_s;
+      uint64_t cumulative = 0;
+      for (size_t i = 0; i < h.bucket_counts.size(); ++i) {
+        cumulative += h.bucket_counts[i];
+        const double bound =
+            i < h.bucket_bounds_s.size() ? h.bucket_bounds_s[i] : std::numeric_limits<double>::infinity();
+        m.histogram.bucket.push_back({cumulative, bound});
+      }
+      io.metric.push_back(std::move(m));
+    }
+  }
+  std::vector<MetricFamily> out;
+  for (MetricFamily* f : {&hits, &misses, &read, &written, &io, &pf_hits, &pf_stalls, &pf_stall_s})
+    if (!f->metric.empty()) out.push_back(std::move(*f));
+  return out;
+}
 
 }  // namespace
 
@@ -210,7 +286,14 @@ struct Metrics::Impl {
     kv_bytes = &prometheus::BuildGauge().Name("mnemo_kv_bytes").Help("KV bytes held, by tier.").Register(r);
     kv_budget_bytes =
         &prometheus::BuildGauge().Name("mnemo_kv_budget_bytes").Help("KV byte budget, by tier.").Register(r);
-    exposition = std::make_shared<Exposition>(registry, uptime, start);
+    exposition = std::make_shared<Exposition>(registry, uptime, start, [this] {
+      std::vector<protocol::TierUsage> rows;
+      {
+        std::lock_guard lock(mu);
+        for (const auto& [name, row] : tiers) rows.push_back(row.usage);
+      }
+      return TierFamilies(rows);
+    });
   }
 
   double UptimeS() const { return std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count(); }
@@ -255,6 +338,26 @@ void Metrics::SetTier(std::string_view tier, uint64_t pages, uint64_t bytes, uin
   row.pages->Set(static_cast<double>(pages));
   row.bytes->Set(static_cast<double>(bytes));
   row.budget_bytes->Set(static_cast<double>(budget_bytes));
+}
+
+void Metrics::SetTierUsage(const protocol::TierUsage& usage) {
+  SetTier(usage.tier, usage.pages, usage.bytes, usage.budget_bytes);
+  std::lock_guard lock(impl_->mu);
+  auto it = impl_->tiers.find(usage.tier);
+  if (it != impl_->tiers.end()) it->second.usage = usage;
+}
+
+protocol::IoLatency ToIoLatency(std::string op, const tiering::LatencySnapshot& h) {
+  protocol::IoLatency l;
+  l.op = std::move(op);
+  l.count = h.count;
+  l.sum_s = static_cast<double>(h.sum_ns) / 1e9;
+  l.max_s = static_cast<double>(h.max_ns) / 1e9;
+  l.bucket_bounds_s.reserve(tiering::kLatencyBounds);
+  for (size_t i = 0; i < tiering::kLatencyBounds; ++i)
+    l.bucket_bounds_s.push_back(static_cast<double>(tiering::LatencyBoundNs(i)) / 1e9);
+  l.bucket_counts.assign(h.counts.begin(), h.counts.end());
+  return l;
 }
 
 void Metrics::AddPromptTokens(uint64_t n) {

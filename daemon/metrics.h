@@ -11,6 +11,7 @@
 
 #include "common/status.h"
 #include "protocol/messages.h"
+#include "tiering/latency_histogram.h"
 
 namespace mnemo::daemon {
 
@@ -18,6 +19,9 @@ namespace mnemo::daemon {
 // ("127.0.0.1:9464", "[::1]:9464") and a port 0..65535 (0: any free port).
 // InvalidArgument otherwise. Serve and the config parser share it.
 Status ValidateListenAddress(std::string_view address);
+
+// A tiering latency histogram in the protocol's form (seconds).
+protocol::IoLatency ToIoLatency(std::string op, const tiering::LatencySnapshot& h);
 
 class Metrics {
  public:
@@ -30,8 +34,11 @@ class Metrics {
   void SetRequests(uint32_t running, uint32_t waiting);
   void SetConnections(uint32_t n);
   void SetSessions(uint32_t n);
-  // One row per tier ("T0", "T1", "T2"); later calls replace the tier's row.
+  // One row per tier ("T0", "T1", "T2"); later calls replace the tier's
+  // occupancy (SetTier) or all of its row (SetTierUsage: the counters are
+  // totals since start, so they must not go backwards).
   void SetTier(std::string_view tier, uint64_t pages, uint64_t bytes, uint64_t budget_bytes);
+  void SetTierUsage(const protocol::TierUsage& usage);
 
   // Counters.
   void AddPromptTokens(uint64_t n);

@@ -109,6 +109,8 @@ struct ActiveRequest {
   bool loading = false;   // the session's KV is being read from T2
   std::shared_ptr<LoadState> load;                      // while loading
   std::vector<std::vector<attention::PageId>> load_pages;  // their destination
+  Clock::time_point load_start{};  // when the load began (its wait is a prefetch stall)
+  uint64_t load_page_count = 0;    // layer pages the load brings into T0
   protocol::Done done;    // built at the end of the turn, sent once persisted
 
   ActiveRequest(model::Sampler s, model::StopMatcher m) : sampler(std::move(s)), stop(std::move(m)) {}
@@ -260,14 +262,57 @@ void Scheduler::PublishGauges() {
   metrics_->SetRequests(running_count_.load(), waiting_count_.load());
   metrics_->SetSessions(session_count_.load());
   const attention::PagePool& pool = engine_->pool();
-  metrics_->SetTier("T0", pool.used_pages(), pool.used_pages() * pool.page_bytes(),
-                    pool.capacity_pages() * pool.page_bytes());
-  if (options_.tier && Clock::now() - tier_stats_at_ > std::chrono::milliseconds(500)) {
+  t0_pages_.store(pool.used_pages());
+  t0_bytes_.store(pool.used_pages() * pool.page_bytes());
+  t0_budget_bytes_.store(pool.capacity_pages() * pool.page_bytes());
+  metrics_->SetTier("T0", t0_pages_.load(), t0_bytes_.load(), t0_budget_bytes_.load());
+  if (Clock::now() - tier_stats_at_ > std::chrono::milliseconds(500)) {
     tier_stats_at_ = Clock::now();
-    const tiering::TierStats t = options_.tier->stats();
-    metrics_->SetTier("T1", t.t1_blocks * t.n_layers, t.t1_bytes, t.t1_budget_bytes);
-    metrics_->SetTier("T2", t.t2_blocks * t.n_layers, t.t2_bytes, t.t2_budget_bytes);
+    PublishTiers();
   }
+}
+
+void Scheduler::PublishTiers() {
+  if (!metrics_) return;
+  std::lock_guard<std::mutex> lock(publish_mu_);
+  protocol::TierUsage t0;
+  t0.tier = "T0";
+  t0.pages = t0_pages_.load();
+  t0.bytes = t0_bytes_.load();
+  t0.budget_bytes = t0_budget_bytes_.load();
+  if (!options_.tier) {
+    metrics_->SetTierUsage(t0);
+    return;
+  }
+  const tiering::TierStats t = options_.tier->stats();
+  t0.hits = t.t0_hits;
+  t0.misses = t.t0_misses;
+  t0.bytes_read = t.t0_bytes_read;
+  t0.bytes_written = t.t0_bytes_written;
+  t0.prefetch_hits = t.prefetch_hits;
+  t0.prefetch_stalls = t.prefetch_stalls;
+  t0.prefetch_stall_s = static_cast<double>(t.prefetch_stall_ns) / 1e9;
+  protocol::TierUsage t1;
+  t1.tier = "T1";
+  t1.pages = t.t1_blocks * t.n_layers;
+  t1.bytes = t.t1_bytes;
+  t1.budget_bytes = t.t1_budget_bytes;
+  t1.hits = t.t1_hits;
+  t1.misses = t.t1_misses;
+  t1.bytes_read = t.t1_bytes_read;
+  t1.bytes_written = t.t1_bytes_written;
+  protocol::TierUsage t2;
+  t2.tier = "T2";
+  t2.pages = t.t2_blocks * t.n_layers;
+  t2.bytes = t.t2_bytes;
+  t2.budget_bytes = t.t2_budget_bytes;
+  t2.bytes_read = t.bytes_read;
+  t2.bytes_written = t.bytes_written;
+  t2.io_latency = {ToIoLatency("read", t.t2_read_latency), ToIoLatency("write", t.t2_write_latency),
+                   ToIoLatency("sync", t.t2_sync_latency)};
+  metrics_->SetTierUsage(t0);
+  metrics_->SetTierUsage(t1);
+  metrics_->SetTierUsage(t2);
 }
 
 protocol::SessionInfo Scheduler::Info(const Session& s) const {
@@ -509,6 +554,19 @@ void Scheduler::HandleGenerate(Job job) {
   s->last_used_unix_ms = UnixMs();
   r->persisted0 = s->persisted;
   s->persisted = false;
+  if (options_.tier && r->tokens0 > 0) {
+    // Tier accounting: a turn on a session with history hits T0 when its
+    // KV is resident; each resident layer page was ready when needed.
+    if (s->seq != 0) {
+      options_.tier->RecordT0Access(true);
+      uint64_t resident = 0;
+      if (const attention::SeqKv* kv = engine_->kv().Get(s->seq))
+        for (const auto& layer : kv->layers) resident += layer.size();
+      options_.tier->RecordPrefetch(resident, 0, 0);
+    } else {
+      options_.tier->RecordT0Access(false);  // loaded below, or recomputed
+    }
+  }
   if (options_.tier && s->seq == 0 && s->t2.kv_tokens > 0) {
     // The KV is on T2 (restart, or dropped from T0): read it back rather
     // than recompute the history.
@@ -568,6 +626,8 @@ Status Scheduler::StartLoad(ActiveRequest* r) {
   r->loading = true;
   r->load = std::make_shared<LoadState>();
   r->load_pages = pages;
+  r->load_start = Clock::now();
+  r->load_page_count = per_layer * static_cast<uint64_t>(n_layers);
   const std::string label = "session '" + s->name + "'";
   std::shared_ptr<LoadState> load = r->load;
   options_.tier->Load(
@@ -635,6 +695,11 @@ void Scheduler::LoadDone(ActiveRequest* r, Status status, std::vector<std::vecto
   if (status.ok() && !r->cancelled && !draining_local_) {
     Result<attention::SeqId> seq = engine_->kv().Adopt(std::move(pages), static_cast<int64_t>(s->t2.kv_tokens));
     if (seq.ok()) {
+      // The whole session loads before the request may run, so every page
+      // counts as a stall and the request's wait as stall time.
+      const auto waited = std::chrono::duration_cast<std::chrono::nanoseconds>(Clock::now() - r->load_start);
+      options_.tier->RecordPrefetch(0, r->load_page_count,
+                                    static_cast<uint64_t>(std::max<int64_t>(waited.count(), 0)));
       s->seq = *seq;
       r->kv0 = static_cast<int64_t>(s->t2.kv_tokens);
       FinalizePrompt(r);
@@ -776,6 +841,12 @@ void Scheduler::Step() {
   Status st = engine_->model().Forward(batch, &kv, &logits_, gate ? &*gate : nullptr);
   const double step_ms = (NowSeconds() - t_step0) * 1e3;
   if (pipelined) {
+    // Per layer: its pages were ready when the step reached it (hits), or
+    // the step waited for them (stalls).
+    const uint64_t per_layer = pipelined->load_page_count / static_cast<uint64_t>(engine_->model().config().n_layers);
+    options_.tier->RecordPrefetch(per_layer * static_cast<uint64_t>(gate->hits()),
+                                  per_layer * static_cast<uint64_t>(gate->stalls()),
+                                  static_cast<uint64_t>(gate->stall_seconds() * 1e9));
     const Status load = EndPipelined(pipelined);
     if (!load.ok()) st = load;
     spdlog::debug("resumed '{}' pipelined: {} layers ready when needed, {} waited for ({:.1f} ms)",

@@ -83,6 +83,11 @@ class Scheduler {
   // error, and joins the thread.
   void Shutdown(std::chrono::milliseconds grace);
 
+  // Refreshes the tier rows of the metrics (T0 occupancy as of the last
+  // loop iteration, T1/T2 and every tier's counters as of now). Any thread;
+  // the server calls it before answering Stats so counters are exact.
+  void PublishTiers();
+
   uint32_t running() const { return running_count_.load(); }
   uint32_t waiting() const { return waiting_count_.load(); }
   uint32_t sessions() const { return session_count_.load(); }
@@ -144,6 +149,10 @@ class Scheduler {
   std::chrono::steady_clock::time_point drain_deadline_;  // guarded by mu_
   std::atomic<uint32_t> running_count_{0}, waiting_count_{0}, session_count_{0};
   std::atomic<int64_t> heartbeat_{0};
+  // T0 occupancy, published by the scheduler thread for PublishTiers.
+  std::atomic<uint64_t> t0_pages_{0}, t0_bytes_{0}, t0_budget_bytes_{0};
+  // Serialises PublishTiers, so totals never go backwards.
+  std::mutex publish_mu_;
   std::thread thread_;
 
   // --- scheduler thread only -------------------------------------------------

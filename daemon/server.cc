@@ -212,6 +212,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
       StatsReply r;
       if (server.metrics_) {
         server.metrics_->SetConnections(static_cast<uint32_t>(server.connections_.size()));
+        server.scheduler_->PublishTiers();
         r = server.metrics_->Snapshot();
         if (st->prometheus) r.prometheus_text = server.metrics_->PrometheusText();
       }

@@ -192,7 +192,16 @@ fb::Offset<void> Build(fb::FlatBufferBuilder& b, const Ack&) { return wire::Crea
 fb::Offset<void> Build(fb::FlatBufferBuilder& b, const StatsReply& m) {
   std::vector<fb::Offset<wire::TierUsage>> tiers;
   for (const auto& t : m.tiers) {
-    tiers.push_back(wire::CreateTierUsage(b, b.CreateString(t.tier), t.pages, t.bytes, t.budget_bytes));
+    std::vector<fb::Offset<wire::IoLatency>> io;
+    for (const auto& h : t.io_latency) {
+      io.push_back(wire::CreateIoLatency(b, b.CreateString(h.op), h.count, h.sum_s, h.max_s,
+                                         b.CreateVector(h.bucket_bounds_s), b.CreateVector(h.bucket_counts)));
+    }
+    auto name = b.CreateString(t.tier);
+    auto iov = io.empty() ? fb::Offset<fb::Vector<fb::Offset<wire::IoLatency>>>() : b.CreateVector(io);
+    tiers.push_back(wire::CreateTierUsage(b, name, t.pages, t.bytes, t.budget_bytes, t.hits, t.misses,
+                                          t.bytes_read, t.bytes_written, iov, t.prefetch_hits,
+                                          t.prefetch_stalls, t.prefetch_stall_s));
   }
   std::vector<fb::Offset<wire::ErrorCount>> errors;
   for (const auto& [code, count] : m.errors) {
@@ -261,6 +270,46 @@ std::string EncodeVariant(uint64_t id, const Variant& body) {
 }
 
 // ------------------------------------------------------------ parse: responses
+
+Result<TierUsage> ToTierUsage(const wire::TierUsage* t) {
+  TierUsage u;
+  u.tier = Str(t->tier());
+  u.pages = t->pages();
+  u.bytes = t->bytes();
+  u.budget_bytes = t->budget_bytes();
+  u.hits = t->hits();
+  u.misses = t->misses();
+  u.bytes_read = t->bytes_read();
+  u.bytes_written = t->bytes_written();
+  u.prefetch_hits = t->prefetch_hits();
+  u.prefetch_stalls = t->prefetch_stalls();
+  u.prefetch_stall_s = t->prefetch_stall_s();
+  if (const auto* io = t->io_latency()) {
+    if (io->size() > kMaxIoLatencies)
+      return Invalid("StatsReply: tier " + u.tier + " has " + std::to_string(io->size()) + " latency histograms");
+    for (const auto* h : *io) {
+      IoLatency l;
+      l.op = Str(h->op());
+      l.count = h->count();
+      l.sum_s = h->sum_s();
+      l.max_s = h->max_s();
+      const size_t nb = h->bucket_bounds_s() ? h->bucket_bounds_s()->size() : 0;
+      const size_t nc = h->bucket_counts() ? h->bucket_counts()->size() : 0;
+      if (nb > kMaxLatencyBuckets || (nc != nb + 1 && !(nb == 0 && nc == 0)))
+        return Invalid("StatsReply: latency histogram " + u.tier + "/" + l.op + " has " + std::to_string(nb) +
+                       " bounds and " + std::to_string(nc) + " counts");
+      for (size_t i = 0; i < nb; ++i) {
+        const double bound = h->bucket_bounds_s()->Get(static_cast<fb::uoffset_t>(i));
+        if (!std::isfinite(bound) || (i > 0 && bound <= l.bucket_bounds_s.back()))
+          return Invalid("StatsReply: latency histogram " + u.tier + "/" + l.op + " bounds are not ascending");
+        l.bucket_bounds_s.push_back(bound);
+      }
+      for (size_t i = 0; i < nc; ++i) l.bucket_counts.push_back(h->bucket_counts()->Get(static_cast<fb::uoffset_t>(i)));
+      u.io_latency.push_back(std::move(l));
+    }
+  }
+  return u;
+}
 
 SessionInfo ToInfo(const wire::SessionInfo* m) {
   SessionInfo s;
@@ -561,7 +610,11 @@ Result<Response> ParseResponse(const wire::Frame* f) {
       s.inter_token_ms_p99 = m->inter_token_ms_p99();
       s.uptime_s = m->uptime_s();
       if (m->tiers()) {
-        for (const auto* t : *m->tiers()) s.tiers.push_back({Str(t->tier()), t->pages(), t->bytes(), t->budget_bytes()});
+        for (const auto* t : *m->tiers()) {
+          Result<TierUsage> u = ToTierUsage(t);
+          if (!u.ok()) return u.status();
+          s.tiers.push_back(std::move(u).value());
+        }
       }
       if (m->errors()) {
         for (const auto* e : *m->errors()) {

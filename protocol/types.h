@@ -195,11 +195,57 @@ struct Ack {
   bool operator==(const Ack&) const = default;
 };
 
+// Latency of one kind of a tier's I/O. bucket_counts[i] counts samples in
+// (bucket_bounds_s[i-1], bucket_bounds_s[i]]; the last entry (one more than
+// the bounds) counts those above the last bound.
+struct IoLatency {
+  std::string op;  // "read", "write", "sync"
+  uint64_t count = 0;
+  double sum_s = 0;
+  double max_s = 0;
+  std::vector<double> bucket_bounds_s;
+  std::vector<uint64_t> bucket_counts;
+
+  // An estimate of the q-quantile (q in [0, 1]): the upper bound of the
+  // bucket holding that sample, capped by max_s; 0 without samples.
+  double QuantileS(double q) const {
+    uint64_t total = 0;
+    for (uint64_t c : bucket_counts) total += c;
+    if (total == 0) return 0;
+    double r = q * static_cast<double>(total);
+    uint64_t rank = r <= 1 ? 1 : static_cast<uint64_t>(r);
+    if (static_cast<double>(rank) < r) ++rank;
+    if (rank > total) rank = total;
+    uint64_t seen = 0;
+    for (size_t i = 0; i < bucket_bounds_s.size() && i < bucket_counts.size(); ++i) {
+      seen += bucket_counts[i];
+      if (seen >= rank) return bucket_bounds_s[i] < max_s ? bucket_bounds_s[i] : max_s;
+    }
+    return max_s;
+  }
+  bool operator==(const IoLatency&) const = default;
+};
+inline constexpr size_t kMaxLatencyBuckets = 64;
+inline constexpr size_t kMaxIoLatencies = 8;
+
 struct TierUsage {
   std::string tier;
   uint64_t pages = 0;
   uint64_t bytes = 0;
   uint64_t budget_bytes = 0;
+  // Counters since the daemon started. Hits/misses: requests whose session's
+  // KV was resident (T0), blocks looked up by loads (T1). Bytes read and
+  // written: what moved out of and into the tier.
+  uint64_t hits = 0;
+  uint64_t misses = 0;
+  uint64_t bytes_read = 0;
+  uint64_t bytes_written = 0;
+  std::vector<IoLatency> io_latency;  // per operation
+  // Prefetch into this tier: layer pages ready when compute needed them,
+  // pages compute waited for, and the time it waited.
+  uint64_t prefetch_hits = 0;
+  uint64_t prefetch_stalls = 0;
+  double prefetch_stall_s = 0;
   bool operator==(const TierUsage&) const = default;
 };
 

@@ -71,8 +71,14 @@ uint64_t FaultInjectingPageStore::faults_fired() const {
 }
 
 PageStoreStats FaultInjectingPageStore::stats() const {
+  // Latencies are the inner store's: the device's, not the wrapper's.
+  const PageStoreStats inner = inner_->stats();
   std::lock_guard<std::mutex> l(mu_);
-  return stats_;
+  PageStoreStats s = stats_;
+  s.read_latency = inner.read_latency;
+  s.write_latency = inner.write_latency;
+  s.sync_latency = inner.sync_latency;
+  return s;
 }
 
 bool FaultInjectingPageStore::OnIoThread() const {

@@ -44,6 +44,9 @@ PageStoreStats StatCounters::Snapshot() const {
   s.overflowed = overflowed.load(kRelaxed);
   s.fixed_buffer_ios = fixed_buffer_ios.load(kRelaxed);
   s.syncs = syncs.load(kRelaxed);
+  s.read_latency = read_latency.Snapshot();
+  s.write_latency = write_latency.Snapshot();
+  s.sync_latency = sync_latency.Snapshot();
   return s;
 }
 
@@ -291,17 +294,19 @@ Status SlabFiles::EnsureCapacity(uint64_t slots, const std::function<Status(uint
   return Status::Ok();
 }
 
-Status SlabFiles::Sync(std::atomic<uint64_t>* n_syncs) {
+Status SlabFiles::Sync(StatCounters* stats) {
   std::lock_guard<std::mutex> l(sync_mu_);
   Status first;
   const uint32_t n = n_slabs();
   for (uint32_t i = 0; i < n; ++i) {
     if (dirty_[i].exchange(0, std::memory_order_acq_rel) == 0) continue;
     int rc;
+    const uint64_t t0 = MonotonicNs();
     do {
       rc = ::fdatasync(fds_[i]);
     } while (rc != 0 && errno == EINTR);
-    n_syncs->fetch_add(1, std::memory_order_relaxed);
+    stats->sync_latency.Record(MonotonicNs() - t0);
+    stats->syncs.fetch_add(1, std::memory_order_relaxed);
     if (rc != 0) {
       const int err = errno;
       dirty_[i].store(1, std::memory_order_release);

@@ -23,6 +23,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "tiering/latency_histogram.h"
 #include "tiering/layout.h"
 
 namespace mnemo::tiering {
@@ -59,6 +60,7 @@ struct IoRequest {
     IoRequest* next = nullptr;  // intrusive queue link
     size_t done_bytes = 0;      // transferred so far (short transfers resume here)
     uint32_t retries = 0;       // EAGAIN/EINTR resubmissions
+    uint64_t start_ns = 0;      // MonotonicNs() when the transfer first went to the device
   } internal;
 };
 
@@ -73,6 +75,11 @@ struct PageStoreStats {
   uint64_t overflowed = 0;        // requests that waited because the ring was full
   uint64_t fixed_buffer_ios = 0;  // transfers that used a registered buffer
   uint64_t syncs = 0;             // fdatasync calls issued by Sync()
+  // Device latency: a transfer from its first handing to the kernel (SQE
+  // submission, pread/pwrite call) to its completion, resubmissions of a
+  // short transfer included and time in the overflow queue excluded; one
+  // fdatasync each for syncs.
+  LatencySnapshot read_latency, write_latency, sync_latency;
 };
 
 struct PageStoreOptions {

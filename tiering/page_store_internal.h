@@ -85,9 +85,19 @@ class IoQueue {
 struct StatCounters {
   std::atomic<uint64_t> reads{0}, writes{0}, read_bytes{0}, write_bytes{0}, errors{0},
       resubmissions{0}, overflowed{0}, fixed_buffer_ios{0}, syncs{0};
+  LatencyHistogram read_latency, write_latency, sync_latency;
+  // Marks a request's first transfer attempt (later attempts keep the mark).
+  static void Started(IoRequest* r) {
+    if (r->internal.start_ns == 0) r->internal.start_ns = MonotonicNs();
+  }
   // Counts one finished request (before its callback runs).
   void Finished(const IoRequest& r) {
     constexpr auto kRelaxed = std::memory_order_relaxed;
+    if (r.internal.start_ns != 0) {
+      const uint64_t now = MonotonicNs();
+      const uint64_t ns = now > r.internal.start_ns ? now - r.internal.start_ns : 0;
+      (r.op == IoOp::kRead ? read_latency : write_latency).Record(ns);
+    }
     if (r.op == IoOp::kRead) {
       reads.fetch_add(1, kRelaxed);
       read_bytes.fetch_add(r.internal.done_bytes, kRelaxed);
@@ -142,8 +152,9 @@ class SlabFiles {
   // A write into `slab` has completed; the next Sync must fdatasync it.
   void MarkDirty(uint32_t slab) { dirty_[slab].store(1, std::memory_order_release); }
   // fdatasync of every dirty slab; serialised so a Sync never returns while
-  // an earlier one still flushes a slab it skipped. *n_syncs += fdatasyncs.
-  Status Sync(std::atomic<uint64_t>* n_syncs);
+  // an earlier one still flushes a slab it skipped. Counts each fdatasync
+  // and its latency in *stats.
+  Status Sync(StatCounters* stats);
 
  private:
   SlabFiles() = default;

@@ -31,7 +31,7 @@ class PreadPageStore final : public PageStore {
   Status Submit(std::span<IoRequest* const> batch) override;
   Status Sync() override {
     MNEMO_CHECK_MSG(!OnIoThread(), "PageStore::Sync on the store's own I/O thread");
-    return slabs_->Sync(&stats_.syncs);
+    return slabs_->Sync(&stats_);
   }
   Status EnsureCapacity(uint64_t slots) override {
     MNEMO_CHECK_MSG(!OnIoThread(), "PageStore::EnsureCapacity on the store's own I/O thread");
@@ -115,6 +115,7 @@ Status PreadPageStore::Submit(std::span<IoRequest* const> batch) {
 }
 
 void PreadPageStore::Transfer(IoRequest* r) {
+  internal::StatCounters::Started(r);
   const uint32_t slab = slabs_->SlabOf(r->slot);
   const int fd = slabs_->fd(slab);
   while (r->internal.done_bytes < r->length) {

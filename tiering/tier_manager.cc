@@ -186,6 +186,7 @@ Status TierManager::DoPersist(PersistJob& job, CommittedKv* out) {
       StageBlock(job, keep + w0 + i, block, &checksums[(w0 + i) * layout_.n_layers]);
       bufs[i] = block;
     }
+    t0_bytes_read_.fetch_add(n * layout_.n_layers * layout_.page_bytes, std::memory_order_relaxed);
     if (Status s = store_->WriteBlocks(std::span<const BlockSlot>(slots.data() + w0, n), bufs); !s.ok())
       return fail(s.WithContext("writing KV blocks"));
     for (uint64_t i = 0; i < n; ++i) T1Put(slots[w0 + i], staging->data() + i * layout_.block_bytes);
@@ -386,6 +387,8 @@ Status TierManager::DoLoad(const std::string& label, const std::vector<BlockSlot
     }
     for (int32_t l = l0; l < l1; ++l)
       memcpy(dst[l][i], buf + static_cast<size_t>(l - l0) * layout_.layer_stride, layout_.page_bytes);
+    t0_bytes_written_.fetch_add(uint64_t{layout_.page_bytes} * static_cast<uint64_t>(l1 - l0),
+                                std::memory_order_relaxed);
     if (groups == 1 && bad_layer < 0 && !T1Has(slot)) T1Put(slot, buf);
     if (next < items) {
       if (Status st = start(next++); !st.ok()) {
@@ -418,6 +421,7 @@ void TierManager::T1Put(BlockSlot slot, const uint8_t* block) {
   auto it = t1_.find(slot);
   if (it != t1_.end()) {
     memcpy(it->second.data.data(), block, layout_.block_bytes);
+    t1_bytes_written_.fetch_add(layout_.block_bytes, std::memory_order_relaxed);
     t1_lru_.splice(t1_lru_.begin(), t1_lru_, it->second.lru);
     return;
   }
@@ -435,6 +439,7 @@ void TierManager::T1Put(BlockSlot slot, const uint8_t* block) {
     buf = std::move(b).value();
   }
   memcpy(buf.data(), block, layout_.block_bytes);
+  t1_bytes_written_.fetch_add(layout_.block_bytes, std::memory_order_relaxed);
   t1_lru_.push_front(slot);
   t1_.emplace(slot, T1Entry{std::move(buf), t1_lru_.begin()});
 }
@@ -448,6 +453,7 @@ bool TierManager::T1GetRange(BlockSlot slot, size_t offset, size_t length, uint8
   }
   ++t1_hits_;
   memcpy(out, it->second.data.data() + offset, length);
+  t1_bytes_read_.fetch_add(length, std::memory_order_relaxed);
   t1_lru_.splice(t1_lru_.begin(), t1_lru_, it->second.lru);
   return true;
 }
@@ -491,6 +497,19 @@ TierStats TierManager::stats() const {
   const PageStoreStats io = store_->stats();
   s.bytes_read = io.read_bytes;
   s.bytes_written = io.write_bytes;
+  s.t2_read_latency = io.read_latency;
+  s.t2_write_latency = io.write_latency;
+  s.t2_sync_latency = io.sync_latency;
+  constexpr auto kRelaxed = std::memory_order_relaxed;
+  s.t0_hits = t0_hits_.load(kRelaxed);
+  s.t0_misses = t0_misses_.load(kRelaxed);
+  s.t0_bytes_read = t0_bytes_read_.load(kRelaxed);
+  s.t0_bytes_written = t0_bytes_written_.load(kRelaxed);
+  s.t1_bytes_read = t1_bytes_read_.load(kRelaxed);
+  s.t1_bytes_written = t1_bytes_written_.load(kRelaxed);
+  s.prefetch_hits = prefetch_hits_.load(kRelaxed);
+  s.prefetch_stalls = prefetch_stalls_.load(kRelaxed);
+  s.prefetch_stall_ns = prefetch_stall_ns_.load(kRelaxed);
   s.persists = persists_.load();
   s.persist_errors = persist_errors_.load();
   s.loads = loads_.load();

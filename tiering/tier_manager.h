@@ -14,6 +14,7 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
@@ -28,6 +29,7 @@
 
 #include "common/status.h"
 #include "tiering/index.h"
+#include "tiering/latency_histogram.h"
 #include "tiering/layout.h"
 #include "tiering/manifest.h"
 #include "tiering/page_store.h"
@@ -75,11 +77,24 @@ struct PersistJob {
   std::vector<std::vector<const void*>> pages;
 };
 
+// Counters since the manager opened. A tier's bytes read and written are
+// what moved out of and into it: T0 is read by persists and written by
+// loads, T1 is written when blocks are cached and read on hits, T2 is the
+// page store's transfers. Hits and misses: T0 counts requests (their
+// session's KV resident in the compute pool or not, as the scheduler
+// reports), T1 counts blocks looked up by loads.
 struct TierStats {
+  uint64_t t0_hits = 0, t0_misses = 0;
+  uint64_t t0_bytes_read = 0, t0_bytes_written = 0;
   uint64_t t1_blocks = 0, t1_bytes = 0, t1_budget_bytes = 0;
   uint64_t t1_hits = 0, t1_misses = 0;
+  uint64_t t1_bytes_read = 0, t1_bytes_written = 0;
   uint64_t t2_blocks = 0, t2_bytes = 0, t2_budget_bytes = 0;
-  uint64_t bytes_read = 0, bytes_written = 0;
+  uint64_t bytes_read = 0, bytes_written = 0;  // T2
+  // T2 device latency per operation (PageStoreStats).
+  LatencySnapshot t2_read_latency, t2_write_latency, t2_sync_latency;
+  // Prefetch into T0, as RecordPrefetch reports it.
+  uint64_t prefetch_hits = 0, prefetch_stalls = 0, prefetch_stall_ns = 0;
   uint64_t persists = 0, persist_errors = 0, loads = 0, load_errors = 0;
   size_t block_bytes = 0;
   int32_t n_layers = 0;
@@ -132,6 +147,19 @@ class TierManager {
   Status Fork(uint32_t uid, std::string_view src, const Manifest& dst);
   Status Delete(uint32_t uid, std::string_view name);
 
+  // Accounting reported by the T0 owner (the scheduler); any thread.
+  // A request found its session's KV resident in T0 (hit) or had to load or
+  // recompute it (miss).
+  void RecordT0Access(bool hit) { (hit ? t0_hits_ : t0_misses_).fetch_add(1, std::memory_order_relaxed); }
+  // Layer pages a computation needed: `hits` were in T0 when it needed them
+  // (resident, or prefetched in time), `stalls` it had to wait for, and
+  // `stall_ns` how long it waited in all. Callable per layer as pages arrive.
+  void RecordPrefetch(uint64_t hits, uint64_t stalls, uint64_t stall_ns) {
+    prefetch_hits_.fetch_add(hits, std::memory_order_relaxed);
+    prefetch_stalls_.fetch_add(stalls, std::memory_order_relaxed);
+    prefetch_stall_ns_.fetch_add(stall_ns, std::memory_order_relaxed);
+  }
+
   TierStats stats() const;
   // Blocks of `slots` present in T1.
   uint32_t CountT1(const std::vector<BlockSlot>& slots) const;
@@ -180,6 +208,9 @@ class TierManager {
   uint64_t t1_hits_ = 0, t1_misses_ = 0;
 
   std::atomic<uint64_t> persists_{0}, persist_errors_{0}, loads_{0}, load_errors_{0};
+  std::atomic<uint64_t> t0_hits_{0}, t0_misses_{0}, t0_bytes_read_{0}, t0_bytes_written_{0};
+  std::atomic<uint64_t> t1_bytes_read_{0}, t1_bytes_written_{0};
+  std::atomic<uint64_t> prefetch_hits_{0}, prefetch_stalls_{0}, prefetch_stall_ns_{0};
   Worker persist_worker_, load_worker_;
 };
 

@@ -49,7 +49,7 @@ class UringPageStore final : public PageStore {
   Status Submit(std::span<IoRequest* const> batch) override;
   Status Sync() override {
     MNEMO_CHECK_MSG(!OnIoThread(), "PageStore::Sync on the store's own I/O thread");
-    return slabs_->Sync(&stats_.syncs);
+    return slabs_->Sync(&stats_);
   }
   Status EnsureCapacity(uint64_t slots) override;
   Status RegisterBuffers(void* base, size_t bytes) override;
@@ -228,6 +228,7 @@ std::string UringPageStore::Describe(const IoRequest& r) const {
 }
 
 void UringPageStore::Prep(io_uring_sqe* sqe, IoRequest* r) {
+  internal::StatCounters::Started(r);
   const size_t done = r->internal.done_bytes;
   const uint32_t slab = slabs_->SlabOf(r->slot);
   const uint64_t off = slabs_->FileOffset(r->slot, r->offset + done);

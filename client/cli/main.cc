@@ -502,7 +502,29 @@ int CmdStats(const GlobalOptions& g, bool prometheus) {
   if (g.json) {
     json tiers = json::array();
     for (const auto& t : st->tiers) {
-      tiers.push_back({{"tier", t.tier}, {"pages", t.pages}, {"bytes", t.bytes}, {"budget_bytes", t.budget_bytes}});
+      json io = json::array();
+      for (const auto& h : t.io_latency) {
+        io.push_back({{"op", h.op},
+                      {"count", h.count},
+                      {"sum_s", h.sum_s},
+                      {"max_s", h.max_s},
+                      {"p50_s", h.QuantileS(0.50)},
+                      {"p99_s", h.QuantileS(0.99)},
+                      {"bucket_bounds_s", h.bucket_bounds_s},
+                      {"bucket_counts", h.bucket_counts}});
+      }
+      tiers.push_back({{"tier", t.tier},
+                       {"pages", t.pages},
+                       {"bytes", t.bytes},
+                       {"budget_bytes", t.budget_bytes},
+                       {"hits", t.hits},
+                       {"misses", t.misses},
+                       {"bytes_read", t.bytes_read},
+                       {"bytes_written", t.bytes_written},
+                       {"io_latency", io},
+                       {"prefetch_hits", t.prefetch_hits},
+                       {"prefetch_stalls", t.prefetch_stalls},
+                       {"prefetch_stall_s", t.prefetch_stall_s}});
     }
     json errors = json::object();
     for (const auto& [code, count] : st->errors) errors[std::string(StatusCodeName(code))] = count;
@@ -538,6 +560,20 @@ int CmdStats(const GlobalOptions& g, bool prometheus) {
   for (const auto& t : st->tiers) {
     std::printf("tier %-4s          %" PRIu64 " pages, %s of %s\n", t.tier.c_str(), t.pages,
                 FormatBytes(t.bytes).c_str(), FormatBytes(t.budget_bytes).c_str());
+    if (t.hits + t.misses > 0)
+      std::printf("  lookups          %" PRIu64 " hits, %" PRIu64 " misses (%s)\n", t.hits, t.misses,
+                  t.tier == "T0" ? "requests" : "blocks");
+    if (t.bytes_read + t.bytes_written > 0)
+      std::printf("  moved            %s read, %s written\n", FormatBytes(t.bytes_read).c_str(),
+                  FormatBytes(t.bytes_written).c_str());
+    for (const auto& h : t.io_latency) {
+      if (h.count == 0) continue;
+      std::printf("  %-5s            %" PRIu64 " ops, p50 <= %.3f ms, p99 <= %.3f ms, max %.3f ms\n", h.op.c_str(),
+                  h.count, h.QuantileS(0.50) * 1e3, h.QuantileS(0.99) * 1e3, h.max_s * 1e3);
+    }
+    if (t.prefetch_hits + t.prefetch_stalls > 0)
+      std::printf("  prefetch         %" PRIu64 " pages ready, %" PRIu64 " waited for (%.1f ms stalled)\n",
+                  t.prefetch_hits, t.prefetch_stalls, t.prefetch_stall_s * 1e3);
   }
   for (const auto& [code, count] : st->errors) {
     std::printf("errors %-18s %" PRIu64 "\n", std::string(StatusCodeName(code)).c_str(), count);

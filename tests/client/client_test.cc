@@ -306,7 +306,7 @@ TEST(ClientCalls, EveryCallSendsItsRequestAndReturnsItsReply) {
   stats.requests_running = 2;
   stats.sessions = 5;
   stats.generated_tokens_total = 1234;
-  stats.tiers = {{"T0", 10, 122880, 1 << 30}};
+  stats.tiers = {{"T0", 10, 122880, 1 << 30, 3, 1, 4096, 8192, {}, 5, 6, 0.5}};
   stats.errors = {{StatusCode::kNotFound, 3}};
   stats.prometheus_text = "mnemo_sessions 5\n";
   HealthReply health{HealthStatus::kServing, true, 42.5, "ok"};

@@ -30,7 +30,8 @@ class Node {
  public:
   // One daemon's worth of state over `dir` with the model at `model`.
   Node(const std::string& model, const std::string& dir, uint64_t t2_budget = 32u << 20,
-       tiering::FaultInjectingPageStore** fault = nullptr, size_t t0_budget = 64u << 20) {
+       tiering::FaultInjectingPageStore** fault = nullptr, size_t t0_budget = 64u << 20,
+       bool pipelined_resume = true) {
     model::EngineOptions eo;
     eo.model_path = model;
     eo.threads = 2;
@@ -60,6 +61,7 @@ class Node {
     tier = std::move(t).value();
     SchedulerOptions so;
     so.tier = tier.get();
+    so.pipelined_resume = pipelined_resume;
     sched = std::make_unique<Scheduler>(engine.get(), so, nullptr);
     open_status = sched->Recover();
     sched->Start();
@@ -181,6 +183,92 @@ TEST_F(DurabilityTest, TurnsPersistAndResumeAfterRestartWithoutRecompute) {
   EXPECT_TRUE(d3.persisted);
   // Other uids still cannot see it after recovery.
   EXPECT_EQ(CodeOf(b.Call(protocol::GetSessionRequest{"s"}, 2000).last), StatusCode::kNotFound);
+}
+
+TEST_F(DurabilityTest, TierStatsCountResidentHitsAndResumeStalls) {
+  uint64_t t2_pages = 0;
+  {
+    Node a(model_, dir_);
+    ASSERT_TRUE(a.open_status.ok()) << a.open_status.ToString();
+    As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"s"}).last);
+    ASSERT_TRUE(As<protocol::Done>(a.Call(Turn("s", "first message, a long one to fill some pages of KV")).last)
+                    .persisted);
+    // A first turn has no history to find: neither hit nor miss.
+    tiering::TierStats t = a.tier->stats();
+    EXPECT_EQ(t.t0_hits + t.t0_misses, 0u);
+    EXPECT_GT(t.bytes_written, 0u);
+    EXPECT_EQ(t.t2_write_latency.count, t.bytes_written / t.block_bytes) << "one timed write per block";
+    EXPECT_GE(t.t2_sync_latency.count, 1u);
+    EXPECT_EQ(t.t0_bytes_read, t.bytes_written / t.block_bytes * t.n_layers * a.engine->pool().page_bytes());
+    ASSERT_TRUE(As<protocol::Done>(a.Call(Turn("s", "second")).last).persisted);
+    // The second turn found the KV resident: a hit, every page ready.
+    t = a.tier->stats();
+    EXPECT_EQ(t.t0_hits, 1u);
+    EXPECT_EQ(t.t0_misses, 0u);
+    EXPECT_GT(t.prefetch_hits, 0u);
+    EXPECT_EQ(t.prefetch_stalls, 0u);
+    EXPECT_EQ(t.prefetch_stall_ns, 0u);
+    EXPECT_EQ(t.bytes_read, 0u);
+    t2_pages = As<protocol::SessionInfo>(a.Call(protocol::GetSessionRequest{"s"}).last).t2_pages;
+    ASSERT_GT(t2_pages, 0u);
+  }
+  Node b(model_, dir_);
+  ASSERT_TRUE(b.open_status.ok()) << b.open_status.ToString();
+  ASSERT_TRUE(As<protocol::Done>(b.Call(Turn("s", "third")).last).persisted);
+  // The resumed turn missed T0 and waited for every page it loaded from T2
+  // (T1 is off in these nodes).
+  const tiering::TierStats t = b.tier->stats();
+  EXPECT_EQ(t.t0_hits, 0u);
+  EXPECT_EQ(t.t0_misses, 1u);
+  // The resume ran pipelined (alone): each layer's pages were either ready
+  // when its step reached them or waited for; only waits take time.
+  EXPECT_EQ(t.prefetch_hits + t.prefetch_stalls, t2_pages);
+  EXPECT_EQ(t.prefetch_stalls % (t2_pages / t.n_layers), 0u) << "counted per layer";
+  EXPECT_EQ(t.prefetch_stalls > 0, t.prefetch_stall_ns > 0);
+  EXPECT_EQ(t.t0_bytes_written, t2_pages * b.engine->pool().page_bytes());
+  EXPECT_EQ(t.bytes_read, t2_pages / t.n_layers * t.block_bytes);
+  EXPECT_EQ(t.t2_read_latency.count, t2_pages / t.n_layers);
+  EXPECT_GT(t.t2_read_latency.sum_ns, 0u);
+  EXPECT_EQ(t.t1_hits, 0u);
+  EXPECT_EQ(t.t1_misses, t2_pages / t.n_layers);
+}
+
+// The same resume with the whole session loaded before the step (as when
+// other requests run) and computed on its layers as they arrive: the same
+// continuation, and the whole load counts every page as waited for.
+TEST_F(DurabilityTest, PipelinedAndWholeResumeGiveTheSameContinuation) {
+  {
+    Node a(model_, dir_);
+    ASSERT_TRUE(a.open_status.ok()) << a.open_status.ToString();
+    As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"s"}).last);
+    As<protocol::Done>(a.Call(Turn("s", "a first message long enough to span several KV pages of the model")).last);
+    auto f = As<protocol::SessionInfo>(a.Call(protocol::ForkSessionRequest{"s", "t"}).last);
+    EXPECT_TRUE(f.persisted);
+  }
+  std::vector<int32_t> whole, pipelined;
+  uint64_t t2_pages = 0;
+  {
+    Node b(model_, dir_, 32u << 20, nullptr, 64u << 20, /*pipelined_resume=*/false);
+    ASSERT_TRUE(b.open_status.ok()) << b.open_status.ToString();
+    t2_pages = As<protocol::SessionInfo>(b.Call(protocol::GetSessionRequest{"s"}).last).t2_pages;
+    Reply r = b.Call(Turn("s", "continue"));
+    EXPECT_LT(As<protocol::Done>(r.last).prompt_tokens, 40u) << "the history was recomputed";
+    whole = r.tokens;
+    const tiering::TierStats t = b.tier->stats();
+    EXPECT_EQ(t.prefetch_hits, 0u);
+    EXPECT_EQ(t.prefetch_stalls, t2_pages);
+  }
+  {
+    Node c(model_, dir_);
+    ASSERT_TRUE(c.open_status.ok()) << c.open_status.ToString();
+    Reply r = c.Call(Turn("t", "continue"));  // the fork: same history, same pages
+    EXPECT_LT(As<protocol::Done>(r.last).prompt_tokens, 40u) << "the history was recomputed";
+    pipelined = r.tokens;
+    const tiering::TierStats t = c.tier->stats();
+    EXPECT_EQ(t.prefetch_hits + t.prefetch_stalls, t2_pages);
+  }
+  ASSERT_FALSE(whole.empty());
+  EXPECT_EQ(whole, pipelined);
 }
 
 TEST_F(DurabilityTest, ForkAndDeleteSurviveRestartAndFreeSpace) {

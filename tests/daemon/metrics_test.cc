@@ -22,6 +22,15 @@ namespace {
 using ::testing::HasSubstr;
 using ::testing::Not;
 
+protocol::TierUsage Row(std::string tier, uint64_t pages, uint64_t bytes, uint64_t budget_bytes) {
+  protocol::TierUsage t;
+  t.tier = std::move(tier);
+  t.pages = pages;
+  t.bytes = bytes;
+  t.budget_bytes = budget_bytes;
+  return t;
+}
+
 TEST(MetricsTest, EmptySnapshotIsZero) {
   Metrics m;
   protocol::StatsReply s = m.Snapshot();
@@ -68,9 +77,9 @@ TEST(MetricsTest, CountsAppearInSnapshotAndText) {
   EXPECT_DOUBLE_EQ(s.ttft_ms_p50, 250);
   EXPECT_DOUBLE_EQ(s.inter_token_ms_p99, 12.5);
   ASSERT_EQ(s.tiers.size(), 3u);
-  EXPECT_EQ(s.tiers[0], (protocol::TierUsage{"T0", 10, 1000, 4000}));
-  EXPECT_EQ(s.tiers[1], (protocol::TierUsage{"T1", 20, 2000, 8000}));
-  EXPECT_EQ(s.tiers[2], (protocol::TierUsage{"T2", 30, 3000, 64000}));
+  EXPECT_EQ(s.tiers[0], Row("T0", 10, 1000, 4000));
+  EXPECT_EQ(s.tiers[1], Row("T1", 20, 2000, 8000));
+  EXPECT_EQ(s.tiers[2], Row("T2", 30, 3000, 64000));
   const std::vector<std::pair<StatusCode, uint64_t>> errors = {{StatusCode::kInvalidArgument, 1},
                                                                {StatusCode::kResourceExhausted, 2}};
   EXPECT_EQ(s.errors, errors);
@@ -104,6 +113,71 @@ TEST(MetricsTest, CountsAppearInSnapshotAndText) {
     EXPECT_THAT(text, HasSubstr(line));
   }
   EXPECT_THAT(text, Not(HasSubstr("code=\"OK\"")));
+}
+
+TEST(MetricsTest, TierCountersAndIoHistogramsReachSnapshotAndText) {
+  Metrics m;
+  tiering::LatencyHistogram reads;
+  reads.Record(1500);       // (1 us, 2 us]
+  reads.Record(1800);
+  reads.Record(30'000);     // (16 us, 32 us]
+  protocol::TierUsage t2;
+  t2.tier = "T2";
+  t2.pages = 30;
+  t2.bytes = 3000;
+  t2.budget_bytes = 64000;
+  t2.bytes_read = 1 << 20;
+  t2.bytes_written = 3 << 20;
+  t2.io_latency = {ToIoLatency("read", reads.Snapshot()), ToIoLatency("sync", tiering::LatencySnapshot{})};
+  protocol::TierUsage t0;
+  t0.tier = "T0";
+  t0.pages = 10;
+  t0.hits = 4;
+  t0.misses = 1;
+  t0.prefetch_hits = 90;
+  t0.prefetch_stalls = 30;
+  t0.prefetch_stall_s = 0.25;
+  m.SetTierUsage(t2);
+  m.SetTierUsage(t0);
+  m.SetTier("T0", 11, 1100, 4000);  // occupancy only: the counters stay
+
+  protocol::StatsReply s = m.Snapshot();
+  ASSERT_EQ(s.tiers.size(), 2u);
+  EXPECT_EQ(s.tiers[0].pages, 11u);
+  EXPECT_EQ(s.tiers[0].hits, 4u);
+  EXPECT_EQ(s.tiers[0].prefetch_stalls, 30u);
+  EXPECT_EQ(s.tiers[1], t2);
+  const protocol::IoLatency& r = s.tiers[1].io_latency.at(0);
+  EXPECT_EQ(r.count, 3u);
+  EXPECT_EQ(r.bucket_counts.size(), r.bucket_bounds_s.size() + 1);
+  EXPECT_DOUBLE_EQ(r.bucket_bounds_s.at(1), 2e-6);
+  EXPECT_EQ(r.bucket_counts.at(1), 2u);
+  EXPECT_EQ(r.bucket_counts.at(5), 1u);
+  EXPECT_DOUBLE_EQ(r.max_s, 30e-6);
+  EXPECT_DOUBLE_EQ(r.QuantileS(0.5), 2e-6);
+
+  const std::string text = m.PrometheusText();
+  for (const char* line : {
+           "# TYPE mnemo_tier_io_seconds histogram",
+           "mnemo_tier_io_seconds_count{op=\"read\",tier=\"T2\"} 3",
+           "mnemo_tier_io_seconds_bucket{op=\"read\",tier=\"T2\",le=\"1e-06\"} 0",
+           "mnemo_tier_io_seconds_bucket{op=\"read\",tier=\"T2\",le=\"2e-06\"} 2",
+           "mnemo_tier_io_seconds_bucket{op=\"read\",tier=\"T2\",le=\"3.2e-05\"} 3",
+           "mnemo_tier_io_seconds_bucket{op=\"read\",tier=\"T2\",le=\"+Inf\"} 3",
+           "mnemo_tier_io_seconds_count{op=\"sync\",tier=\"T2\"} 0",
+           "# TYPE mnemo_tier_hits_total counter",
+           "mnemo_tier_hits_total{tier=\"T0\"} 4",
+           "mnemo_tier_misses_total{tier=\"T0\"} 1",
+           "mnemo_tier_hits_total{tier=\"T2\"} 0",
+           "mnemo_tier_read_bytes_total{tier=\"T2\"} 1048576",
+           "mnemo_tier_written_bytes_total{tier=\"T2\"} 3145728",
+           "mnemo_prefetch_hits_total{tier=\"T0\"} 90",
+           "mnemo_prefetch_stalls_total{tier=\"T0\"} 30",
+           "mnemo_prefetch_stall_seconds_total{tier=\"T0\"} 0.25",
+           "mnemo_kv_pages{tier=\"T0\"} 11",
+       }) {
+    EXPECT_THAT(text, HasSubstr(line));
+  }
 }
 
 TEST(MetricsTest, QuantilesAreExactOnKnownSamples) {

@@ -544,6 +544,120 @@ TEST_F(DaemonE2ETest, IdleConnectionsAreClosed) {
   ExpectOthersServed();
 }
 
+// Runs the mnemo CLI against `socket` as this user; (exit status, stdout).
+std::pair<int, std::string> RunCli(const std::string& socket, const std::string& args) {
+  const std::string cmd = "'" + testutil::MnemoCliPath() + "' --socket '" + socket + "' " + args + " 2>&1";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  if (!p) return {-1, ""};
+  std::string out;
+  char buf[4096];
+  size_t n;
+  while ((n = std::fread(buf, 1, sizeof(buf), p)) > 0) out.append(buf, n);
+  return {::pclose(p), out};
+}
+
+const protocol::TierUsage* TierOf(const client::StatsReply& s, const std::string& tier) {
+  for (const auto& t : s.tiers)
+    if (t.tier == tier) return &t;
+  return nullptr;
+}
+
+const protocol::IoLatency* OpOf(const protocol::TierUsage& t, const std::string& op) {
+  for (const auto& h : t.io_latency)
+    if (h.op == op) return &h;
+  return nullptr;
+}
+
+TEST_F(DaemonE2ETest, TierStatsAfterPersistRestartAndResume) {
+  if (!std::filesystem::exists(testutil::MnemoCliPath())) GTEST_SKIP() << "mnemo CLI not built";
+  StartDaemon();
+  {
+    Client c = Connect();
+    ASSERT_TRUE(c.CreateSession("obs").ok());
+    auto r = c.GenerateText(Chat("obs", "Tell me about the sea.", 8));
+    ASSERT_TRUE(r.ok()) << r.status().ToString();
+    ASSERT_TRUE(r->done.persisted);
+    auto st = c.Stats();
+    ASSERT_TRUE(st.ok()) << st.status().ToString();
+    const protocol::TierUsage* t2 = TierOf(*st, "T2");
+    ASSERT_NE(t2, nullptr);
+    EXPECT_GT(t2->bytes_written, 0u);
+    ASSERT_NE(OpOf(*t2, "write"), nullptr);
+    EXPECT_GT(OpOf(*t2, "write")->count, 0u);
+    ASSERT_NE(OpOf(*t2, "sync"), nullptr);
+    EXPECT_GT(OpOf(*t2, "sync")->count, 0u);
+  }
+  ASSERT_EQ(d_.Stop(SIGTERM), 0);
+  StartDaemon();  // same data directory: the session's KV is only on T2
+  Client c = Connect();
+  auto before = c.GetSession("obs");
+  ASSERT_TRUE(before.ok()) << before.status().ToString();
+  EXPECT_EQ(before->t0_pages, 0u);
+  EXPECT_GT(before->t2_pages, 0u);
+  auto r = c.GenerateText(Chat("obs", "And the mountains?", 4));
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  auto st = c.Stats();
+  ASSERT_TRUE(st.ok()) << st.status().ToString();
+  const protocol::TierUsage* t0 = TierOf(*st, "T0");
+  const protocol::TierUsage* t2 = TierOf(*st, "T2");
+  ASSERT_NE(t0, nullptr);
+  ASSERT_NE(t2, nullptr);
+  EXPECT_EQ(t0->misses, 1u) << "the resumed request found its KV only on T2";
+  EXPECT_EQ(t0->hits, 0u);
+  // Resumed alone, it computed on its pages as they loaded: each page was
+  // ready when its layer came (hit) or waited for (stall).
+  EXPECT_EQ(t0->prefetch_hits + t0->prefetch_stalls, before->t2_pages) << "every loaded page counted once";
+  EXPECT_EQ(t0->prefetch_stalls > 0, t0->prefetch_stall_s > 0);
+  EXPECT_GT(t0->bytes_written, 0u);
+  EXPECT_GT(t2->bytes_read, 0u);
+  EXPECT_GT(t2->budget_bytes, 0u);
+  EXPECT_GT(t2->pages, 0u);
+  const protocol::IoLatency* reads = OpOf(*t2, "read");
+  ASSERT_NE(reads, nullptr);
+  EXPECT_GT(reads->count, 0u);
+  uint64_t in_buckets = 0;
+  for (uint64_t n : reads->bucket_counts) in_buckets += n;
+  EXPECT_EQ(in_buckets, reads->count);
+  EXPECT_GT(reads->max_s, 0);
+  EXPECT_GT(reads->QuantileS(0.5), 0);
+
+  // The CLI shows the same: human, JSON and Prometheus text.
+  auto [rc_prom, prom] = RunCli(d_.socket_path(), "stats --prometheus");
+  EXPECT_EQ(rc_prom, 0) << prom;
+  for (const char* series : {
+           "mnemo_tier_io_seconds_bucket{op=\"read\",tier=\"T2\",le=\"+Inf\"} ",
+           "mnemo_tier_io_seconds_count{op=\"write\",tier=\"T2\"} ",
+           "mnemo_tier_io_seconds_count{op=\"sync\",tier=\"T2\"} ",
+           "mnemo_tier_misses_total{tier=\"T0\"} 1",
+           "mnemo_tier_hits_total{tier=\"T1\"} ",
+           "mnemo_tier_read_bytes_total{tier=\"T2\"} ",
+           "mnemo_tier_written_bytes_total{tier=\"T2\"} ",
+           "mnemo_prefetch_stalls_total{tier=\"T0\"} ",
+           "mnemo_prefetch_stall_seconds_total{tier=\"T0\"} ",
+           "mnemo_kv_budget_bytes{tier=\"T2\"} ",
+       }) {
+    EXPECT_NE(prom.find(series), std::string::npos) << series << " missing from:\n" << prom;
+  }
+  EXPECT_EQ(prom.find("mnemo_tier_read_bytes_total{tier=\"T2\"} 0\n"), std::string::npos);
+  auto [rc_human, human] = RunCli(d_.socket_path(), "stats");
+  EXPECT_EQ(rc_human, 0) << human;
+  for (const char* part : {"tier T0", "tier T2", "prefetch", "read ", "misses"})
+    EXPECT_NE(human.find(part), std::string::npos) << part << " missing from:\n" << human;
+  auto [rc_json, js] = RunCli(d_.socket_path(), "--json stats");
+  EXPECT_EQ(rc_json, 0) << js;
+  for (const char* key : {"\"prefetch_stall_s\"", "\"io_latency\"", "\"bucket_counts\"", "\"p99_s\""})
+    EXPECT_NE(js.find(key), std::string::npos) << key << " missing from:\n" << js;
+  // mnemo show: the session's pages per tier, now loaded into T0.
+  auto [rc_show, show] = RunCli(d_.socket_path(), "show obs");
+  EXPECT_EQ(rc_show, 0) << show;
+  EXPECT_NE(show.find("pages:      T0 "), std::string::npos) << show;
+  auto after = c.GetSession("obs");
+  ASSERT_TRUE(after.ok());
+  EXPECT_GT(after->t0_pages, 0u);
+  EXPECT_GT(after->t2_pages, 0u);
+  EXPECT_NE(show.find("T0 " + std::to_string(after->t0_pages) + " "), std::string::npos) << show;
+}
+
 TEST_F(DaemonE2ETest, ForkSharesHistory) {
   StartDaemon();
   Client c = Connect();

@@ -225,6 +225,80 @@ TEST(Messages, InvalidResponseValues) {
   EXPECT_EQ(p.status().code(), StatusCode::kInvalidArgument);
 }
 
+// A StatsReply frame with one tier whose T2 read histogram has the given
+// bounds and counts.
+std::string StatsWithHistogram(const std::vector<double>& bounds, const std::vector<uint64_t>& counts) {
+  flatbuffers::FlatBufferBuilder b;
+  auto h = wire::CreateIoLatency(b, b.CreateString("read"), 1, 0.001, 0.001, b.CreateVector(bounds),
+                                 b.CreateVector(counts));
+  std::vector<flatbuffers::Offset<wire::IoLatency>> hs = {h};
+  auto hv = b.CreateVector(hs);
+  auto tier = wire::CreateTierUsage(b, b.CreateString("T2"), 1, 2, 3, 0, 0, 0, 0, hv);
+  std::vector<flatbuffers::Offset<wire::TierUsage>> ts = {tier};
+  auto tv = b.CreateVector(ts);
+  wire::StatsReplyBuilder sb(b);
+  sb.add_tiers(tv);
+  auto st = sb.Finish();
+  wire::FinishFrameBuffer(b, wire::CreateFrame(b, 3, wire::Message::StatsReply, st.Union()));
+  return EncodeFrame(b);
+}
+
+TEST(Messages, LatencyHistogramsAreChecked) {
+  auto parse = [](const std::string& frame) {
+    return WithFrame(frame, [](const wire::Frame* f) { return ParseResponse(f); });
+  };
+  auto ok = parse(StatsWithHistogram({1e-6, 2e-6}, {1, 0, 0}));
+  ASSERT_TRUE(ok.ok()) << ok.status().ToString();
+  const auto& t = std::get<StatsReply>(ok->body).tiers.at(0);
+  ASSERT_EQ(t.io_latency.size(), 1u);
+  EXPECT_EQ(t.io_latency[0].bucket_counts, (std::vector<uint64_t>{1, 0, 0}));
+  for (const auto& [bounds, counts] : std::vector<std::pair<std::vector<double>, std::vector<uint64_t>>>{
+           {{1e-6, 2e-6}, {1, 0}},                                  // no overflow bucket
+           {{2e-6, 1e-6}, {1, 0, 0}},                               // not ascending
+           {{1e-6, std::numeric_limits<double>::infinity()}, {1, 0, 0}},  // not finite
+           {std::vector<double>(kMaxLatencyBuckets + 1, 1.0), std::vector<uint64_t>(kMaxLatencyBuckets + 2, 0)},
+       }) {
+    auto r = parse(StatsWithHistogram(bounds, counts));
+    ASSERT_FALSE(r.ok()) << bounds.size() << " bounds, " << counts.size() << " counts";
+    EXPECT_EQ(r.status().code(), StatusCode::kInvalidArgument);
+  }
+}
+
+TEST(Messages, TierUsageFromAnOlderPeerHasZeroCounters) {
+  flatbuffers::FlatBufferBuilder b;
+  auto tier = wire::CreateTierUsage(b, b.CreateString("T1"), 5, 6, 7);
+  std::vector<flatbuffers::Offset<wire::TierUsage>> ts = {tier};
+  auto tv = b.CreateVector(ts);
+  wire::StatsReplyBuilder sb(b);
+  sb.add_tiers(tv);
+  auto st = sb.Finish();
+  wire::FinishFrameBuffer(b, wire::CreateFrame(b, 3, wire::Message::StatsReply, st.Union()));
+  auto r = WithFrame(EncodeFrame(b), [](const wire::Frame* f) { return ParseResponse(f); });
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  TierUsage expect;
+  expect.tier = "T1";
+  expect.pages = 5;
+  expect.bytes = 6;
+  expect.budget_bytes = 7;
+  EXPECT_EQ(std::get<StatsReply>(r->body).tiers.at(0), expect);
+}
+
+TEST(Messages, LatencyQuantilesComeFromTheBuckets) {
+  IoLatency h;
+  EXPECT_EQ(h.QuantileS(0.5), 0);
+  h.bucket_bounds_s = {1e-6, 2e-6, 4e-6};
+  h.bucket_counts = {50, 49, 0, 1};  // one sample above the last bound
+  h.count = 100;
+  h.max_s = 1.5;
+  EXPECT_DOUBLE_EQ(h.QuantileS(0.5), 1e-6);
+  EXPECT_DOUBLE_EQ(h.QuantileS(0.51), 2e-6);
+  EXPECT_DOUBLE_EQ(h.QuantileS(0.99), 2e-6);
+  EXPECT_DOUBLE_EQ(h.QuantileS(1.0), 1.5);
+  h.bucket_counts = {0, 1, 0, 0};
+  h.max_s = 1.5e-6;
+  EXPECT_DOUBLE_EQ(h.QuantileS(0.5), 1.5e-6) << "capped by the largest sample";
+}
+
 TEST(Messages, Utf8Validator) {
   EXPECT_TRUE(IsValidUtf8(""));
   EXPECT_TRUE(IsValidUtf8("plain"));

@@ -557,6 +557,45 @@ TEST_P(PageStoreTest, DestructorDrainsInFlightIo) {
   }
 }
 
+TEST_P(PageStoreTest, EveryTransferAndSyncIsTimed) {
+  OPEN_OR_SKIP();
+  ASSERT_TRUE(store_->EnsureCapacity(16).ok());
+  const size_t bb = layout_.block_bytes;
+  AlignedBuffer buf = Buffer(8 * bb);
+  std::vector<BlockSlot> slots = {0, 1, 2, 3, 12, 13, 14, 15};  // slabs 0 and 3
+  std::vector<const void*> wbufs;
+  std::vector<void*> rbufs;
+  for (size_t i = 0; i < slots.size(); ++i) {
+    wbufs.push_back(buf.data() + i * bb);
+    rbufs.push_back(buf.data() + i * bb);
+  }
+  ASSERT_TRUE(store_->WriteBlocks(slots, wbufs).ok());
+  ASSERT_TRUE(store_->Sync().ok());
+  ASSERT_TRUE(store_->ReadBlocks(slots, rbufs).ok());
+  ASSERT_TRUE(store_->Read(5, 0, kDirectIoAlignment, buf.data()).ok());
+  const PageStoreStats st = store_->stats();
+  auto total = [](const LatencySnapshot& h) {
+    uint64_t n = 0;
+    for (uint64_t c : h.counts) n += c;
+    return n;
+  };
+  EXPECT_EQ(st.write_latency.count, st.writes);
+  EXPECT_EQ(st.write_latency.count, 8u);
+  EXPECT_EQ(total(st.write_latency), 8u);
+  EXPECT_EQ(st.read_latency.count, 9u);
+  EXPECT_EQ(total(st.read_latency), 9u);
+  EXPECT_EQ(st.sync_latency.count, st.syncs);
+  EXPECT_EQ(st.sync_latency.count, 2u) << "one fdatasync per slab written";
+  // Real transfers take time; a zero sum would mean the clock never started.
+  EXPECT_GT(st.write_latency.sum_ns, 0u);
+  EXPECT_GT(st.read_latency.sum_ns, 0u);
+  EXPECT_GE(st.read_latency.max_ns, st.read_latency.sum_ns / st.read_latency.count);
+  // A request the store refuses is not a transfer.
+  AlignedBuffer one = Buffer(kDirectIoAlignment);
+  EXPECT_FALSE(store_->Read(16, 0, kDirectIoAlignment, one.data()).ok());
+  EXPECT_EQ(store_->stats().read_latency.count, 9u);
+}
+
 INSTANTIATE_TEST_SUITE_P(Engines, PageStoreTest, ::testing::Values(Engine::kUring, Engine::kPread),
                          [](const auto& info) { return EngineName(info.param); });
 
@@ -603,6 +642,22 @@ class FaultPageStoreTest : public PageStoreTest {
       FAIL() << "cannot open the store";   \
     }                                      \
   } while (0)
+
+TEST_P(FaultPageStoreTest, LatenciesAreTheInnerDevices) {
+  OPEN_FAULTY_OR_SKIP();
+  WriteAll(4, 100);
+  ASSERT_TRUE(store_->Sync().ok());
+  EXPECT_TRUE(Holds(2, 102));
+  const PageStoreStats outer = store_->stats();
+  const PageStoreStats inner = fault_->inner()->stats();
+  EXPECT_EQ(outer.writes, 4u);
+  EXPECT_EQ(outer.write_latency.count, inner.write_latency.count);
+  EXPECT_EQ(outer.read_latency.count, inner.read_latency.count);
+  EXPECT_EQ(outer.sync_latency.count, inner.sync_latency.count);
+  EXPECT_GE(outer.write_latency.count, 4u);
+  EXPECT_GE(outer.read_latency.count, 1u);
+  EXPECT_GE(outer.sync_latency.count, 1u);
+}
 
 TEST_P(FaultPageStoreTest, EioOnTheNthWriteSurfacesAsIoError) {
   OPEN_FAULTY_OR_SKIP();
