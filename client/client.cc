@@ -134,6 +134,15 @@ class Connection {
     return !broken_.ok();
   }
 
+  // Waits (until `deadline`) for the reader to reach the end of the stream,
+  // and returns the last connection-level Error the daemon sent (OK if
+  // none).
+  Status WaitForDaemonError(Clock::time_point deadline) {
+    std::unique_lock<std::mutex> lock(mu_);
+    ended_cv_.wait_until(lock, deadline, [&] { return !broken_.ok(); });
+    return last_connection_error_;
+  }
+
   // Registers a call under a fresh id, then sends the request: the reply can
   // never arrive before its mailbox exists.
   Result<Sent> Send(const protocol::RequestBody& body, bool streaming, bool discard) {
@@ -232,8 +241,10 @@ class Connection {
       if (n < 0) {
         if (errno == EINTR) continue;
         const int err = errno;
-        // Part of a frame may be on the wire: the stream is out of sync.
-        ::shutdown(fd_, SHUT_RDWR);
+        // Part of a frame may be on the wire: the stream is out of sync. The
+        // read side stays open so that the reader still sees what the daemon
+        // sent before it hung up (e.g. why it refused the connection).
+        ::shutdown(fd_, SHUT_WR);
         return Status::Unavailable(std::string(kLost) + "send: " + ErrnoText(err));
       }
       p += n;
@@ -361,6 +372,7 @@ class Connection {
 
   void FailAllLocked(const Status& status) {
     if (broken_.ok()) broken_ = status;
+    ended_cv_.notify_all();
     for (auto& [id, call] : calls_) EndCallLocked(*call, broken_);
     calls_.clear();
   }
@@ -384,6 +396,7 @@ class Connection {
   std::unordered_map<uint64_t, std::shared_ptr<Call>> calls_;  // calls awaiting their terminal reply
   Status broken_;  // non-OK once the connection is unusable
   Status last_connection_error_;  // the daemon's last Error with id 0
+  std::condition_variable ended_cv_;  // broken_ became non-OK
   bool closing_ = false;
 };
 
@@ -566,9 +579,17 @@ Result<Client> Client::Connect(const ConnectOptions& options) {
   protocol::HelloRequest hello_req;
   hello_req.protocol_version = protocol::kProtocolVersion;
   hello_req.client_name = options.client_name;
-  MNEMO_ASSIGN_OR_RETURN(auto sent, conn->Send(hello_req, /*streaming=*/false, /*discard=*/false));
   const bool forever = options.connect_timeout.count() <= 0;
-  auto reply = conn->Wait(*sent.call, forever ? nullptr : &deadline);
+  auto sent = conn->Send(hello_req, /*streaming=*/false, /*discard=*/false);
+  if (!sent.ok()) {
+    // A daemon that refuses the connection (too many) says why and hangs up,
+    // possibly before Hello went out: report its reason, not the broken pipe.
+    const Clock::time_point soon = Clock::now() + std::chrono::seconds(1);
+    Status why = conn->WaitForDaemonError(forever ? soon : std::min(soon, deadline));
+    if (!why.ok()) return why;
+    return sent.status();
+  }
+  auto reply = conn->Wait(*sent->call, forever ? nullptr : &deadline);
   if (!reply.ok() && reply.status().message() == "timed out") {
     conn->Close();
     return Status::Unavailable("mnemod at " + path + " did not answer Hello within " +
