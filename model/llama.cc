@@ -330,6 +330,7 @@ Status LlamaModel::Forward(std::span<const BatchSeq> batch, attention::KvCache* 
     a.seqs = att_seqs_.data();
     a.n_seqs = static_cast<int32_t>(batch.size());
     be.Attention(a);
+    if (gate) gate->LayerDone(l);
 
     Observe("kqv_out", l, att_, n, q_dim);
     be.MatMul(L.wo, att_, n, xb_);

@@ -57,12 +57,15 @@ struct BatchSeq {
 };
 
 // Pages that arrive layer by layer (a session resumed from storage while a
-// step already runs): Forward calls WaitLayer(l) before it reads or writes
-// any KV page of layer l. An error ends the step as any Forward error does.
+// step already runs, or one streamed through a ring of pages): Forward
+// calls WaitLayer(l) before it reads or writes any KV page of layer l, and
+// LayerDone(l) once it no longer needs them. An error ends the step as any
+// Forward error does.
 class KvLayerGate {
  public:
   virtual ~KvLayerGate() = default;
   virtual Status WaitLayer(int32_t layer) = 0;
+  virtual void LayerDone(int32_t layer) {}
 };
 
 class LlamaModel {

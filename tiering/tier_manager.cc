@@ -401,6 +401,35 @@ Status TierManager::DoLoad(const std::string& label, const std::vector<BlockSlot
   return Status::Ok();
 }
 
+Result<std::unique_ptr<KvStream>> TierManager::OpenStream(KvStreamOptions o) {
+  const int32_t n_layers = layout_.n_layers;
+  if (o.window < 1 || o.window > n_layers)
+    return Status::InvalidArgument("KV stream window " + std::to_string(o.window) + " outside [1, " +
+                                   std::to_string(n_layers) + "]");
+  if (o.ring.size() != static_cast<size_t>(o.window))
+    return Status::InvalidArgument("KV stream: ring has " + std::to_string(o.ring.size()) + " slots, window " +
+                                   std::to_string(o.window));
+  for (const auto& slot : o.ring) {
+    if (slot.size() != o.blocks.size()) return Status::InvalidArgument("KV stream: ring slot of the wrong size");
+    for (void* p : slot)
+      if (reinterpret_cast<uintptr_t>(p) % kDirectIoAlignment != 0) o.direct = false;
+  }
+  if (layout_.page_bytes != layout_.layer_stride) o.direct = false;
+  std::vector<std::vector<uint64_t>> checksums(o.blocks.size());
+  for (size_t i = 0; i < o.blocks.size(); ++i) {
+    Result<BlockInfo> info = index_->GetBlock(o.blocks[i]);
+    if (!info.ok()) return info.status().WithContext(o.label);
+    if (info->page_checksums.size() != static_cast<size_t>(n_layers))
+      return Status::Corruption(o.label + ": block " + std::to_string(o.blocks[i]) + " has " +
+                                std::to_string(info->page_checksums.size()) + " page checksums, expected " +
+                                std::to_string(n_layers));
+    checksums[i] = std::move(info->page_checksums);
+  }
+  std::unique_ptr<KvStream> stream(new KvStream(this, std::move(o), std::move(checksums)));
+  MNEMO_RETURN_IF_ERROR(stream->Start());
+  return stream;
+}
+
 Status TierManager::CommitManifest(const Manifest& m) {
   Manifest copy = m;
   Stamp(&copy);

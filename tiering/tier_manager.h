@@ -29,6 +29,7 @@
 
 #include "common/status.h"
 #include "tiering/index.h"
+#include "tiering/kv_stream.h"
 #include "tiering/latency_histogram.h"
 #include "tiering/layout.h"
 #include "tiering/manifest.h"
@@ -142,6 +143,11 @@ class TierManager {
             std::vector<std::vector<void*>> dst, std::function<void(Status)> done,
             std::function<void(int32_t)> on_layers = nullptr);
 
+  // A ring that streams `options.blocks` through T0 layer by layer (a
+  // session larger than memory); see KvStream. Reads the blocks' checksums
+  // from the index first (NotFound/Corruption naming the session).
+  Result<std::unique_ptr<KvStream>> OpenStream(KvStreamOptions options);
+
   // Index operations: one small synced batch each, on the caller's thread.
   Status CommitManifest(const Manifest& m);  // a session without KV blocks
   Status Fork(uint32_t uid, std::string_view src, const Manifest& dst);
@@ -165,6 +171,7 @@ class TierManager {
   uint32_t CountT1(const std::vector<BlockSlot>& slots) const;
 
  private:
+  friend class KvStream;
   TierManager(TierOptions options, BlockLayout layout, std::unique_ptr<PageStore> store,
               std::unique_ptr<Index> index);
   struct Worker {

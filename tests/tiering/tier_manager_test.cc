@@ -216,5 +216,106 @@ TEST_F(TierManagerTest, OneBadReadIsHealedByReadingAgain) {
   EXPECT_EQ(dst_, src_);
 }
 
+// A ring of `window` layer slots over the first `blocks` blocks of `kv`.
+struct Ring {
+  std::vector<std::vector<void*>> ptrs;
+  AlignedBuffer mem;
+};
+Ring MakeRing(int32_t window, size_t blocks) {
+  Ring r;
+  auto mem = AlignedBuffer::Allocate(size_t(window) * blocks * kPageBytes);
+  EXPECT_TRUE(mem.ok());
+  r.mem = std::move(mem).value();
+  r.ptrs.assign(window, {});
+  for (int32_t s = 0; s < window; ++s)
+    for (size_t b = 0; b < blocks; ++b) r.ptrs[s].push_back(r.mem.data() + (s * blocks + b) * kPageBytes);
+  return r;
+}
+
+TEST_F(TierManagerTest, StreamServesEveryLayerStepAfterStepThroughASmallRing) {
+  Open(/*t1_budget=*/0, /*extent_bytes=*/kPageBytes);
+  const CommittedKv kv = Persist(112);  // 7 full blocks
+  for (int32_t window : {1, 3, kLayers}) {
+    Ring ring = MakeRing(window, kv.blocks.size());
+    KvStreamOptions o;
+    o.label = "session 's'";
+    o.blocks = kv.blocks;
+    o.window = window;
+    o.ring = ring.ptrs;
+    o.max_inflight = 4;
+    auto stream = tier_->OpenStream(o);
+    ASSERT_TRUE(stream.ok()) << stream.status().ToString();
+    for (int step = 0; step < 3; ++step) {
+      for (int32_t l = 0; l < kLayers; ++l) {
+        ASSERT_TRUE((*stream)->WaitLayer(l).ok()) << "window " << window << " step " << step << " layer " << l;
+        const size_t slot = static_cast<size_t>(step * kLayers + l) % static_cast<size_t>(window);
+        for (size_t b = 0; b < kv.blocks.size(); ++b)
+          ASSERT_EQ(std::memcmp(ring.ptrs[slot][b], src_[l][b].data(), kPageBytes), 0)
+              << "window " << window << " step " << step << " layer " << l << " block " << b;
+        (*stream)->LayerDone(l);
+      }
+    }
+    const KvStreamStats st = (*stream)->stats();
+    EXPECT_EQ(st.layers_ready + st.layers_waited, 3u * kLayers);
+    // The whole ring is loaded once; smaller rings reload every layer per step.
+    const uint64_t loads = window == kLayers ? kLayers : 3u * kLayers;
+    EXPECT_EQ(st.pages_read + st.pages_cached, loads * kv.blocks.size()) << "window " << window;
+    (*stream)->Stop();
+  }
+}
+
+TEST_F(TierManagerTest, StreamOutOfOrderAndCorruptPagesAreTypedErrors) {
+  Open(/*t1_budget=*/0, /*extent_bytes=*/kPageBytes, /*fault=*/true);
+  const CommittedKv kv = Persist(64);
+  Ring ring = MakeRing(2, kv.blocks.size());
+  KvStreamOptions o;
+  o.label = "session 's'";
+  o.blocks = kv.blocks;
+  o.window = 2;
+  o.ring = ring.ptrs;
+  {
+    auto stream = tier_->OpenStream(o);
+    ASSERT_TRUE(stream.ok());
+    EXPECT_EQ((*stream)->WaitLayer(3).code(), StatusCode::kInternal) << "layer 0 comes first";
+    EXPECT_EQ((*stream)->WaitLayer(kLayers).code(), StatusCode::kInvalidArgument);
+  }
+  // Layer 3 of block 2 reads back damaged: found when layer 3 is waited for.
+  const BlockSlot victim = kv.blocks[2];
+  FaultRule rule;
+  rule.action = FaultRule::Action::kCorruptRead;
+  rule.op = IoOp::kRead;
+  rule.times = 0;
+  rule.match = [victim](const IoRequest& r) { return r.slot == victim && r.offset == 3 * kPageBytes; };
+  fault_->AddFault(rule);
+  auto stream = tier_->OpenStream(o);
+  ASSERT_TRUE(stream.ok());
+  Status s;
+  int32_t l = 0;
+  for (; l < kLayers; ++l) {
+    s = (*stream)->WaitLayer(l);
+    if (!s.ok()) break;
+    (*stream)->LayerDone(l);
+  }
+  EXPECT_EQ(s.code(), StatusCode::kCorruption) << s.ToString();
+  EXPECT_LE(l, 3) << "layer 3 was reported ready";
+  EXPECT_NE(s.message().find("session 's'"), std::string::npos);
+  EXPECT_NE(s.message().find("layer 3"), std::string::npos);
+  EXPECT_EQ((*stream)->WaitLayer(l).code(), StatusCode::kCorruption) << "the error sticks";
+  (*stream)->Stop();
+}
+
+TEST_F(TierManagerTest, OpenStreamRejectsABadRing) {
+  Open(/*t1_budget=*/0, /*extent_bytes=*/kPageBytes);
+  const CommittedKv kv = Persist(32);
+  Ring ring = MakeRing(2, kv.blocks.size());
+  KvStreamOptions o;
+  o.blocks = kv.blocks;
+  o.window = 3;  // the ring has 2 slots
+  o.ring = ring.ptrs;
+  EXPECT_EQ(tier_->OpenStream(o).status().code(), StatusCode::kInvalidArgument);
+  o.window = 0;
+  EXPECT_EQ(tier_->OpenStream(o).status().code(), StatusCode::kInvalidArgument);
+}
+
 }  // namespace
 }  // namespace mnemo::tiering
