@@ -85,6 +85,17 @@ class LoadGate : public model::KvLayerGate {
   double stall_s_ = 0;
 };
 
+// Forward's view of a session streamed through a ring of pages.
+class StreamGate : public model::KvLayerGate {
+ public:
+  explicit StreamGate(tiering::KvStream* stream) : stream_(stream) {}
+  Status WaitLayer(int32_t layer) override { return stream_->WaitLayer(layer); }
+  void LayerDone(int32_t layer) override { stream_->LayerDone(layer); }
+
+ private:
+  tiering::KvStream* const stream_;
+};
+
 struct ActiveRequest {
   uint64_t conn = 0;
   uint64_t id = 0;
@@ -111,6 +122,13 @@ struct ActiveRequest {
   std::vector<std::vector<attention::PageId>> load_pages;  // their destination
   Clock::time_point load_start{};  // when the load began (its wait is a prefetch stall)
   uint64_t load_page_count = 0;    // layer pages the load brings into T0
+  // Larger than T0: the session's committed KV streams through a ring.
+  bool streamed = false;
+  int32_t stream_window = 0;
+  uint64_t stream_cold = 0;  // streamed blocks (pages per layer visit)
+  std::vector<std::vector<attention::PageId>> stream_ring;  // [window][cold block]
+  std::unique_ptr<tiering::KvStream> stream;                 // while it runs
+  tiering::KvStreamStats stream_counted;                     // already in the tier stats
   protocol::Done done;    // built at the end of the turn, sent once persisted
 
   ActiveRequest(model::Sampler s, model::StopMatcher m) : sampler(std::move(s)), stop(std::move(m)) {}
@@ -605,6 +623,12 @@ Status Scheduler::StartLoad(ActiveRequest* r) {
   const uint64_t need = per_layer * static_cast<uint64_t>(n_layers);
   while (pool.free_pages() < need && EvictIdle()) {
   }
+  if (pool.free_pages() < need && options_.max_stream_window > 0 && per_layer > 1) {
+    // Larger than T0: stream it. Its new pages this turn: the prompt's
+    // tokens and at most max_tokens replies.
+    const uint64_t growth = s->tokens.size() - s->t2.kv_tokens + r->max_tokens;
+    return StartStream(r, growth);
+  }
   if (pool.free_pages() < need)
     return Status::ResourceExhausted("session '" + s->name + "' needs " + std::to_string(need) +
                                      " KV pages to resume; " + std::to_string(pool.free_pages()) + " of " +
@@ -650,6 +674,161 @@ Status Scheduler::StartLoad(ActiveRequest* r) {
         load->cv.notify_all();
       });
   return Status::Ok();
+}
+
+Status Scheduler::StartStream(ActiveRequest* r, uint64_t growth_tokens) {
+  Session* s = r->session;
+  attention::PagePool& pool = engine_->pool();
+  const int32_t n_layers = engine_->model().config().n_layers;
+  const int32_t pt = pool.layout().page_tokens;
+  const uint64_t spans = tiering::BlocksForTokens(s->t2.kv_tokens, pt);
+  // Every block but the last streams; the last one (which this turn's
+  // tokens extend) stays in dedicated pages with the turn's new pages.
+  const uint64_t cold = spans - 1;
+  const uint64_t tail_tokens = s->t2.kv_tokens - cold * static_cast<uint64_t>(pt);
+  const uint64_t hot = tiering::BlocksForTokens(tail_tokens + growth_tokens, pt) * static_cast<uint64_t>(n_layers);
+  // The largest ring that divides the layers (so layer l always uses slot
+  // l % window and the page table stays fixed) and leaves half of what is
+  // free to the other sessions' growth; one slot if only that fits.
+  const uint64_t free = pool.free_pages();
+  int32_t window = 0;
+  for (int32_t w = std::min(options_.max_stream_window, n_layers); w >= 1 && window == 0; --w) {
+    const uint64_t ring = static_cast<uint64_t>(w) * cold;
+    if (n_layers % w == 0 && hot + ring <= free && (w == 1 || 2 * ring <= free - hot)) window = w;
+  }
+  if (window == 0)
+    return Status::ResourceExhausted(
+        "session '" + s->name + "' does not fit even when streamed: it needs " + std::to_string(hot + cold) +
+        " KV pages (one layer of its " + std::to_string(cold) + " blocks plus " + std::to_string(hot) +
+        " for its last block and this turn); " + std::to_string(pool.free_pages()) + " of " +
+        std::to_string(pool.capacity_pages()) + " are free");
+  std::vector<std::vector<attention::PageId>> ring(window), tail(n_layers);
+  std::vector<std::vector<void*>> dst(n_layers);
+  auto release = [&] {
+    for (auto& v : ring)
+      for (attention::PageId q : v) pool.Unref(q);
+    for (auto& v : tail)
+      for (attention::PageId q : v) pool.Unref(q);
+  };
+  for (int32_t w = 0; w < window; ++w) {
+    for (uint64_t b = 0; b < cold; ++b) {
+      Result<attention::PageId> id = pool.Allocate();
+      if (!id.ok()) {
+        release();
+        return id.status();
+      }
+      ring[w].push_back(*id);
+    }
+  }
+  for (int32_t l = 0; l < n_layers; ++l) {
+    Result<attention::PageId> id = pool.Allocate();
+    if (!id.ok()) {
+      release();
+      return id.status();
+    }
+    tail[l].push_back(*id);
+    dst[l].push_back(pool.Data(*id));
+  }
+  r->loading = true;
+  r->streamed = true;
+  r->stream_window = window;
+  r->stream_ring = std::move(ring);
+  r->load_pages = std::move(tail);
+  r->load_start = Clock::now();
+  r->load_page_count = static_cast<uint64_t>(n_layers);
+  spdlog::info("session '{}' ({} tokens of KV) is larger than T0: streaming {} blocks through {} layer slots",
+               s->name, s->t2.kv_tokens, cold, window);
+  options_.tier->Load("session '" + s->name + "'", {s->t2.blocks[spans - 1]}, tail_tokens, std::move(dst),
+                      [this, r](Status st) { Post([this, r, st = std::move(st)] { StreamLoaded(r, st); }); });
+  return Status::Ok();
+}
+
+void Scheduler::StreamLoaded(ActiveRequest* r, Status status) {
+  r->loading = false;
+  Session* s = r->session;
+  attention::PagePool& pool = engine_->pool();
+  const int32_t n_layers = engine_->model().config().n_layers;
+  const int32_t window = r->stream_window;
+  auto release = [&] {
+    for (auto& v : r->stream_ring)
+      for (attention::PageId q : v) pool.Unref(q);
+    for (auto& v : r->load_pages)
+      for (attention::PageId q : v) pool.Unref(q);
+    r->stream_ring.clear();
+    r->load_pages.clear();
+  };
+  if (status.ok() && !r->cancelled && !draining_local_) {
+    const uint64_t cold = r->stream_ring[0].size();
+    std::vector<std::vector<attention::PageId>> table(n_layers);
+    for (int32_t l = 0; l < n_layers; ++l) {
+      table[l] = r->stream_ring[l % window];
+      table[l].push_back(r->load_pages[l][0]);
+    }
+    // Adopt takes one reference per table entry: a ring page serves
+    // n_layers / window layers.
+    for (auto& v : r->stream_ring)
+      for (attention::PageId q : v)
+        for (int32_t k = 1; k < n_layers / window; ++k) pool.Ref(q);
+    Result<attention::SeqId> seq = engine_->kv().Adopt(std::move(table), static_cast<int64_t>(s->t2.kv_tokens));
+    if (!seq.ok()) {
+      for (auto& v : r->stream_ring)
+        for (attention::PageId q : v)
+          for (int32_t k = 1; k < n_layers / window; ++k) pool.Unref(q);
+      status = seq.status();
+    } else {
+      tiering::KvStreamOptions o;
+      o.label = "session '" + s->name + "'";
+      o.blocks.assign(s->t2.blocks.begin(), s->t2.blocks.begin() + static_cast<ptrdiff_t>(cold));
+      o.window = window;
+      o.ring.resize(window);
+      for (int32_t w = 0; w < window; ++w)
+        for (attention::PageId q : r->stream_ring[w]) o.ring[w].push_back(pool.Data(q));
+      r->stream_ring.clear();
+      r->load_pages.clear();
+      Result<std::unique_ptr<tiering::KvStream>> stream = options_.tier->OpenStream(std::move(o));
+      if (!stream.ok()) {
+        (void)engine_->kv().FreeSeq(*seq);
+        Fail(r, stream.status());
+        return;
+      }
+      r->stream = std::move(stream).value();
+      r->stream_cold = cold;
+      s->seq = *seq;
+      r->kv0 = static_cast<int64_t>(s->t2.kv_tokens);
+      FinalizePrompt(r);
+      // The turn's pages now, so that others' growth cannot starve it.
+      const int64_t growth = static_cast<int64_t>(s->tokens.size()) - r->kv0 + r->max_tokens;
+      if (Status st = engine_->kv().Reserve(s->seq, growth); !st.ok()) {
+        Fail(r, st.WithContext("session '" + s->name + "'"));
+      }
+      return;
+    }
+  }
+  release();
+  if (!status.ok()) {
+    Fail(r, status);
+  } else if (draining_local_) {
+    Fail(r, Status::Unavailable("mnemod is shutting down"));
+  } else {
+    Finish(r, model::FinishReason::kCancelled);
+  }
+}
+
+void Scheduler::CountStream(ActiveRequest* r) {
+  if (!r->stream) return;
+  const tiering::KvStreamStats st = r->stream->stats();
+  const tiering::KvStreamStats& was = r->stream_counted;
+  // Per layer visit: its streamed pages were ready (hits) or waited for.
+  options_.tier->RecordPrefetch((st.layers_ready - was.layers_ready) * r->stream_cold,
+                                (st.layers_waited - was.layers_waited) * r->stream_cold, st.stall_ns - was.stall_ns);
+  r->stream_counted = st;
+}
+
+void Scheduler::StopStream(ActiveRequest* r) {
+  if (!r->stream) return;
+  r->stream->Stop();
+  CountStream(r);
+  r->stream.reset();
 }
 
 bool Scheduler::StartPipelined(ActiveRequest* r) {
@@ -722,7 +901,7 @@ void Scheduler::Admit() {
   // on its pages as they arrive, alone in the batch (its step waits on
   // them, which nobody else should).
   if (running_.empty() && options_.pipelined_resume && !waiting_.empty() && waiting_.front()->loading &&
-      !waiting_.front()->cancelled && !draining_local_ && StartPipelined(waiting_.front().get())) {
+      !waiting_.front()->streamed && !waiting_.front()->cancelled && !draining_local_ && StartPipelined(waiting_.front().get())) {
     running_.push_back(std::move(waiting_.front()));
     waiting_.pop_front();
     return;
@@ -779,11 +958,25 @@ void Scheduler::Step() {
     int64_t kv_len;
     int64_t n;
   };
+  // A streamed session (larger than T0) steps alone, every other step
+  // when others run: its steps wait on storage, theirs should not.
+  ActiveRequest* streamed = nullptr;
+  bool others = false;
+  for (auto& up : running_) {
+    if (up->stream) {
+      if (!streamed) streamed = up.get();
+    } else {
+      others = true;
+    }
+  }
+  const bool stream_step = streamed != nullptr && (!others || stream_turn_);
+  if (streamed && others) stream_turn_ = !stream_turn_;
   std::vector<Entry> entries;
   entries.reserve(running_.size());
   bool any_decoder = false;
   for (auto& up : running_) {
     ActiveRequest* r = up.get();
+    if (stream_step ? r != streamed : r->stream != nullptr) continue;
     Session* s = r->session;
     if (s->seq == 0) s->seq = kv.CreateSeq();
     const int64_t kv_len = *kv.Length(s->seq);
@@ -830,6 +1023,8 @@ void Scheduler::Step() {
   MNEMO_CHECK(pipelined == nullptr || batch_entries.size() == 1);
   std::optional<LoadGate> gate;
   if (pipelined) gate.emplace(pipelined->load.get());
+  std::optional<StreamGate> stream_gate;
+  if (stream_step) stream_gate.emplace(streamed->stream.get());
 
   std::vector<model::BatchSeq> batch;
   batch.reserve(batch_entries.size());
@@ -838,7 +1033,10 @@ void Scheduler::Step() {
     batch.push_back({s->seq, std::span<const int32_t>(s->tokens.data() + e.kv_len, e.n), false});
   }
   const double t_step0 = NowSeconds();
-  Status st = engine_->model().Forward(batch, &kv, &logits_, gate ? &*gate : nullptr);
+  model::KvLayerGate* layer_gate = gate ? static_cast<model::KvLayerGate*>(&*gate)
+                                        : stream_gate ? static_cast<model::KvLayerGate*>(&*stream_gate) : nullptr;
+  Status st = engine_->model().Forward(batch, &kv, &logits_, layer_gate);
+  if (stream_step) CountStream(streamed);
   const double step_ms = (NowSeconds() - t_step0) * 1e3;
   if (pipelined) {
     // Per layer: its pages were ready when the step reached it (hits), or
@@ -852,7 +1050,7 @@ void Scheduler::Step() {
     spdlog::debug("resumed '{}' pipelined: {} layers ready when needed, {} waited for ({:.1f} ms)",
                   pipelined->session->name, gate->hits(), gate->stalls(), gate->stall_seconds() * 1e3);
   }
-  if (any_decoder && st.ok()) {
+  if (any_decoder && st.ok() && !stream_step) {
     if (prefill_rows == 0) {
       decode_step_ms_ = decode_step_ms_ > 0 ? 0.8 * decode_step_ms_ + 0.2 * step_ms : step_ms;
     } else if (decode_step_ms_ > 0) {
@@ -930,6 +1128,7 @@ void Scheduler::Step() {
 }
 
 void Scheduler::Finish(ActiveRequest* r, model::FinishReason reason) {
+  StopStream(r);
   Session* s = r->session;
   if (reason != model::FinishReason::kStop) {
     std::string tail;
@@ -1035,6 +1234,7 @@ void Scheduler::RollBack(ActiveRequest* r) {
 }
 
 void Scheduler::Fail(ActiveRequest* r, const Status& status) {
+  StopStream(r);
   RollBack(r);
   r->Reply(protocol::ErrorReply::FromStatus(status));
   Remove(r);
@@ -1058,6 +1258,12 @@ std::unique_ptr<ActiveRequest> Scheduler::Detach(ActiveRequest* r) {
 }
 
 void Scheduler::Remove(ActiveRequest* r) {
+  if (r->streamed && r->session->seq != 0) {
+    // Its pages held a ring, not the session's KV: it lives on T2 (and the
+    // turn's new tokens too once persisted; otherwise they recompute).
+    (void)engine_->kv().FreeSeq(r->session->seq);
+    r->session->seq = 0;
+  }
   r->session->active = nullptr;
   r->session->last_used_unix_ms = UnixMs();
   Detach(r);  // destroys it

@@ -43,6 +43,10 @@ struct SchedulerOptions {
   // soon as its first layers are loaded (layer l computes while later
   // layers still load); otherwise it joins the batch once fully loaded.
   bool pipelined_resume = true;
+  // A resumed session whose KV does not fit T0 streams its committed pages
+  // through a ring of at most this many layer slots per step (larger than
+  // memory); 0 refuses such sessions with ResourceExhausted instead.
+  int32_t max_stream_window = 6;
 };
 
 // Delivers one response of a request. Called on the scheduler thread in
@@ -105,6 +109,14 @@ class Scheduler {
   // Starts reading a session's T2 blocks into fresh T0 pages.
   Status StartLoad(ActiveRequest* r);
   void LoadDone(ActiveRequest* r, Status status, std::vector<std::vector<attention::PageId>> pages);
+  // A session too large for T0: its last block loads into dedicated pages,
+  // the rest streams through a ring (StreamLoaded finishes the set-up).
+  Status StartStream(ActiveRequest* r, uint64_t growth_tokens);
+  void StreamLoaded(ActiveRequest* r, Status status);
+  // Stops a streamed request's ring (idempotent) and counts its prefetch.
+  void StopStream(ActiveRequest* r);
+  // Adds the ring's prefetch hits and stalls since the last count.
+  void CountStream(ActiveRequest* r);
   // Admits a loading request into the batch on its pages as they load.
   bool StartPipelined(ActiveRequest* r);
   // Waits for a pipelined request's load to end; on failure its KV is
@@ -163,6 +175,7 @@ class Scheduler {
   std::vector<std::unique_ptr<ActiveRequest>> persisting_;
   std::chrono::steady_clock::time_point tier_stats_at_{};
   bool draining_local_ = false;
+  bool stream_turn_ = false;  // Step alternates streamed and other requests
   std::vector<float> logits_;
   // Feedback state of chunked prefill (see Step).
   double decode_step_ms_ = 0;   // moving average of decode-only steps

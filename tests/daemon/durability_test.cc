@@ -11,6 +11,7 @@
 #include <mutex>
 
 #include "daemon/scheduler.h"
+#include "tests/testutil/daemon_process.h"
 #include "tests/testutil/tiny_model.h"
 #include "tiering/fault_page_store.h"
 
@@ -269,6 +270,78 @@ TEST_F(DurabilityTest, PipelinedAndWholeResumeGiveTheSameContinuation) {
   }
   ASSERT_FALSE(whole.empty());
   EXPECT_EQ(whole, pipelined);
+}
+
+// A session larger than T0 decodes by streaming its committed pages through
+// a ring of layer slots: the same continuation as a daemon that holds it
+// whole, alone and beside another session, turn after turn.
+TEST_F(DurabilityTest, SessionLargerThanT0StreamsWithTheSameOutput) {
+  // The real model: a tiny random one hardly depends on its history.
+  const std::string model = testutil::DefaultModelPath();
+  auto turn = [](const std::string& session, const std::string& text) { return Turn(session, text, 16); };
+  std::string long_text;
+  for (int i = 0; i < 12; ++i) long_text += "The quick brown fox jumps over the lazy dog, again and again. ";
+  {
+    Node a(model, dir_);
+    ASSERT_TRUE(a.open_status.ok()) << a.open_status.ToString();
+    As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"s"}).last);
+    As<protocol::Done>(a.Call(Turn("s", long_text)).last);
+    As<protocol::SessionInfo>(a.Call(protocol::ForkSessionRequest{"s", "t"}).last);
+    As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"other"}).last);
+    As<protocol::Done>(a.Call(Turn("other", "a short one")).last);
+  }
+  // Reference: a T0 that holds everything.
+  std::vector<int32_t> ref2, ref3, ref_other;
+  uint64_t t2_pages = 0;
+  {
+    Node big(model, dir_);
+    ASSERT_TRUE(big.open_status.ok());
+    t2_pages = As<protocol::SessionInfo>(big.Call(protocol::GetSessionRequest{"s"}).last).t2_pages;
+    ref2 = big.Call(turn("s", "second")).tokens;
+    ref3 = big.Call(turn("s", "third")).tokens;
+    ref_other = big.Call(turn("other", "more")).tokens;
+  }
+  ASSERT_GT(t2_pages, 300u);
+  // T0 of 75% of the session's pages: "t" (the fork, same history) streams
+  // through a ring of a few of its 30 layers.
+  const size_t page_bytes = 12288;  // 16 tokens x 3 kv heads x 64 dims x K,V x fp16
+  Node small(model, dir_, 32u << 20, nullptr, (t2_pages * 3 / 4) * page_bytes);
+  ASSERT_TRUE(small.open_status.ok()) << small.open_status.ToString();
+  ASSERT_EQ(small.engine->pool().page_bytes(), page_bytes);
+  Reply r2 = small.Call(turn("t", "second"));
+  auto d2 = As<protocol::Done>(r2.last);
+  EXPECT_LT(d2.prompt_tokens, 40u) << "the history was recomputed";
+  EXPECT_TRUE(d2.persisted) << d2.persist_error;
+  EXPECT_EQ(r2.tokens, ref2) << "streamed continuation differs";
+  tiering::TierStats st = small.tier->stats();
+  EXPECT_GT(st.prefetch_hits + st.prefetch_stalls, 3 * t2_pages) << "pages were not streamed step after step";
+  auto info = As<protocol::SessionInfo>(small.Call(protocol::GetSessionRequest{"t"}).last);
+  EXPECT_EQ(info.t0_pages, 0u) << "a streamed session leaves T0 after its turn";
+  // Next turn streams again, beside a session decoding at the same time.
+  std::mutex mu;
+  std::condition_variable cv;
+  int done = 0;
+  Reply other;
+  small.sched->Submit(Job{2, 999, 1000, turn("other", "more"), [&](protocol::ResponseBody b) {
+                            std::lock_guard<std::mutex> lock(mu);
+                            if (auto* c = std::get_if<protocol::TokenChunk>(&b)) {
+                              other.tokens.insert(other.tokens.end(), c->token_ids.begin(), c->token_ids.end());
+                              return;
+                            }
+                            if (std::holds_alternative<protocol::PrefillProgress>(b)) return;
+                            other.last = std::move(b);
+                            ++done;
+                            cv.notify_all();
+                          }});
+  Reply r3 = small.Call(turn("t", "third"));
+  {
+    std::unique_lock<std::mutex> lock(mu);
+    ASSERT_TRUE(cv.wait_for(lock, 120s, [&] { return done == 1; }));
+  }
+  As<protocol::Done>(r3.last);
+  As<protocol::Done>(other.last);
+  EXPECT_EQ(r3.tokens, ref3);
+  EXPECT_EQ(other.tokens, ref_other);
 }
 
 TEST_F(DurabilityTest, ForkAndDeleteSurviveRestartAndFreeSpace) {
