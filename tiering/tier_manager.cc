@@ -354,27 +354,21 @@ Status TierManager::DoLoad(const std::string& label, const std::vector<BlockSlot
     group_layers(k, &l0, &l1);
     Status s = io.req.status;
     uint8_t* buf = static_cast<uint8_t*>(io.req.buf);
-    int32_t bad_layer = -1;
-    for (int32_t l = l0; s.ok() && l < l1; ++l) {
-      if (PageChecksum(buf + static_cast<size_t>(l - l0) * layout_.layer_stride, layout_.page_bytes) !=
-          infos[i].page_checksums[l]) {
-        bad_layer = l;
-        break;
-      }
-    }
-    if (s.ok() && bad_layer >= 0) {
-      // A stale T1 entry (its slot was reused) or a bad disk copy: drop the
-      // cache entry and check the disk once more.
+    // The first layer of the extent whose page fails its checksum, or -1.
+    auto bad_layer_of = [&] {
+      for (int32_t l = l0; l < l1; ++l)
+        if (PageChecksum(buf + static_cast<size_t>(l - l0) * layout_.layer_stride, layout_.page_bytes) !=
+            infos[i].page_checksums[l])
+          return l;
+      return -1;
+    };
+    int32_t bad_layer = s.ok() ? bad_layer_of() : -1;
+    if (bad_layer >= 0) {
+      // A stale T1 entry (its slot was reused) or a bad read: drop the cache
+      // entry and check the disk once more.
       T1Drop(slot);
       s = store_->Read(slot, io.req.offset, io.req.length, buf);
-      bad_layer = -1;
-      for (int32_t l = l0; s.ok() && l < l1; ++l) {
-        if (PageChecksum(buf + static_cast<size_t>(l - l0) * layout_.layer_stride, layout_.page_bytes) !=
-            infos[i].page_checksums[l]) {
-          bad_layer = l;
-          break;
-        }
-      }
+      bad_layer = s.ok() ? bad_layer_of() : -1;
     }
     if (!s.ok()) {
       drain();
@@ -389,7 +383,7 @@ Status TierManager::DoLoad(const std::string& label, const std::vector<BlockSlot
       memcpy(dst[l][i], buf + static_cast<size_t>(l - l0) * layout_.layer_stride, layout_.page_bytes);
     t0_bytes_written_.fetch_add(uint64_t{layout_.page_bytes} * static_cast<uint64_t>(l1 - l0),
                                 std::memory_order_relaxed);
-    if (groups == 1 && bad_layer < 0 && !T1Has(slot)) T1Put(slot, buf);
+    if (groups == 1 && !T1Has(slot)) T1Put(slot, buf);  // a whole block read from T2
     if (next < items) {
       if (Status st = start(next++); !st.ok()) {
         drain();
