@@ -573,6 +573,7 @@ TierStats TierManager::stats() const {
   s.t1_budget_bytes = t1_capacity_blocks_ * layout_.block_bytes;
   const SlotStats slots = index_->slot_stats();
   s.t2_blocks = slots.committed;
+  s.t2_reserved_blocks = slots.reserved;
   s.t2_bytes = slots.committed * layout_.block_bytes;
   s.t2_budget_bytes = store_->max_slots() * layout_.block_bytes;
   const PageStoreStats io = store_->stats();

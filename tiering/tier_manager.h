@@ -129,6 +129,7 @@ struct TierStats {
   uint64_t t1_blocks = 0, t1_bytes = 0, t1_budget_bytes = 0;
   uint64_t t1_hits = 0, t1_misses = 0;
   uint64_t t2_blocks = 0, t2_bytes = 0, t2_budget_bytes = 0;
+  uint64_t t2_reserved_blocks = 0;  // allocated to a persist or import not yet committed
   uint64_t bytes_read = 0, bytes_written = 0;
   uint64_t persists = 0, persist_errors = 0, loads = 0, load_errors = 0;
   size_t block_bytes = 0;

@@ -30,10 +30,18 @@ using testutil::DaemonProcess;
 const std::vector<std::string> kArgs = {"--t1-budget", "0", "--t2-budget", "64M"};
 const char* const kMessages[3] = {"Name a fruit.", "Name a color.", "Name an animal."};
 
+// Long enough that the export (~23 KiB of KV per token) is several times
+// mnemod's 4 MiB export window: the stream is flow-controlled.
+std::string LongContext() {
+  std::string s = "Here is a list of things to remember:";
+  for (int i = 0; i < 120; ++i) s += " item " + std::to_string(i) + " is a " + (i % 2 ? "red" : "blue") + " box;";
+  return s;
+}
+
 client::GenerateRequest Turn(const std::string& session, int k, uint32_t max_tokens = 10) {
   client::GenerateRequest g;
   g.session = session;
-  g.messages = {{"user", kMessages[k]}};
+  g.messages = {{"user", k == 0 && session == "s" ? LongContext() + " " + kMessages[k] : kMessages[k]}};
   g.max_tokens = max_tokens;
   g.sampling.temperature = 0;
   return g;
@@ -141,7 +149,7 @@ TEST_F(ExportTest, SessionMovesToAnotherDaemonAndContinuesExactly) {
   });
 
   const std::string good = ReadFile(file);
-  ASSERT_GT(good.size(), 4096u);
+  ASSERT_GT(good.size(), 12u << 20) << "the export should span several flow-control windows";
   // A flipped byte anywhere (header, manifest, KV, trailer) and a truncated
   // file are refused, and no session appears.
   for (size_t at : {size_t{10}, size_t{100}, good.size() / 2, good.size() - 3}) {
@@ -155,6 +163,20 @@ TEST_F(ExportTest, SessionMovesToAnotherDaemonAndContinuesExactly) {
   auto truncated = c.ImportSessionFromFile(dir_ + "/short.mnemo");
   EXPECT_EQ(truncated.status().code(), StatusCode::kCorruption) << truncated.status().ToString();
   EXPECT_EQ(c.GetSession("s").status().code(), StatusCode::kNotFound);
+
+  // A client that goes away midway leaves nothing behind either.
+  {
+    Client quitter = Connect(b);
+    size_t at = 0;
+    auto r = quitter.ImportSession([&]() -> Result<std::string> {
+      if (at >= 2 * protocol::kTransferChunkBytes) quitter.Close();
+      std::string piece = good.substr(at, protocol::kTransferChunkBytes);
+      at += piece.size();
+      return piece;
+    }, std::string("half"));
+    EXPECT_EQ(r.status().code(), StatusCode::kUnavailable) << r.status().ToString();
+  }
+  EXPECT_EQ(c.GetSession("half").status().code(), StatusCode::kNotFound);
 
   auto imported = c.ImportSessionFromFile(file);
   ASSERT_TRUE(imported.ok()) << imported.status().ToString();
@@ -222,7 +244,9 @@ TEST_F(ExportTest, ImportOfAnotherFileTypeIsCorruptionAndCancelDropsIt) {
   // A source failing midway abandons the import; the connection goes on.
   int calls = 0;
   auto failing = c.ImportSession([&]() -> Result<std::string> {
-    if (++calls <= 2) return std::string(1000, 'x');
+    // Shorter than a header: mnemod cannot have judged it yet.
+    if (++calls == 1) return std::string("MNEX");
+    if (calls == 2) return std::string("\x01\x00", 2);
     return Status::IOError("disk gone");
   });
   EXPECT_EQ(failing.status().code(), StatusCode::kIOError);
