@@ -375,7 +375,7 @@ Status ImportJob::OnManifest(Manifest m) {
   manifest_ = std::move(m);
   if (n == 0) return Status::Ok();
   Result<std::vector<BlockSlot>> slots = tm_->index_->AllocateSlots(n);
-  if (!slots.ok()) return slots.status().WithContext(label_ + ": reserving " + std::to_string(n) + " T2 blocks");
+  if (!slots.ok()) return slots.status().WithContext("reserving " + std::to_string(n) + " T2 blocks");
   {
     std::lock_guard<std::mutex> lock(mu_);
     slots_ = std::move(slots).value();
@@ -410,7 +410,7 @@ Status ImportJob::WriteWindow() {
   std::vector<const void*> bufs(n);
   for (uint64_t i = 0; i < n; ++i) bufs[i] = staging_.data() + i * L.block_bytes;
   if (Status s = tm_->store_->WriteBlocks(std::span<const BlockSlot>(slots_.data() + written_, n), bufs); !s.ok())
-    return s.WithContext(label_ + ": writing KV blocks");
+    return s.WithContext("writing KV blocks");
   written_ = staged_;
   return Status::Ok();
 }
@@ -423,7 +423,7 @@ void ImportJob::Feed(std::string piece, std::function<void(Status)> done) {
         std::lock_guard<std::mutex> lock(self->mu_);
         if (self->aborted_) self->failed_ = Status::Cancelled(self->label_ + ": import cancelled");
       }
-      if (self->failed_.ok()) self->failed_ = self->reader_->Feed(piece);
+      if (self->failed_.ok()) self->failed_ = self->reader_->Feed(piece).WithContext(self->label_);
     }
     done(self->failed_);
   });
@@ -432,13 +432,13 @@ void ImportJob::Feed(std::string piece, std::function<void(Status)> done) {
 void ImportJob::Finish(std::function<void(Result<Manifest>)> done) {
   TierManager::Enqueue(&tm_->transfer_worker_, [self = shared_from_this(), done = std::move(done)] {
     ImportJob& j = *self;
-    if (j.failed_.ok()) j.failed_ = j.reader_->Finish().status();
-    if (j.failed_.ok()) j.failed_ = j.WriteWindow();
+    if (j.failed_.ok()) j.failed_ = j.reader_->Finish().status().WithContext(j.label_);
+    if (j.failed_.ok()) j.failed_ = j.WriteWindow().WithContext(j.label_);
     if (j.failed_.ok() && j.written_ > 0) j.failed_ = j.tm_->store_->Sync().WithContext(j.label_ + ": syncing");
     ++j.tm_->imports_;
     if (!j.failed_.ok()) {
       ++j.tm_->import_errors_;
-      spdlog::info("importing {}: {}", j.label_, j.failed_.ToString());
+      spdlog::info("import failed: {}", j.failed_.ToString());
       {
         std::lock_guard<std::mutex> lock(j.mu_);
         j.ReleaseLocked();
