@@ -802,11 +802,14 @@ Result<SessionInfo> Client::ImportSession(const std::function<Result<std::string
     MNEMO_ASSIGN_OR_RETURN(next, source());
     return Status::Ok();
   };
-  // Pieces larger than a frame allows are split.
+  // Pieces larger than a frame allows are split (mnemod's frame limit may
+  // be configured as low as 4 KiB; a frame adds at most ~300 bytes).
+  const size_t piece_max = std::min<size_t>(protocol::kTransferChunkBytes,
+                                            std::max<size_t>(hello_.max_frame_bytes, 2048) - 1024);
   auto split = [&](std::string& p, std::string* rest) {
-    if (p.size() > protocol::kTransferChunkBytes) {
-      rest->assign(p, protocol::kTransferChunkBytes);
-      p.resize(protocol::kTransferChunkBytes);
+    if (p.size() > piece_max) {
+      rest->assign(p, piece_max);
+      p.resize(piece_max);
     }
   };
   std::string rest;

@@ -653,15 +653,15 @@ int Main(int argc, char** argv) {
   auto* rm = app.add_subcommand("rm", "delete a session");
   rm->add_option("SESSION", rm_session)->required();
   std::string export_session, export_file;
-  auto* exp = app.add_subcommand("export",
-                                 "write a session (history and KV) to one checksummed FILE that `mnemo import` "
-                                 "reads on a host with the same model; needs mnemod with --t2-budget > 0");
+  auto* exp = app.add_subcommand("export", "write a session (history and KV) to one checksummed FILE");
+  exp->footer("`mnemo import FILE` reads it on any mnemod with the same model file and --page-tokens. "
+              "The session's latest turn must be persisted; mnemod needs --t2-budget > 0.");
   exp->add_option("SESSION", export_session)->required();
   exp->add_option("FILE", export_file, "written as FILE.tmp, renamed when complete; '-': stdout")->required();
   std::string import_file, import_name;
-  auto* imp = app.add_subcommand("import",
-                                 "create a session from a FILE written by `mnemo export` (verified before "
-                                 "anything is created); needs mnemod with --t2-budget > 0");
+  auto* imp = app.add_subcommand("import", "create a session from a FILE written by `mnemo export`");
+  imp->footer("The whole file is verified (checksums, model, KV layout) before the session is created; "
+              "it continues without recomputing its history. mnemod needs --t2-budget > 0.");
   imp->add_option("FILE", import_file, "'-': stdin")->required();
   imp->add_option("--name", import_name, "name of the new session (default: the exported session's)");
   bool prometheus = false;

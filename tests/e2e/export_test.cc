@@ -233,6 +233,23 @@ TEST_F(ExportTest, RefusedWithoutStorageOrWhileUnpersisted) {
   EXPECT_TRUE(c.GetSession("s").ok());
 }
 
+TEST_F(ExportTest, SmallFrameLimitStillTransfers) {
+  std::vector<std::string> args = kArgs;
+  args.insert(args.end(), {"--max-frame-bytes", "8K"});
+  DaemonProcess d;
+  ASSERT_TRUE(d.Start(args)) << d.error();
+  Client c = Connect(d);
+  ASSERT_TRUE(c.CreateSession("t").ok());
+  auto r = c.GenerateText(Turn("t", 0));
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  auto e = c.ExportSessionToFile("t", dir_ + "/t.mnemo");
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  auto i = c.ImportSessionFromFile(dir_ + "/t.mnemo", std::string("t2"));
+  ASSERT_TRUE(i.ok()) << i.status().ToString();
+  EXPECT_EQ(i->tokens, c.GetSession("t")->tokens);
+  EXPECT_EQ(d.Stop(SIGTERM), 0);
+}
+
 TEST_F(ExportTest, ImportOfAnotherFileTypeIsCorruptionAndCancelDropsIt) {
   DaemonProcess d;
   ASSERT_TRUE(d.Start(kArgs)) << d.error();
