@@ -23,6 +23,9 @@
 #include <type_traits>
 #include <unordered_map>
 
+#define XXH_INLINE_ALL  // header-only: the installed client needs no libxxhash
+#include <xxhash.h>
+
 #include "protocol/framing.h"
 #include "protocol/messages.h"
 
@@ -40,13 +43,14 @@ std::string ErrnoText(int err) { return std::strerror(err); }
 std::string_view ResponseName(const protocol::ResponseBody& body) {
   static constexpr std::string_view kNames[] = {"HelloReply",  "TokenChunk",  "PrefillProgress", "Done",
                                                 "Error",       "SessionInfo", "SessionList",     "Ack",
-                                                "StatsReply",  "HealthReply"};
+                                                "StatsReply",  "HealthReply", "ExportChunk",     "ExportDone"};
   static_assert(std::size(kNames) == std::variant_size_v<protocol::ResponseBody>);
   return kNames[body.index()];
 }
 
 bool IsStreamEvent(const protocol::ResponseBody& body) {
-  return std::holds_alternative<TokenChunk>(body) || std::holds_alternative<PrefillProgress>(body);
+  return std::holds_alternative<TokenChunk>(body) || std::holds_alternative<PrefillProgress>(body) ||
+         std::holds_alternative<protocol::ExportChunk>(body);
 }
 
 }  // namespace
@@ -169,6 +173,29 @@ class Connection {
       return written;
     }
     return Sent{id, std::move(call)};
+  }
+
+  // Sends another frame of a request already registered under `id` (an
+  // import's later pieces).
+  Status SendMore(uint64_t id, const protocol::RequestBody& body) {
+    std::string frame = protocol::EncodeRequest(id, body);
+    const size_t body_bytes = frame.size() - protocol::kFrameHeaderBytes;
+    const uint32_t limit = max_request_frame_bytes_.load(std::memory_order_relaxed);
+    if (body_bytes > limit) {
+      return Status::ResourceExhausted("request of " + std::to_string(body_bytes) +
+                                       " bytes exceeds mnemod's frame limit of " + std::to_string(limit) + " bytes");
+    }
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (!broken_.ok()) return broken_;
+    }
+    return WriteFrame(frame);
+  }
+
+  // True once the call has a reply or failed (without consuming it).
+  bool Answered(const Call& call) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return !call.events.empty() || !call.failure.ok();
   }
 
   // Blocks for the call's next event, or its failure. With a deadline, a
@@ -712,6 +739,161 @@ Result<GenerateResult> Client::GenerateText(const GenerateRequest& request) {
       return out;
     }
   }
+}
+
+// ------------------------------------------------------------ export / import
+
+Result<ExportDone> Client::ExportSession(std::string_view session,
+                                         const std::function<Status(std::string_view)>& sink) {
+  if (!conn_) return Status::FailedPrecondition("client was moved from");
+  MNEMO_RETURN_IF_ERROR(protocol::ValidateSessionName(session));
+  MNEMO_ASSIGN_OR_RETURN(auto sent, conn_->Send(protocol::ExportSessionRequest{std::string(session)},
+                                                /*streaming=*/true, /*discard=*/false));
+  XXH3_state_t hash;
+  XXH3_64bits_reset(&hash);
+  uint64_t received = 0;
+  for (;;) {
+    Result<protocol::ResponseBody> event = conn_->Wait(*sent.call, nullptr);
+    if (!event.ok()) return event.status();
+    if (auto* e = std::get_if<protocol::ErrorReply>(&*event)) return e->ToStatus();
+    if (auto* chunk = std::get_if<protocol::ExportChunk>(&*event)) {
+      if (chunk->offset != received) {
+        conn_->Abandon(sent.id, *sent.call);
+        return Status::Corruption("mnemod sent export bytes at offset " + std::to_string(chunk->offset) +
+                                  ", expected " + std::to_string(received));
+      }
+      XXH3_64bits_update(&hash, chunk->data.data(), chunk->data.size());
+      received += chunk->data.size();
+      if (Status st = sink(chunk->data); !st.ok()) {
+        conn_->Abandon(sent.id, *sent.call);
+        return st;
+      }
+      continue;
+    }
+    if (auto* done = std::get_if<ExportDone>(&*event)) {
+      if (done->bytes != received || done->checksum != XXH3_64bits_digest(&hash))
+        return Status::Corruption("export of session '" + std::string(session) + "' arrived damaged: " +
+                                  std::to_string(received) + " bytes received of " + std::to_string(done->bytes) +
+                                  (done->bytes == received ? ", checksum mismatch" : ""));
+      return *done;
+    }
+    return Status::Corruption("mnemod answered ExportSession with " + std::string(ResponseName(*event)));
+  }
+}
+
+Result<ExportDone> Client::ExportSessionToFile(std::string_view session, const std::string& path) {
+  const std::string tmp = path + ".tmp";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
+  if (fd < 0) return Status::FromErrno("open " + tmp, errno);
+  auto sink = [&](std::string_view piece) -> Status {
+    while (!piece.empty()) {
+      const ssize_t n = ::write(fd, piece.data(), piece.size());
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return Status::FromErrno("write " + tmp, errno);
+      }
+      piece.remove_prefix(static_cast<size_t>(n));
+    }
+    return Status::Ok();
+  };
+  Result<ExportDone> done = ExportSession(session, sink);
+  Status st = done.status();
+  if (st.ok() && ::fsync(fd) != 0) st = Status::FromErrno("fsync " + tmp, errno);
+  if (::close(fd) != 0 && st.ok()) st = Status::FromErrno("close " + tmp, errno);
+  if (st.ok() && ::rename(tmp.c_str(), path.c_str()) != 0) st = Status::FromErrno("rename " + tmp, errno);
+  if (!st.ok()) {
+    ::unlink(tmp.c_str());
+    return st;
+  }
+  return done;
+}
+
+Result<SessionInfo> Client::ImportSession(const std::function<Result<std::string>()>& source,
+                                          std::optional<std::string> new_name) {
+  if (!conn_) return Status::FailedPrecondition("client was moved from");
+  if (new_name) MNEMO_RETURN_IF_ERROR(protocol::ValidateSessionName(*new_name));
+  MNEMO_ASSIGN_OR_RETURN(std::string piece, source());
+  protocol::ImportSessionRequest req;
+  req.name = std::move(new_name);
+  uint64_t offset = 0;
+  // Reads ahead one piece so the last one is marked.
+  std::string next;
+  auto read_next = [&]() -> Status {
+    next.clear();
+    MNEMO_ASSIGN_OR_RETURN(next, source());
+    return Status::Ok();
+  };
+  // Pieces larger than a frame allows are split (mnemod's frame limit may
+  // be configured as low as 4 KiB; a frame adds at most ~300 bytes).
+  const size_t piece_max = std::min<size_t>(protocol::kTransferChunkBytes,
+                                            std::max<size_t>(hello_.max_frame_bytes, 2048) - 1024);
+  auto split = [&](std::string& p, std::string* rest) {
+    if (p.size() > piece_max) {
+      rest->assign(p, piece_max);
+      p.resize(piece_max);
+    }
+  };
+  std::string rest;
+  split(piece, &rest);
+  if (rest.empty()) MNEMO_RETURN_IF_ERROR(read_next());
+  req.offset = 0;
+  req.data = std::move(piece);
+  req.last = rest.empty() && next.empty();
+  offset = req.data.size();
+  MNEMO_ASSIGN_OR_RETURN(auto sent, conn_->Send(req, /*streaming=*/false, /*discard=*/false));
+  protocol::ImportSessionRequest more;
+  bool last = req.last;
+  while (!last) {
+    // The daemon answers early when the import fails: stop sending then.
+    if (conn_->Answered(*sent.call)) break;
+    std::string p;
+    if (!rest.empty()) {
+      p = std::move(rest);
+      rest.clear();
+    } else {
+      p = std::move(next);
+      next.clear();
+    }
+    split(p, &rest);
+    if (rest.empty()) {
+      if (Status st = read_next(); !st.ok()) {
+        conn_->Abandon(sent.id, *sent.call);
+        return st;
+      }
+    }
+    more.offset = offset;
+    more.data = std::move(p);
+    more.last = rest.empty() && next.empty();
+    offset += more.data.size();
+    last = more.last;
+    if (Status st = conn_->SendMore(sent.id, more); !st.ok()) return st;
+  }
+  MNEMO_ASSIGN_OR_RETURN(auto reply, conn_->Wait(*sent.call, nullptr));
+  if (auto* e = std::get_if<protocol::ErrorReply>(&reply)) return e->ToStatus();
+  return Expect<SessionInfo>(std::move(reply), "ImportSession");
+}
+
+Result<SessionInfo> Client::ImportSessionFromFile(const std::string& path, std::optional<std::string> new_name) {
+  const int fd = path == "-" ? ::dup(STDIN_FILENO) : ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return Status::FromErrno("open " + path, errno);
+  auto source = [&]() -> Result<std::string> {
+    std::string buf(protocol::kTransferChunkBytes, '\0');
+    size_t have = 0;
+    while (have < buf.size()) {
+      const ssize_t n = ::read(fd, buf.data() + have, buf.size() - have);
+      if (n < 0) {
+        if (errno == EINTR) continue;
+        return Status::FromErrno("read " + path, errno);
+      }
+      if (n == 0) break;
+      have += static_cast<size_t>(n);
+    }
+    buf.resize(have);
+    return buf;
+  };
+  Result<SessionInfo> r = ImportSession(source, std::move(new_name));
+  ::close(fd);
+  return r;
 }
 
 }  // namespace mnemo::client

@@ -166,6 +166,7 @@ int Run(int argc, char** argv) {
   sopt.max_frame_bytes = cfg.max_frame_bytes;
   sopt.max_requests_per_connection = cfg.max_requests_per_connection;
   sopt.idle_timeout = std::chrono::milliseconds(static_cast<int64_t>(cfg.idle_timeout_s * 1000));
+  sopt.tier = tier.get();
   sopt.daemon_version = MNEMO_VERSION;
   sopt.model_name = mc.name;
   sopt.context_limit = static_cast<uint32_t>((*engine)->max_context());

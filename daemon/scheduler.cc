@@ -188,6 +188,11 @@ void Scheduler::Submit(Job job) {
   if (job.reply) job.reply(protocol::ErrorReply::FromStatus(Status::Unavailable("mnemod is shutting down")));
 }
 
+void Scheduler::CommitImport(ImportCommit c) {
+  auto shared = std::make_shared<ImportCommit>(std::move(c));
+  Post([this, shared] { DoCommitImport(*shared); });
+}
+
 void Scheduler::CancelConnection(uint64_t conn) {
   std::lock_guard<std::mutex> lock(mu_);
   dead_conns_.push_back(conn);
@@ -238,10 +243,13 @@ void Scheduler::Run() {
       };
       mark(running_);
       mark(waiting_);
+      for (auto& [key, window] : exports_)
+        if (key.first == conn) window->Cancel(Status::Cancelled("connection closed"));
     }
     for (Job& job : jobs) Handle(std::move(job));
     if (draining && !draining_local_) {
       draining_local_ = true;
+      for (auto& [key, window] : exports_) window->Cancel(Status::Unavailable("mnemod is shutting down"));
       // Queued requests have not started: refuse them now (those loading
       // KV end when their load completes).
       for (size_t i = 0; i < waiting_.size();) {
@@ -258,7 +266,7 @@ void Scheduler::Run() {
         Fail(running_.front().get(),
              Status::Unavailable("mnemod is shutting down: generation ended before completion"));
     }
-    if (draining && running_.empty() && waiting_.empty() && persisting_.empty()) break;
+    if (draining && running_.empty() && waiting_.empty() && persisting_.empty() && exports_.empty()) break;
     Admit();
     if (!running_.empty()) Step();
     PublishGauges();
@@ -378,6 +386,8 @@ void Scheduler::Handle(Job job) {
         break;
       }
     }
+    if (auto it = exports_.find({job.conn, req->target_id}); it != exports_.end())
+      it->second->Cancel(Status::Cancelled("export cancelled"));
     // Idempotent: cancelling a finished or unknown request is not an error,
     // since the race between a request ending and its cancel is inherent.
     job.reply(Ack{});
@@ -428,6 +438,9 @@ void Scheduler::Handle(Job job) {
     if ((*s)->active)
       return reply_error(Status::FailedPrecondition("session '" + req->session +
                                                     "' has a generation running; cancel it first"));
+    if ((*s)->exporting)
+      return reply_error(Status::FailedPrecondition("session '" + req->session +
+                                                    "' is being exported; delete it after the export"));
     if (options_.tier && (*s)->t2.turn_seq > 0) {
       Status st = options_.tier->Delete(job.uid, req->session);
       if (!st.ok() && st.code() != StatusCode::kNotFound) return reply_error(st.WithContext("deleting session"));
@@ -437,7 +450,99 @@ void Scheduler::Handle(Job job) {
     job.reply(Ack{});
     return;
   }
+  if (std::holds_alternative<ExportSessionRequest>(job.body)) {
+    HandleExport(std::move(job));
+    return;
+  }
   reply_error(Status::InvalidArgument("request type not handled by the scheduler"));
+}
+
+void Scheduler::HandleExport(Job job) {
+  using namespace protocol;
+  auto reply_error = [&](const Status& s) { job.reply(ErrorReply::FromStatus(s)); };
+  const std::string name = std::get<ExportSessionRequest>(job.body).session;
+  if (!options_.tier)
+    return reply_error(Status::Unsupported(
+        "session export needs durable sessions: this mnemod runs without T2 storage (--t2-budget 0)"));
+  Result<Session*> found = sessions_.Find(job.uid, name);
+  if (!found.ok()) return reply_error(found.status());
+  Session* s = *found;
+  if (s->active)
+    return reply_error(
+        Status::FailedPrecondition("session '" + name + "' has a generation running; export it after"));
+  if (!s->resume_error.ok()) return reply_error(s->resume_error);
+  if (!s->persisted || s->t2.turn_seq == 0)
+    return reply_error(Status::FailedPrecondition("the latest turn of session '" + name +
+                                                  "' is not persisted; export it after a turn that is"));
+  if (!job.window) return reply_error(Status::Internal("export without a flow window"));
+  tiering::Manifest m = ManifestOf(*s);
+  m.kv_tokens = s->t2.kv_tokens;
+  m.blocks = s->t2.blocks;
+  m.turn_seq = s->t2.turn_seq;
+  ++s->exporting;
+  const auto key = std::make_pair(job.conn, job.id);
+  exports_[key] = job.window;
+  auto offset = std::make_shared<uint64_t>(0);
+  ReplyFn reply = job.reply;
+  std::shared_ptr<FlowWindow> window = job.window;
+  // Runs on the tier manager's transfer thread: waits for credit, never
+  // for the scheduler.
+  tiering::ExportSink sink = [window, reply, offset](std::string_view piece) -> Status {
+    MNEMO_RETURN_IF_ERROR(window->Acquire(piece.size()));
+    reply(ExportChunk{*offset, std::string(piece)});
+    *offset += piece.size();
+    return Status::Ok();
+  };
+  options_.tier->Export("session '" + name + "'", std::move(m), std::move(sink), kTransferChunkBytes,
+                        [this, s, key, reply](Result<tiering::ExportSummary> r) {
+                          Post([this, s, key, reply, r = std::move(r)] {
+                            --s->exporting;
+                            exports_.erase(key);
+                            if (r.ok()) {
+                              reply(ExportDone{r->bytes, r->checksum});
+                            } else {
+                              if (metrics_) metrics_->CountError(r.status().code());
+                              reply(ErrorReply::FromStatus(r.status()));
+                            }
+                          });
+                        });
+}
+
+void Scheduler::DoCommitImport(ImportCommit& c) {
+  using namespace protocol;
+  auto fail = [&](const Status& st) {
+    c.job->Abort();
+    c.reply(ErrorReply::FromStatus(st));
+  };
+  if (draining_local_) return fail(Status::Unavailable("mnemod is shutting down"));
+  const std::string name = c.name ? *c.name : c.manifest.name;
+  if (Status st = ValidateSessionName(name); !st.ok())
+    return fail(Status::InvalidArgument("the imported session's name '" + name + "' is not usable here (" +
+                                        std::string(st.message()) + "); import it under another name"));
+  const size_t limit = static_cast<size_t>(engine_->max_context());
+  if (c.manifest.tokens.size() >= limit)
+    return fail(Status::OutOfRange("the imported session holds " + std::to_string(c.manifest.tokens.size()) +
+                                   " tokens; this mnemod's context limit is " + std::to_string(limit)));
+  Result<Session*> created = sessions_.Create(c.uid, name, UnixMs());
+  if (!created.ok()) return fail(created.status());
+  Session* s = *created;
+  if (Status st = c.job->Commit(c.uid, name); !st.ok()) {
+    sessions_.Erase(c.uid, name);
+    return fail(st);
+  }
+  const tiering::Manifest& m = c.manifest;
+  s->parent = m.parent;
+  s->tokens = m.tokens;
+  s->close_text = m.close_text;
+  s->chat_open = m.chat_open;
+  s->turns = m.turns;
+  s->created_unix_ms = m.created_unix_ms;
+  s->t2 = tiering::CommittedKv{m.kv_tokens, m.blocks, 1};
+  s->persisted = true;
+  session_count_.store(static_cast<uint32_t>(sessions_.size()));
+  spdlog::info("imported session '{}' of uid {}: {} tokens, {} KV blocks", name, c.uid, m.tokens.size(),
+               m.blocks.size());
+  c.reply(Info(*s));
 }
 
 void Scheduler::HandleFork(Job& job, const protocol::ForkSessionRequest& req) {
@@ -494,6 +599,9 @@ void Scheduler::HandleGenerate(Job job) {
   if (s->active)
     return reply_error(Status::FailedPrecondition("session '" + req.session +
                                                   "' already has a generation running"));
+  if (s->exporting)
+    return reply_error(Status::FailedPrecondition("session '" + req.session +
+                                                  "' is being exported; continue it after the export"));
   if (!s->resume_error.ok()) return reply_error(s->resume_error);
   if (waiting_.size() >= options_.max_queued)
     return reply_error(Status::ResourceExhausted("request queue full: " +

@@ -15,11 +15,15 @@
 #include <cstdint>
 #include <deque>
 #include <functional>
+#include <map>
+#include <optional>
+#include <string>
 #include <memory>
 #include <mutex>
 #include <thread>
 #include <vector>
 
+#include "daemon/flow_window.h"
 #include "daemon/metrics.h"
 #include "daemon/session.h"
 #include "model/engine.h"
@@ -49,8 +53,10 @@ struct SchedulerOptions {
   int32_t max_stream_window = 6;
 };
 
-// Delivers one response of a request. Called on the scheduler thread in
-// order, the terminal response last; must not block.
+// Delivers one response of a request. Called in order, the terminal
+// response last, on the scheduler thread (an export's ExportChunk frames on
+// the tier manager's transfer thread, all before its terminal reply); must
+// not block.
 using ReplyFn = std::function<void(protocol::ResponseBody body)>;
 
 struct Job {
@@ -59,6 +65,20 @@ struct Job {
   uid_t uid = 0;      // the peer's uid (SO_PEERCRED): owns what it creates
   protocol::RequestBody body;
   ReplyFn reply;
+  // ExportSession: the credit for its ExportChunk frames (see FlowWindow).
+  std::shared_ptr<FlowWindow> window;
+};
+
+// An import whose file was received, verified and written to T2: what
+// Scheduler::CommitImport needs to make it a session.
+struct ImportCommit {
+  uint64_t conn = 0;
+  uint64_t id = 0;
+  uid_t uid = 0;
+  std::optional<std::string> name;  // the requested name; else the file's
+  std::shared_ptr<tiering::ImportJob> job;
+  tiering::Manifest manifest;       // as ImportJob::Finish reported it
+  ReplyFn reply;                    // gets SessionInfo or an error
 };
 
 struct ActiveRequest;
@@ -76,9 +96,13 @@ class Scheduler {
   Status Recover();
   void Start();
   // Queues a CreateSession, Generate, Cancel, ListSessions, GetSession,
-  // ForkSession or DeleteSession request. Its replies arrive through
-  // job.reply on the scheduler thread.
+  // ForkSession, DeleteSession or ExportSession request. Its replies arrive
+  // through job.reply on the scheduler thread.
   void Submit(Job job);
+  // Makes a finished import a session of c.uid: AlreadyExists when the uid
+  // has one of that name, ResourceExhausted at the per-uid limit, or the
+  // commit's error; the import is aborted (its T2 slots freed) on any error.
+  void CommitImport(ImportCommit c);
   // The connection went away: its requests are cancelled and their replies
   // are dropped.
   void CancelConnection(uint64_t conn);
@@ -129,6 +153,8 @@ class Scheduler {
   void Handle(Job job);
   void HandleGenerate(Job job);
   void HandleFork(Job& job, const protocol::ForkSessionRequest& req);
+  void HandleExport(Job job);
+  void DoCommitImport(ImportCommit& c);
   void Admit();
   // Sets a turn's prompt token count once its session's KV is in T0.
   void FinalizePrompt(ActiveRequest* r);
@@ -173,6 +199,9 @@ class Scheduler {
   std::vector<std::unique_ptr<ActiveRequest>> running_;
   // Finished turns waiting for their persist to commit (sessions stay busy).
   std::vector<std::unique_ptr<ActiveRequest>> persisting_;
+  // Exports streaming, by (connection, request id): cancelled through
+  // their window.
+  std::map<std::pair<uint64_t, uint64_t>, std::shared_ptr<FlowWindow>> exports_;
   std::chrono::steady_clock::time_point tier_stats_at_{};
   bool draining_local_ = false;
   bool stream_turn_ = false;  // Step alternates streamed and other requests

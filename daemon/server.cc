@@ -25,7 +25,7 @@ namespace {
 
 bool IsTerminalBody(const protocol::ResponseBody& b) {
   return !std::holds_alternative<protocol::TokenChunk>(b) &&
-         !std::holds_alternative<protocol::PrefillProgress>(b);
+         !std::holds_alternative<protocol::PrefillProgress>(b) && !std::holds_alternative<protocol::ExportChunk>(b);
 }
 
 Status CheckSocketPath(const std::string& path) {
@@ -85,9 +85,17 @@ class Connection : public std::enable_shared_from_this<Connection> {
       in_flight_.erase(request_id);
       if (in_flight_.empty()) ArmIdleTimer();
     }
-    std::string frame = protocol::EncodeResponse(request_id, body);
-    pending_bytes_ += frame.size();
-    out_.push_back(std::move(frame));
+    Outgoing out;
+    if (auto* chunk = std::get_if<protocol::ExportChunk>(&body)) {
+      if (auto it = windows_.find(request_id); it != windows_.end()) {
+        out.window = it->second;
+        out.credit = chunk->data.size();
+      }
+    }
+    if (request_id != 0 && IsTerminalBody(body)) windows_.erase(request_id);
+    out.frame = protocol::EncodeResponse(request_id, body);
+    pending_bytes_ += out.frame.size();
+    out_.push_back(std::move(out));
     if (pending_bytes_ > server_->options_.max_pending_output_bytes) {
       spdlog::warn("connection {} (uid {}): client does not read its replies; {} bytes queued; closing",
                    id_, uid_, pending_bytes_);
@@ -111,6 +119,10 @@ class Connection : public std::enable_shared_from_this<Connection> {
     socket_.shutdown(local::socket::shutdown_both, ec);
     socket_.close(ec);
     server_->scheduler_->CancelConnection(id_);
+    for (auto& [id, w] : windows_) w->Cancel(Status::Cancelled("connection closed"));
+    windows_.clear();
+    for (auto& [id, imp] : imports_) imp.job->Abort();
+    imports_.clear();
     server_->Remove(id_);
   }
 
@@ -140,7 +152,12 @@ class Connection : public std::enable_shared_from_this<Connection> {
       self->decoder_.Feed(std::string_view(self->buf_.data(), n));
       if (self->in_flight_.empty()) self->ArmIdleTimer();
       self->Drain();
-      if (!self->closed_ && !self->reading_stopped_) self->Read();
+      if (self->closed_ || self->reading_stopped_) return;
+      if (self->import_queued_bytes_ > self->server_->options_.max_import_queued_bytes) {
+        self->read_paused_ = true;  // resumed as the store catches up (ImportPieceDone)
+      } else {
+        self->Read();
+      }
     });
   }
 
@@ -175,6 +192,19 @@ class Connection : public std::enable_shared_from_this<Connection> {
   void Dispatch(protocol::Request req) {
     using namespace protocol;
     const uint64_t id = req.id;
+    if (auto* piece = std::get_if<ImportSessionRequest>(&req.body)) {
+      if (imports_.count(id) || piece->offset != 0) {
+        ImportPiece(id, std::move(*piece));
+        return;
+      }
+    }
+    if (auto* c = std::get_if<CancelRequest>(&req.body)) {
+      // Once its last piece is in, an import completes like any request
+      // that ends before its cancel arrives.
+      auto it = imports_.find(c->target_id);
+      if (it != imports_.end() && !it->second.last_seen)
+        FailImport(c->target_id, Status::Cancelled("import cancelled"));
+    }
     if (in_flight_.count(id)) {
       Send(0, ErrorReply::FromStatus(Status::InvalidArgument(
                   "request id " + std::to_string(id) + " is already in flight on this connection")));
@@ -221,9 +251,126 @@ class Connection : public std::enable_shared_from_this<Connection> {
       r.requests_waiting = server.scheduler_->waiting();
       r.sessions = server.scheduler_->sessions();
       Send(id, std::move(r));
+    } else if (auto* piece = std::get_if<ImportSessionRequest>(&req.body)) {
+      StartImport(id, std::move(*piece));
     } else {
       ToScheduler(std::move(req));
     }
+  }
+
+  // --- import: pieces go to the tier manager's transfer thread in order; the
+  // finished import is committed by the scheduler -------------------------------
+
+  void StartImport(uint64_t id, protocol::ImportSessionRequest piece) {
+    if (server_->metrics_) server_->metrics_->CountRequest("import_session");
+    if (!server_->options_.tier) {
+      Send(id, protocol::ErrorReply::FromStatus(Status::Unsupported(
+                   "session import needs durable sessions: this mnemod runs without T2 storage (--t2-budget 0)")));
+      if (!piece.last) dropped_imports_.insert(id);
+      return;
+    }
+    dropped_imports_.erase(id);
+    in_flight_.insert(id);
+    idle_timer_.cancel();
+    Import& imp = imports_[id];
+    imp.name = piece.name;
+    imp.job = server_->options_.tier->StartImport("import of " + std::string(piece.name ? "'" + *piece.name + "'"
+                                                                                      : std::string("a session")) +
+                                                  " by uid " + std::to_string(uid_));
+    ImportPiece(id, std::move(piece));
+  }
+
+  void ImportPiece(uint64_t id, protocol::ImportSessionRequest piece) {
+    auto it = imports_.find(id);
+    if (it == imports_.end()) {
+      // The rest of an import that already failed (its error was sent).
+      if (dropped_imports_.count(id)) {
+        if (piece.last) dropped_imports_.erase(id);
+        return;
+      }
+      Send(id, protocol::ErrorReply::FromStatus(Status::InvalidArgument(
+                   "ImportSession piece at offset " + std::to_string(piece.offset) +
+                   " for request id " + std::to_string(id) + ", which has no import in progress")));
+      return;
+    }
+    Import& imp = it->second;
+    if (piece.offset != imp.next_offset) {
+      FailImport(id, Status::InvalidArgument("ImportSession piece at offset " + std::to_string(piece.offset) +
+                                             ", expected " + std::to_string(imp.next_offset)),
+                 piece.last);
+      return;
+    }
+    imp.next_offset += piece.data.size();
+    const size_t n = piece.data.size();
+    import_queued_bytes_ += n;
+    std::weak_ptr<Connection> weak = shared_from_this();
+    asio::io_context* io = &server_->io_;
+    std::shared_ptr<tiering::ImportJob> job = imp.job;
+    job->Feed(std::move(piece.data), [weak, io, id, job, n](Status st) {
+      asio::post(*io, [weak, id, job, n, st = std::move(st)] {
+        if (auto c = weak.lock()) c->ImportPieceDone(id, job, n, st);
+      });
+    });
+    if (!piece.last) return;
+    imp.last_seen = true;
+    job->Finish([weak, io, id, job](Result<tiering::Manifest> r) {
+      asio::post(*io, [weak, id, job, r = std::move(r)]() mutable {
+        if (auto c = weak.lock()) c->ImportFinished(id, job, std::move(r));
+      });
+    });
+  }
+
+  void ImportPieceDone(uint64_t id, const std::shared_ptr<tiering::ImportJob>& job, size_t n, const Status& st) {
+    import_queued_bytes_ -= n;
+    if (!st.ok()) {
+      auto it = imports_.find(id);
+      if (it != imports_.end() && it->second.job == job) FailImport(id, st);
+    }
+    if (read_paused_ && !closed_ && !reading_stopped_ &&
+        import_queued_bytes_ <= server_->options_.max_import_queued_bytes / 2) {
+      read_paused_ = false;
+      Read();
+    }
+  }
+
+  void ImportFinished(uint64_t id, const std::shared_ptr<tiering::ImportJob>& job, Result<tiering::Manifest> r) {
+    auto it = imports_.find(id);
+    if (it == imports_.end() || it->second.job != job) return;  // failed or cancelled meanwhile
+    if (!r.ok()) {
+      FailImport(id, r.status());
+      return;
+    }
+    ImportCommit c;
+    c.conn = id_;
+    c.id = id;
+    c.uid = uid_;
+    c.name = it->second.name;
+    c.job = job;
+    c.manifest = std::move(r).value();
+    std::weak_ptr<Connection> weak = shared_from_this();
+    asio::io_context* io = &server_->io_;
+    c.reply = [weak, io, id, job](protocol::ResponseBody body) {
+      asio::post(*io, [weak, id, job, body = std::move(body)]() mutable {
+        auto c = weak.lock();
+        if (!c) return;
+        auto it = c->imports_.find(id);
+        if (it == c->imports_.end() || it->second.job != job) return;  // already answered
+        c->imports_.erase(it);
+        c->Send(id, std::move(body));
+      });
+    };
+    server_->scheduler_->CommitImport(std::move(c));
+  }
+
+  // Ends import `id` with `status`: its reply, its T2 slots freed, and the
+  // pieces still to come ignored.
+  void FailImport(uint64_t id, const Status& status, bool last_piece_now = false) {
+    auto it = imports_.find(id);
+    if (it == imports_.end()) return;
+    it->second.job->Abort();
+    if (!it->second.last_seen && !last_piece_now) dropped_imports_.insert(id);
+    imports_.erase(it);
+    Send(id, protocol::ErrorReply::FromStatus(status));
   }
 
   void ToScheduler(protocol::Request req) {
@@ -235,6 +382,11 @@ class Connection : public std::enable_shared_from_this<Connection> {
     job.id = req.id;
     job.uid = uid_;
     job.body = std::move(req.body);
+    if (std::holds_alternative<protocol::ExportSessionRequest>(job.body)) {
+      job.window = std::make_shared<FlowWindow>(server_->options_.export_window_bytes,
+                                                server_->options_.export_stall_timeout);
+      windows_[req.id] = job.window;
+    }
     std::weak_ptr<Connection> weak = shared_from_this();
     asio::io_context* io = &server_->io_;
     const uint64_t request_id = req.id;
@@ -250,14 +402,15 @@ class Connection : public std::enable_shared_from_this<Connection> {
     static constexpr const char* kNames[] = {"hello",        "create_session", "generate",
                                              "cancel",       "list_sessions",  "get_session",
                                              "fork_session", "delete_session", "stats",
-                                             "health"};
+                                             "health",       "export_session", "import_session"};
+    static_assert(std::size(kNames) == std::variant_size_v<protocol::RequestBody>);
     return kNames[b.index()];
   }
 
   void Write() {
     if (writing_ || out_.empty() || closed_) return;
     writing_ = true;
-    asio::async_write(socket_, asio::buffer(out_.front()),
+    asio::async_write(socket_, asio::buffer(out_.front().frame),
                       [self = shared_from_this()](const boost::system::error_code& ec, size_t n) {
                         self->writing_ = false;
                         if (self->closed_) return;
@@ -265,7 +418,9 @@ class Connection : public std::enable_shared_from_this<Connection> {
                           self->Close();
                           return;
                         }
-                        self->pending_bytes_ -= self->out_.front().size();
+                        Outgoing& done = self->out_.front();
+                        self->pending_bytes_ -= done.frame.size();
+                        if (done.window) done.window->Release(done.credit);
                         self->out_.pop_front();
                         if (!self->out_.empty()) {
                           self->Write();
@@ -284,7 +439,25 @@ class Connection : public std::enable_shared_from_this<Connection> {
   pid_t pid_ = 0;
   std::array<char, 64 * 1024> buf_;
   std::unordered_set<uint64_t> in_flight_;
-  std::deque<std::string> out_;
+  struct Outgoing {
+    std::string frame;
+    std::shared_ptr<FlowWindow> window;  // an ExportChunk's: credit returned once written
+    size_t credit = 0;
+  };
+  std::deque<Outgoing> out_;
+  // Exports in flight, by request id.
+  std::unordered_map<uint64_t, std::shared_ptr<FlowWindow>> windows_;
+  struct Import {
+    std::shared_ptr<tiering::ImportJob> job;
+    std::optional<std::string> name;
+    uint64_t next_offset = 0;
+    bool last_seen = false;
+  };
+  std::unordered_map<uint64_t, Import> imports_;
+  // Imports that failed before their last piece arrived: the rest is dropped.
+  std::unordered_set<uint64_t> dropped_imports_;
+  size_t import_queued_bytes_ = 0;  // fed to the tier manager, not yet written
+  bool read_paused_ = false;
   size_t pending_bytes_ = 0;
   bool writing_ = false;
   bool closed_ = false;

@@ -37,6 +37,16 @@ struct ServerOptions {
   // Output queued for a client that does not read; past it the client is
   // disconnected (its requests cancelled) rather than buffered without end.
   size_t max_pending_output_bytes = 16u << 20;
+  // Session export and import (null: the daemon has no T2 storage, and
+  // both are refused). Borrowed; must outlive the server.
+  tiering::TierManager* tier = nullptr;
+  // Export frames queued and unwritten per export (flow control), and how
+  // long an export waits for a client that stopped reading.
+  size_t export_window_bytes = 4u << 20;
+  std::chrono::milliseconds export_stall_timeout{120'000};
+  // Import pieces received and not yet written to T2, per connection; past
+  // it the connection stops reading until the store catches up.
+  size_t max_import_queued_bytes = 8u << 20;
   // What Hello reports.
   std::string daemon_version;
   std::string model_name;

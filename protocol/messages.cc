@@ -132,6 +132,21 @@ fb::Offset<void> Build(fb::FlatBufferBuilder& b, const StatsRequest& m) {
   return wire::CreateStats(b, m.prometheus).Union();
 }
 fb::Offset<void> Build(fb::FlatBufferBuilder& b, const HealthRequest&) { return wire::CreateHealth(b).Union(); }
+fb::Offset<void> Build(fb::FlatBufferBuilder& b, const ExportSessionRequest& m) {
+  return wire::CreateExportSession(b, b.CreateString(m.session)).Union();
+}
+fb::Offset<void> Build(fb::FlatBufferBuilder& b, const ImportSessionRequest& m) {
+  auto name = m.name ? b.CreateString(*m.name) : fb::Offset<fb::String>();
+  auto data = b.CreateVector(reinterpret_cast<const uint8_t*>(m.data.data()), m.data.size());
+  return wire::CreateImportSession(b, name, m.offset, data, m.last).Union();
+}
+fb::Offset<void> Build(fb::FlatBufferBuilder& b, const ExportChunk& m) {
+  auto data = b.CreateVector(reinterpret_cast<const uint8_t*>(m.data.data()), m.data.size());
+  return wire::CreateExportChunk(b, m.offset, data).Union();
+}
+fb::Offset<void> Build(fb::FlatBufferBuilder& b, const ExportDone& m) {
+  return wire::CreateExportDone(b, m.bytes, m.checksum).Union();
+}
 
 // ----------------------------------------------------------- build: responses
 
@@ -254,6 +269,10 @@ constexpr wire::Message TypeOf() {
   else if constexpr (std::is_same_v<T, SessionList>) return wire::Message::SessionList;
   else if constexpr (std::is_same_v<T, Ack>) return wire::Message::Ack;
   else if constexpr (std::is_same_v<T, StatsReply>) return wire::Message::StatsReply;
+  else if constexpr (std::is_same_v<T, ExportSessionRequest>) return wire::Message::ExportSession;
+  else if constexpr (std::is_same_v<T, ImportSessionRequest>) return wire::Message::ImportSession;
+  else if constexpr (std::is_same_v<T, ExportChunk>) return wire::Message::ExportChunk;
+  else if constexpr (std::is_same_v<T, ExportDone>) return wire::Message::ExportDone;
   else return wire::Message::HealthReply;
 }
 
@@ -391,11 +410,15 @@ Status ValidateSessionName(std::string_view name) {
 }
 
 bool IsTerminal(wire::Message type) {
-  return type != wire::Message::TokenChunk && type != wire::Message::PrefillProgress && !IsRequest(type) &&
-         type != wire::Message::NONE && type <= wire::Message::MAX;
+  return type != wire::Message::TokenChunk && type != wire::Message::PrefillProgress &&
+         type != wire::Message::ExportChunk && !IsRequest(type) && type != wire::Message::NONE &&
+         type <= wire::Message::MAX;
 }
 
-bool IsRequest(wire::Message type) { return type >= wire::Message::Hello && type <= wire::Message::Health; }
+bool IsRequest(wire::Message type) {
+  return (type >= wire::Message::Hello && type <= wire::Message::Health) || type == wire::Message::ExportSession ||
+         type == wire::Message::ImportSession;
+}
 
 std::string EncodeRequest(uint64_t id, const RequestBody& body) { return EncodeVariant(id, body); }
 std::string EncodeResponse(uint64_t id, const ResponseBody& body) { return EncodeVariant(id, body); }
@@ -506,6 +529,25 @@ Result<DeleteSessionRequest> ParseDeleteSession(const wire::DeleteSession* m) {
   return r;
 }
 
+Result<ExportSessionRequest> ParseExportSession(const wire::ExportSession* m) {
+  ExportSessionRequest r{Str(m->session())};
+  MNEMO_RETURN_IF_ERROR(ValidateSessionName(r.session).WithContext("ExportSession"));
+  return r;
+}
+
+Result<ImportSessionRequest> ParseImportSession(const wire::ImportSession* m) {
+  ImportSessionRequest r;
+  if (m->name() != nullptr) {
+    r.name = Str(m->name());
+    MNEMO_RETURN_IF_ERROR(ValidateSessionName(*r.name).WithContext("ImportSession"));
+    if (m->offset() != 0) return Invalid("ImportSession: name is set on a piece other than the first");
+  }
+  r.offset = m->offset();
+  if (m->data()) r.data.assign(reinterpret_cast<const char*>(m->data()->data()), m->data()->size());
+  r.last = m->last();
+  return r;
+}
+
 Result<Request> ParseRequest(const wire::Frame* f) {
   const uint64_t id = f->id();
   if (id == 0) return Invalid("request id 0 is reserved");
@@ -526,6 +568,10 @@ Result<Request> ParseRequest(const wire::Frame* f) {
         return Wrap<DeleteSessionRequest, RequestBody>(ParseDeleteSession(f->message_as_DeleteSession()));
       case wire::Message::Stats: return RequestBody{StatsRequest{f->message_as_Stats()->prometheus()}};
       case wire::Message::Health: return RequestBody{HealthRequest{}};
+      case wire::Message::ExportSession:
+        return Wrap<ExportSessionRequest, RequestBody>(ParseExportSession(f->message_as_ExportSession()));
+      case wire::Message::ImportSession:
+        return Wrap<ImportSessionRequest, RequestBody>(ParseImportSession(f->message_as_ImportSession()));
       default:
         return Invalid("message type " + std::to_string(static_cast<unsigned>(f->message_type())) +
                        " is not a request");
@@ -631,6 +677,19 @@ Result<Response> ParseResponse(const wire::Frame* f) {
       if (m->status() > wire::HealthStatus::MAX) return Invalid("HealthReply: unknown status");
       out.body = HealthReply{static_cast<HealthStatus>(m->status()), m->model_loaded(), m->uptime_s(),
                              Str(m->message())};
+      break;
+    }
+    case wire::Message::ExportChunk: {
+      const auto* m = f->message_as_ExportChunk();
+      ExportChunk c;
+      c.offset = m->offset();
+      if (m->data()) c.data.assign(reinterpret_cast<const char*>(m->data()->data()), m->data()->size());
+      out.body = std::move(c);
+      break;
+    }
+    case wire::Message::ExportDone: {
+      const auto* m = f->message_as_ExportDone();
+      out.body = ExportDone{m->bytes(), m->checksum()};
       break;
     }
     default:

@@ -3,9 +3,11 @@
 // Daemon and client share these, so field rules live in exactly one place.
 //
 // Conversation: each request (id != 0) receives zero or more TokenChunk /
-// PrefillProgress frames, then exactly one terminal frame: its reply
-// (HelloReply, SessionInfo, SessionList, Ack, StatsReply, HealthReply, Done)
-// or an Error. Errors about the connection as a whole carry id 0.
+// PrefillProgress / ExportChunk frames, then exactly one terminal frame: its
+// reply (HelloReply, SessionInfo, SessionList, Ack, StatsReply, HealthReply,
+// Done, ExportDone) or an Error. Errors about the connection as a whole
+// carry id 0. An import is the one request sent as several frames (every
+// ImportSession piece on one id), answered once.
 //
 // Thread-safe: the functions are pure; the structs are plain values.
 #pragma once
@@ -50,6 +52,8 @@ Result<CancelRequest> ParseCancel(const wire::Cancel* m);
 Result<GetSessionRequest> ParseGetSession(const wire::GetSession* m);
 Result<ForkSessionRequest> ParseForkSession(const wire::ForkSession* m);
 Result<DeleteSessionRequest> ParseDeleteSession(const wire::DeleteSession* m);
+Result<ExportSessionRequest> ParseExportSession(const wire::ExportSession* m);
+Result<ImportSessionRequest> ParseImportSession(const wire::ImportSession* m);
 
 // A verified frame (FrameView::frame) into a request; checks id != 0.
 Result<Request> ParseRequest(const wire::Frame* frame);

@@ -34,6 +34,9 @@ inline constexpr size_t kMaxStopStrings = 32;       // == model::StopMatcher
 inline constexpr size_t kMaxStopStringBytes = 512;  // == model::StopMatcher
 inline constexpr float kMaxTemperature = 100.0f;
 inline constexpr float kMaxRepeatPenalty = 100.0f;
+// Data bytes per ExportChunk / ImportSession frame (well within the
+// default frame limit).
+inline constexpr size_t kTransferChunkBytes = 256u << 10;
 
 // Mirrors model::FinishReason (same values; pinned by tests).
 enum class FinishReason : uint8_t { kStop = 0, kEos = 1, kLength = 2, kCancelled = 3, kError = 4, kContextFull = 5 };
@@ -115,10 +118,24 @@ struct StatsRequest {
 struct HealthRequest {
   bool operator==(const HealthRequest&) const = default;
 };
+// Streams the session as an export file (ExportChunk..., ExportDone).
+struct ExportSessionRequest {
+  std::string session;
+  bool operator==(const ExportSessionRequest&) const = default;
+};
+// One piece of an import; see mnemo.fbs.
+struct ImportSessionRequest {
+  std::optional<std::string> name;  // first piece only: the new session's name
+  uint64_t offset = 0;
+  std::string data;
+  bool last = false;
+  bool operator==(const ImportSessionRequest&) const = default;
+};
 
 using RequestBody = std::variant<HelloRequest, CreateSessionRequest, GenerateRequest, CancelRequest,
                                  ListSessionsRequest, GetSessionRequest, ForkSessionRequest,
-                                 DeleteSessionRequest, StatsRequest, HealthRequest>;
+                                 DeleteSessionRequest, StatsRequest, HealthRequest, ExportSessionRequest,
+                                 ImportSessionRequest>;
 struct Request {
   uint64_t id = 0;
   RequestBody body;
@@ -275,8 +292,20 @@ struct HealthReply {
   bool operator==(const HealthReply&) const = default;
 };
 
+struct ExportChunk {
+  uint64_t offset = 0;
+  std::string data;
+  bool operator==(const ExportChunk&) const = default;
+};
+
+struct ExportDone {
+  uint64_t bytes = 0;
+  uint64_t checksum = 0;  // XXH3-64 of the whole file
+  bool operator==(const ExportDone&) const = default;
+};
+
 using ResponseBody = std::variant<HelloReply, TokenChunk, PrefillProgress, Done, ErrorReply, SessionInfo,
-                                  SessionList, Ack, StatsReply, HealthReply>;
+                                  SessionList, Ack, StatsReply, HealthReply, ExportChunk, ExportDone>;
 struct Response {
   uint64_t id = 0;
   ResponseBody body;

@@ -70,9 +70,11 @@ TierManager::TierManager(TierOptions options, BlockLayout layout, std::unique_pt
       t1_capacity_blocks_(options_.t1_budget_bytes / layout_.block_bytes) {
   StartWorker(&persist_worker_);
   StartWorker(&load_worker_);
+  StartWorker(&transfer_worker_);
 }
 
 TierManager::~TierManager() {
+  StopWorker(&transfer_worker_);
   StopWorker(&persist_worker_);
   StopWorker(&load_worker_);
 }
@@ -256,6 +258,59 @@ void LoadIoDone(IoRequest* req) {
 
 }  // namespace
 
+Status TierManager::ReadVerified(const std::string& label, std::span<const BlockSlot> slots, uint8_t* staging,
+                                 std::vector<BlockInfo>* infos) {
+  const size_t n = slots.size();
+  infos->assign(n, BlockInfo{});
+  std::vector<BlockSlot> to_read;
+  std::vector<void*> bufs;
+  std::vector<bool> from_t1(n);
+  for (size_t i = 0; i < n; ++i) {
+    Result<BlockInfo> info = index_->GetBlock(slots[i]);
+    if (!info.ok()) return info.status().WithContext(label);
+    (*infos)[i] = std::move(info).value();
+    uint8_t* block = staging + i * layout_.block_bytes;
+    from_t1[i] = T1Get(slots[i], block);
+    if (!from_t1[i]) {
+      to_read.push_back(slots[i]);
+      bufs.push_back(block);
+    }
+  }
+  if (!to_read.empty()) {
+    if (Status s = store_->ReadBlocks(to_read, bufs); !s.ok()) return s.WithContext(label + ": reading KV blocks");
+  }
+  for (size_t i = 0; i < n; ++i) {
+    uint8_t* block = staging + i * layout_.block_bytes;
+    const BlockSlot slot = slots[i];
+    const BlockInfo& info = (*infos)[i];
+    bool ok = info.page_checksums.size() == static_cast<size_t>(layout_.n_layers);
+    int32_t bad_layer = -1;
+    for (int32_t l = 0; ok && l < layout_.n_layers; ++l) {
+      if (PageChecksum(block + layout_.LayerOffset(l), layout_.page_bytes) != info.page_checksums[l]) {
+        ok = false;
+        bad_layer = l;
+      }
+    }
+    if (!ok) {
+      if (from_t1[i]) {
+        // A stale cache entry (slot reused): read the disk copy instead.
+        T1Drop(slot);
+        if (Status s = store_->ReadBlocks(std::span<const BlockSlot>(&slot, 1),
+                                          std::span<void* const>(reinterpret_cast<void**>(&block), 1));
+            !s.ok())
+          return s.WithContext(label + ": reading KV blocks");
+        from_t1[i] = false;
+        --i;  // verify again
+        continue;
+      }
+      return Status::Corruption(label + ": KV page of layer " + std::to_string(bad_layer) + " in block " +
+                                std::to_string(slot) + " fails its checksum");
+    }
+    if (!from_t1[i]) T1Put(slot, block);
+  }
+  return Status::Ok();
+}
+
 Status TierManager::DoLoad(const std::string& label, const std::vector<BlockSlot>& blocks, uint64_t kv_tokens,
                            const std::vector<std::vector<void*>>& dst,
                            const std::function<void(int32_t)>& on_layers) {
@@ -424,6 +479,192 @@ Result<std::unique_ptr<KvStream>> TierManager::OpenStream(KvStreamOptions o) {
   return stream;
 }
 
+ExportModel TierManager::export_model() const {
+  return ExportModel{options_.model_fingerprint, options_.kv, layout_};
+}
+
+void TierManager::Export(std::string label, Manifest m, ExportSink sink, size_t chunk_bytes,
+                         std::function<void(Result<ExportSummary>)> done) {
+  Enqueue(&transfer_worker_, [this, label = std::move(label), m = std::move(m), sink = std::move(sink), chunk_bytes,
+                              done = std::move(done)]() mutable {
+    Result<ExportSummary> r = DoExport(label, m, sink, chunk_bytes);
+    ++exports_;
+    if (!r.ok()) {
+      ++export_errors_;
+      spdlog::info("exporting {}: {}", label, r.status().ToString());
+    }
+    done(std::move(r));
+  });
+}
+
+Result<ExportSummary> TierManager::DoExport(const std::string& label, const Manifest& m, const ExportSink& sink,
+                                            size_t chunk_bytes) {
+  MNEMO_RETURN_IF_ERROR(CheckCompatible(m));
+  const uint64_t spans = BlocksForTokens(m.kv_tokens, layout_.page_tokens);
+  if (m.blocks.size() < spans) return Status::Corruption(label + ": manifest lists fewer blocks than its KV");
+  ExportWriter writer(export_model(), sink, chunk_bytes);
+  MNEMO_RETURN_IF_ERROR(writer.Begin(m));
+  const size_t window = std::min<size_t>(kWindowBlocks, std::max<uint64_t>(spans, 1));
+  MNEMO_ASSIGN_OR_RETURN(AlignedBuffer staging, AlignedBuffer::Allocate(window * layout_.block_bytes));
+  std::vector<BlockInfo> infos;
+  for (uint64_t w0 = 0; w0 < spans; w0 += window) {
+    const uint64_t n = std::min<uint64_t>(window, spans - w0);
+    MNEMO_RETURN_IF_ERROR(
+        ReadVerified(label, std::span<const BlockSlot>(m.blocks.data() + w0, n), staging.data(), &infos));
+    for (uint64_t i = 0; i < n; ++i)
+      MNEMO_RETURN_IF_ERROR(writer.AddBlock(staging.data() + i * layout_.block_bytes, infos[i].page_checksums));
+  }
+  return writer.Finish();
+}
+
+std::shared_ptr<ImportJob> TierManager::StartImport(std::string label) {
+  return std::make_shared<ImportJob>(this, std::move(label));
+}
+
+// ------------------------------------------------------------------ import
+
+ImportJob::ImportJob(TierManager* tm, std::string label) : tm_(tm), label_(std::move(label)) {
+  ExportReader::Handlers h;
+  h.on_manifest = [this](Manifest m) { return OnManifest(std::move(m)); };
+  h.on_block = [this](uint64_t, const uint8_t* pages, std::span<const uint64_t> sums) {
+    return OnBlock(pages, sums);
+  };
+  reader_ = std::make_unique<ExportReader>(tm_->export_model(), std::move(h));
+}
+
+ImportJob::~ImportJob() {
+  std::lock_guard<std::mutex> lock(mu_);
+  ReleaseLocked();
+}
+
+void ImportJob::ReleaseLocked() {
+  if (committed_ || slots_.empty()) return;
+  if (Status s = tm_->index_->ReleaseSlots(slots_); !s.ok())
+    spdlog::warn("import {}: releasing {} reserved slots: {}", label_, slots_.size(), s.ToString());
+  slots_.clear();
+}
+
+Status ImportJob::OnManifest(Manifest m) {
+  const BlockLayout& L = tm_->layout_;
+  const uint64_t n = BlocksForTokens(m.kv_tokens, L.page_tokens);
+  manifest_ = std::move(m);
+  if (n == 0) return Status::Ok();
+  Result<std::vector<BlockSlot>> slots = tm_->index_->AllocateSlots(n);
+  if (!slots.ok()) return slots.status().WithContext("reserving " + std::to_string(n) + " T2 blocks");
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    slots_ = std::move(slots).value();
+    if (aborted_) ReleaseLocked();
+  }
+  MNEMO_RETURN_IF_ERROR(tm_->store_->EnsureCapacity(slots_.back() + 1));
+  checksums_.resize(n * static_cast<size_t>(L.n_layers));
+  const size_t window = std::min<uint64_t>(kWindowBlocks, n);
+  MNEMO_ASSIGN_OR_RETURN(staging_, AlignedBuffer::Allocate(window * L.block_bytes));
+  return Status::Ok();
+}
+
+Status ImportJob::OnBlock(const uint8_t* pages, std::span<const uint64_t> sums) {
+  const BlockLayout& L = tm_->layout_;
+  const uint64_t window = staging_.size() / L.block_bytes;
+  uint8_t* block = staging_.data() + (staged_ - written_) * L.block_bytes;
+  for (int32_t l = 0; l < L.n_layers; ++l) {
+    uint8_t* dst = block + L.LayerOffset(l);
+    memcpy(dst, pages + static_cast<size_t>(l) * L.page_bytes, L.page_bytes);
+    if (L.layer_stride > L.page_bytes) memset(dst + L.page_bytes, 0, L.layer_stride - L.page_bytes);
+    checksums_[staged_ * L.n_layers + l] = sums[l];
+  }
+  ++staged_;
+  if (staged_ - written_ == window) return WriteWindow();
+  return Status::Ok();
+}
+
+Status ImportJob::WriteWindow() {
+  const BlockLayout& L = tm_->layout_;
+  const uint64_t n = staged_ - written_;
+  if (n == 0) return Status::Ok();
+  std::vector<const void*> bufs(n);
+  for (uint64_t i = 0; i < n; ++i) bufs[i] = staging_.data() + i * L.block_bytes;
+  if (Status s = tm_->store_->WriteBlocks(std::span<const BlockSlot>(slots_.data() + written_, n), bufs); !s.ok())
+    return s.WithContext("writing KV blocks");
+  written_ = staged_;
+  return Status::Ok();
+}
+
+void ImportJob::Feed(std::string piece, std::function<void(Status)> done) {
+  TierManager::Enqueue(&tm_->transfer_worker_, [self = shared_from_this(), piece = std::move(piece),
+                                                done = std::move(done)] {
+    if (self->failed_.ok()) {
+      {
+        std::lock_guard<std::mutex> lock(self->mu_);
+        if (self->aborted_) self->failed_ = Status::Cancelled(self->label_ + ": import cancelled");
+      }
+      if (self->failed_.ok()) self->failed_ = self->reader_->Feed(piece).WithContext(self->label_);
+    }
+    done(self->failed_);
+  });
+}
+
+void ImportJob::Finish(std::function<void(Result<Manifest>)> done) {
+  TierManager::Enqueue(&tm_->transfer_worker_, [self = shared_from_this(), done = std::move(done)] {
+    ImportJob& j = *self;
+    if (j.failed_.ok()) j.failed_ = j.reader_->Finish().status().WithContext(j.label_);
+    if (j.failed_.ok()) j.failed_ = j.WriteWindow().WithContext(j.label_);
+    if (j.failed_.ok() && j.written_ > 0) j.failed_ = j.tm_->store_->Sync().WithContext(j.label_ + ": syncing");
+    ++j.tm_->imports_;
+    if (!j.failed_.ok()) {
+      ++j.tm_->import_errors_;
+      spdlog::info("import failed: {}", j.failed_.ToString());
+      {
+        std::lock_guard<std::mutex> lock(j.mu_);
+        j.ReleaseLocked();
+      }
+      done(j.failed_);
+      return;
+    }
+    Manifest m = j.manifest_;
+    {
+      std::lock_guard<std::mutex> lock(j.mu_);
+      j.finished_ = true;
+      m.blocks = j.slots_;
+    }
+    done(std::move(m));
+  });
+}
+
+Status ImportJob::Commit(uint32_t uid, const std::string& name) {
+  std::lock_guard<std::mutex> lock(mu_);
+  MNEMO_CHECK(finished_ && !committed_);
+  if (aborted_) return Status::Cancelled(label_ + ": import cancelled");
+  const BlockLayout& L = tm_->layout_;
+  Manifest m = manifest_;
+  m.owner_uid = uid;
+  m.name = name;
+  m.blocks = slots_;
+  m.turn_seq = 1;
+  tm_->Stamp(&m);
+  std::vector<NewBlock> nb(slots_.size());
+  for (size_t i = 0; i < slots_.size(); ++i)
+    nb[i] = NewBlock{slots_[i], std::span<const uint64_t>(&checksums_[i * L.n_layers], L.n_layers)};
+  MNEMO_RETURN_IF_ERROR(tm_->index_->CommitTurn(m, nb).WithContext("committing the imported session"));
+  committed_ = true;
+  manifest_ = std::move(m);
+  return Status::Ok();
+}
+
+void ImportJob::Abort() {
+  {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (aborted_ || committed_) return;
+    aborted_ = true;
+  }
+  // After any write to the slots still queued: a slot is free again only
+  // once nothing of this import can write to it.
+  TierManager::Enqueue(&tm_->transfer_worker_, [self = shared_from_this()] {
+    std::lock_guard<std::mutex> lock(self->mu_);
+    self->ReleaseLocked();
+  });
+}
+
 Status TierManager::CommitManifest(const Manifest& m) {
   Manifest copy = m;
   Stamp(&copy);
@@ -466,6 +707,8 @@ void TierManager::T1Put(BlockSlot slot, const uint8_t* block) {
   t1_lru_.push_front(slot);
   t1_.emplace(slot, T1Entry{std::move(buf), t1_lru_.begin()});
 }
+
+bool TierManager::T1Get(BlockSlot slot, uint8_t* block) { return T1GetRange(slot, 0, layout_.block_bytes, block); }
 
 bool TierManager::T1GetRange(BlockSlot slot, size_t offset, size_t length, uint8_t* out) {
   std::lock_guard<std::mutex> lock(t1_mu_);
@@ -515,6 +758,7 @@ TierStats TierManager::stats() const {
   s.t1_budget_bytes = t1_capacity_blocks_ * layout_.block_bytes;
   const SlotStats slots = index_->slot_stats();
   s.t2_blocks = slots.committed;
+  s.t2_reserved_blocks = slots.reserved;
   s.t2_bytes = slots.committed * layout_.block_bytes;
   s.t2_budget_bytes = store_->max_slots() * layout_.block_bytes;
   const PageStoreStats io = store_->stats();

@@ -6,7 +6,8 @@
 // blocks so a session evicted from T0 resumes without touching the disk.
 //
 // Thread-safe. Persist and Load run on two dedicated worker threads (a
-// resume never queues behind a large persist) and report through callbacks
+// resume never queues behind a large persist), exports and imports on a
+// third (a long transfer delays neither), and they report through callbacks
 // on those threads; the caller's threads never wait on I/O. T0 page memory
 // is handed over as raw pointers that the caller keeps valid and unchanged
 // (persist) or untouched (load) until the callback runs.
@@ -28,6 +29,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "tiering/export_format.h"
 #include "tiering/index.h"
 #include "tiering/kv_stream.h"
 #include "tiering/latency_histogram.h"
@@ -78,6 +80,59 @@ struct PersistJob {
   std::vector<std::vector<const void*>> pages;
 };
 
+class TierManager;
+
+// A session being imported from an export file (export_format.h): its
+// blocks go to freshly reserved T2 slots as they arrive, and nothing is
+// visible in the index until Commit. Feed, Finish and Abort queue work on
+// the tier manager's transfer worker, in call order, and report on it.
+//
+// Thread-safe. Abort (or destruction of the TierManager's reservations at
+// the next start-up) returns the reserved slots of an import that never
+// commits.
+class ImportJob : public std::enable_shared_from_this<ImportJob> {
+ public:
+  // A piece of the file, in order. `done` gets the first error of the
+  // import (ExportReader's errors, the store's), then the same for every
+  // later piece.
+  void Feed(std::string piece, std::function<void(Status)> done);
+  // The file ended: verifies the trailer, writes the last blocks, syncs.
+  // `done` gets the manifest as it will be committed (owner and name not
+  // yet set; blocks are the reserved slots).
+  void Finish(std::function<void(Result<Manifest>)> done);
+  // Commits the finished import as session (uid, name) in one synced index
+  // batch. Caller's thread. REQUIRES: Finish reported success.
+  Status Commit(uint32_t uid, const std::string& name);
+  // Drops the import: its reserved slots become free once no queued write
+  // can touch them. Idempotent; does nothing after a successful Commit.
+  // REQUIRES: the TierManager is alive (as for every method).
+  void Abort();
+
+  ImportJob(TierManager* tm, std::string label);
+  ~ImportJob();
+
+ private:
+  friend class TierManager;
+  Status OnManifest(Manifest m);
+  Status OnBlock(const uint8_t* pages, std::span<const uint64_t> sums);
+  Status WriteWindow();
+  void ReleaseLocked();
+
+  TierManager* const tm_;
+  const std::string label_;
+  // --- transfer worker only ---------------------------------------------------
+  std::unique_ptr<ExportReader> reader_;
+  Manifest manifest_;
+  AlignedBuffer staging_;
+  uint64_t staged_ = 0, written_ = 0;  // blocks
+  std::vector<uint64_t> checksums_;    // [block][layer]
+  Status failed_;
+  // --- guarded by mu_ ------------------------------------------------------------
+  std::mutex mu_;
+  std::vector<BlockSlot> slots_;  // reserved, not yet committed
+  bool finished_ = false, committed_ = false, aborted_ = false;
+};
+
 // Counters since the manager opened. A tier's bytes read and written are
 // what moved out of and into it: T0 is read by persists and written by
 // loads, T1 is written when blocks are cached and read on hits, T2 is the
@@ -91,6 +146,7 @@ struct TierStats {
   uint64_t t1_hits = 0, t1_misses = 0;
   uint64_t t1_bytes_read = 0, t1_bytes_written = 0;
   uint64_t t2_blocks = 0, t2_bytes = 0, t2_budget_bytes = 0;
+  uint64_t t2_reserved_blocks = 0;  // allocated to a persist or import not yet committed
   uint64_t bytes_read = 0, bytes_written = 0;  // T2
   // T2 device latency per operation (PageStoreStats).
   LatencySnapshot t2_read_latency, t2_write_latency, t2_sync_latency;
@@ -148,6 +204,18 @@ class TierManager {
   // from the index first (NotFound/Corruption naming the session).
   Result<std::unique_ptr<KvStream>> OpenStream(KvStreamOptions options);
 
+  // The model and KV layout exports are written for and imports require.
+  ExportModel export_model() const;
+  // Streams committed session `m` (its kv_tokens and blocks as committed;
+  // owner and turn_seq are not exported) to `sink`, reading its blocks from
+  // T1 or T2 and verifying every page's checksum (Corruption naming `label`
+  // otherwise). The caller keeps the blocks committed until `done`. `sink`
+  // may block (flow control) and its error aborts the export.
+  void Export(std::string label, Manifest m, ExportSink sink, size_t chunk_bytes,
+              std::function<void(Result<ExportSummary>)> done);
+  // Starts importing a session export.
+  std::shared_ptr<ImportJob> StartImport(std::string label);
+
   // Index operations: one small synced batch each, on the caller's thread.
   Status CommitManifest(const Manifest& m);  // a session without KV blocks
   Status Fork(uint32_t uid, std::string_view src, const Manifest& dst);
@@ -172,6 +240,7 @@ class TierManager {
 
  private:
   friend class KvStream;
+  friend class ImportJob;
   TierManager(TierOptions options, BlockLayout layout, std::unique_ptr<PageStore> store,
               std::unique_ptr<Index> index);
   struct Worker {
@@ -187,11 +256,19 @@ class TierManager {
   Status DoPersist(PersistJob& job, CommittedKv* out);
   Status DoLoad(const std::string& label, const std::vector<BlockSlot>& blocks, uint64_t kv_tokens,
                 const std::vector<std::vector<void*>>& dst, const std::function<void(int32_t)>& on_layers);
+  Result<ExportSummary> DoExport(const std::string& label, const Manifest& m, const ExportSink& sink,
+                                 size_t chunk_bytes);
+  // Reads blocks `slots` into consecutive block_bytes of `staging` (from T1
+  // where present) and verifies each layer page against the index; fills
+  // `infos`. Corruption naming `label` for a page that fails.
+  Status ReadVerified(const std::string& label, std::span<const BlockSlot> slots, uint8_t* staging,
+                      std::vector<BlockInfo>* infos);
   // Copies span `s` of `job` into `block` (block_bytes) and fills the
   // per-layer checksums.
   void StageBlock(const PersistJob& job, size_t s, uint8_t* block, uint64_t* checksums) const;
   // T1.
   void T1Put(BlockSlot slot, const uint8_t* block);
+  bool T1Get(BlockSlot slot, uint8_t* block);
   // Bytes [offset, offset + length) of a cached block.
   bool T1GetRange(BlockSlot slot, size_t offset, size_t length, uint8_t* out);
   bool T1Has(BlockSlot slot) const;
@@ -218,7 +295,8 @@ class TierManager {
   std::atomic<uint64_t> t0_hits_{0}, t0_misses_{0}, t0_bytes_read_{0}, t0_bytes_written_{0};
   std::atomic<uint64_t> t1_bytes_read_{0}, t1_bytes_written_{0};
   std::atomic<uint64_t> prefetch_hits_{0}, prefetch_stalls_{0}, prefetch_stall_ns_{0};
-  Worker persist_worker_, load_worker_;
+  std::atomic<uint64_t> exports_{0}, export_errors_{0}, imports_{0}, import_errors_{0};
+  Worker persist_worker_, load_worker_, transfer_worker_;
 };
 
 }  // namespace mnemo::tiering

@@ -1,5 +1,6 @@
 // mnemo: the command-line client of mnemod (chat, one-shot generation,
-// session management, stats and health) over mnemo/client.h.
+// session management, export and import, stats and health) over
+// mnemo/client.h.
 //
 // Exit status: 0 on success, 1 with "mnemo: <Code>: message" on stderr when a
 // call fails, 2 for bad usage, 130 after Ctrl-C ended a generation.
@@ -494,6 +495,49 @@ int CmdRm(const GlobalOptions& g, const std::string& session) {
   return 0;
 }
 
+// `mnemo export SESSION FILE`: FILE is written as FILE.tmp and renamed once
+// complete and synced; "-" writes the file to stdout.
+int CmdExport(const GlobalOptions& g, const std::string& session, const std::string& file) {
+  auto c = ConnectTo(g);
+  if (!c.ok()) return Fail(c.status());
+  if (file == "-" && g.json) return Fail(Status::InvalidArgument("--json and FILE '-' both use stdout"));
+  auto to_stdout = [&]() -> Result<client::ExportDone> {
+    MNEMO_ASSIGN_OR_RETURN(client::ExportDone d, c->ExportSession(session, [](std::string_view piece) -> Status {
+      if (std::fwrite(piece.data(), 1, piece.size(), stdout) != piece.size())
+        return Status::IOError("writing the export to stdout failed");
+      return Status::Ok();
+    }));
+    if (std::fflush(stdout) != 0) return Status::IOError("writing the export to stdout failed");
+    return d;
+  };
+  Result<client::ExportDone> done = file == "-" ? to_stdout() : c->ExportSessionToFile(session, file);
+  if (!done.ok()) return Fail(done.status());
+  char sum[17];
+  std::snprintf(sum, sizeof(sum), "%016" PRIx64, done->checksum);
+  if (g.json) {
+    PrintJson({{"session", session}, {"file", file}, {"bytes", done->bytes}, {"xxh3", sum}});
+  } else if (file != "-") {
+    std::printf("%s: exported to %s (%s, xxh3 %s)\n", session.c_str(), file.c_str(), FormatBytes(done->bytes).c_str(),
+                sum);
+  }
+  return 0;
+}
+
+// `mnemo import FILE [--name NAME]`; "-" reads stdin.
+int CmdImport(const GlobalOptions& g, const std::string& file, const std::string& name) {
+  auto c = ConnectTo(g);
+  if (!c.ok()) return Fail(c.status());
+  auto info = c->ImportSessionFromFile(file, name.empty() ? std::nullopt : std::optional<std::string>(name));
+  if (!info.ok()) return Fail(info.status());
+  if (g.json) {
+    PrintJson(SessionJson(*info));
+  } else {
+    std::printf("%s: imported from %s (%u tokens, %u turns)\n", info->name.c_str(), file.c_str(), info->tokens,
+                info->turns);
+  }
+  return 0;
+}
+
 int CmdStats(const GlobalOptions& g, bool prometheus) {
   auto c = ConnectTo(g);
   if (!c.ok()) return Fail(c.status());
@@ -644,6 +688,18 @@ int Main(int argc, char** argv) {
   std::string rm_session;
   auto* rm = app.add_subcommand("rm", "delete a session");
   rm->add_option("SESSION", rm_session)->required();
+  std::string export_session, export_file;
+  auto* exp = app.add_subcommand("export", "write a session (history and KV) to one checksummed FILE");
+  exp->footer("`mnemo import FILE` reads it on any mnemod with the same model file and --page-tokens. "
+              "The session's latest turn must be persisted; mnemod needs --t2-budget > 0.");
+  exp->add_option("SESSION", export_session)->required();
+  exp->add_option("FILE", export_file, "written as FILE.tmp, renamed when complete; '-': stdout")->required();
+  std::string import_file, import_name;
+  auto* imp = app.add_subcommand("import", "create a session from a FILE written by `mnemo export`");
+  imp->footer("The whole file is verified (checksums, model, KV layout) before the session is created; "
+              "it continues without recomputing its history. mnemod needs --t2-budget > 0.");
+  imp->add_option("FILE", import_file, "'-': stdin")->required();
+  imp->add_option("--name", import_name, "name of the new session (default: the exported session's)");
   bool prometheus = false;
   auto* stats = app.add_subcommand("stats", "daemon statistics");
   stats->add_flag("--prometheus", prometheus, "Prometheus text exposition");
@@ -660,6 +716,8 @@ int Main(int argc, char** argv) {
   if (*show) return CmdShow(g, show_session);
   if (*fork) return CmdFork(g, fork_src, fork_dst);
   if (*rm) return CmdRm(g, rm_session);
+  if (*exp) return CmdExport(g, export_session, export_file);
+  if (*imp) return CmdImport(g, import_file, import_name);
   if (*stats) return CmdStats(g, prometheus);
   if (*health) return CmdHealth(g);
   return 2;

@@ -15,6 +15,8 @@
 #include "tests/testutil/tiny_model.h"
 #include "tiering/fault_page_store.h"
 
+#include <xxhash.h>
+
 namespace mnemo::daemon {
 namespace {
 
@@ -471,6 +473,192 @@ TEST_F(DurabilityTest, CorruptPageFailsOnlyItsSession) {
   ASSERT_EQ(CodeOf(r.last), StatusCode::kCorruption);
   EXPECT_NE(std::get<protocol::ErrorReply>(r.last).message.find("victim"), std::string::npos);
   As<protocol::Done>(b.Call(Turn("bystander", "resume")).last);
+}
+
+// --- export / import ----------------------------------------------------------
+
+struct Exported {
+  ResponseBody last;  // ExportDone or an error
+  std::string file;
+};
+
+// Exports `name` as `uid` the way the server does: a flow window whose
+// credit comes back as each chunk is "written".
+Exported ExportFrom(Node& n, const std::string& name, uid_t uid = 1000) {
+  std::mutex mu;
+  std::condition_variable cv;
+  Exported out;
+  bool done = false;
+  auto window = std::make_shared<FlowWindow>(1u << 20, 10s);
+  Job job{1, n.next_id++, uid, protocol::ExportSessionRequest{name}, [&, window](ResponseBody b) {
+            std::lock_guard<std::mutex> lock(mu);
+            if (auto* c = std::get_if<protocol::ExportChunk>(&b)) {
+              EXPECT_EQ(c->offset, out.file.size());
+              out.file += c->data;
+              window->Release(c->data.size());
+              return;
+            }
+            out.last = std::move(b);
+            done = true;
+            cv.notify_all();
+          }};
+  job.window = window;
+  n.sched->Submit(std::move(job));
+  std::unique_lock<std::mutex> lock(mu);
+  EXPECT_TRUE(cv.wait_for(lock, 120s, [&] { return done; }));
+  return out;
+}
+
+// Imports `file` as `uid` the way the server does: pieces to an ImportJob,
+// then the scheduler commits it.
+ResponseBody ImportInto(Node& n, std::string_view file, std::optional<std::string> name, uid_t uid = 1000,
+                        size_t piece = 5000) {
+  std::mutex mu;
+  std::condition_variable cv;
+  ResponseBody last;
+  bool done = false;
+  auto finish = [&](ResponseBody b) {
+    std::lock_guard<std::mutex> lock(mu);
+    if (done) return;
+    last = std::move(b);
+    done = true;
+    cv.notify_all();
+  };
+  std::shared_ptr<tiering::ImportJob> job = n.tier->StartImport("test import");
+  for (size_t at = 0; at < file.size(); at += piece)
+    job->Feed(std::string(file.substr(at, piece)), [](Status) {});
+  job->Finish([&, job](Result<tiering::Manifest> m) {
+    if (!m.ok()) {
+      finish(protocol::ErrorReply::FromStatus(m.status()));
+      return;
+    }
+    ImportCommit c;
+    c.conn = 1;
+    c.id = n.next_id;
+    c.uid = uid;
+    c.name = name;
+    c.job = job;
+    c.manifest = std::move(m).value();
+    c.reply = finish;
+    n.sched->CommitImport(std::move(c));
+  });
+  std::unique_lock<std::mutex> lock(mu);
+  EXPECT_TRUE(cv.wait_for(lock, 120s, [&] { return done; }));
+  return last;
+}
+
+TEST_F(DurabilityTest, ExportedSessionImportsElsewhereAndContinuesExactly) {
+  Node a(model_, Dir());
+  ASSERT_TRUE(a.open_status.ok()) << a.open_status.ToString();
+  As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"s"}).last);
+  As<protocol::Done>(a.Call(Turn("s", "first message, a long one to fill some pages of KV")).last);
+  As<protocol::Done>(a.Call(Turn("s", "second")).last);
+  As<protocol::SessionInfo>(a.Call(protocol::ForkSessionRequest{"s", "ref"}).last);
+  Reply ref = a.Call(Turn("ref", "third"));
+  const auto ref_done = As<protocol::Done>(ref.last);
+  const auto info_a = As<protocol::SessionInfo>(a.Call(protocol::GetSessionRequest{"s"}).last);
+
+  EXPECT_EQ(CodeOf(ExportFrom(a, "s", 2000).last), StatusCode::kNotFound) << "another uid's session";
+  EXPECT_EQ(CodeOf(ExportFrom(a, "nope").last), StatusCode::kNotFound);
+  Exported e = ExportFrom(a, "s");
+  const auto done = As<protocol::ExportDone>(e.last);
+  EXPECT_EQ(done.bytes, e.file.size());
+  EXPECT_EQ(done.checksum, XXH3_64bits(e.file.data(), e.file.size()));
+
+  Node b(model_, Dir());
+  ASSERT_TRUE(b.open_status.ok());
+  auto imported = As<protocol::SessionInfo>(ImportInto(b, e.file, std::nullopt));
+  EXPECT_EQ(imported.name, "s");
+  EXPECT_EQ(imported.tokens, info_a.tokens);
+  EXPECT_EQ(imported.turns, info_a.turns);
+  EXPECT_EQ(imported.t2_pages, info_a.t2_pages);
+  EXPECT_EQ(CodeOf(ImportInto(b, e.file, std::nullopt)), StatusCode::kAlreadyExists);
+  // Another uid may hold the same name: it owns its own copy.
+  As<protocol::SessionInfo>(ImportInto(b, e.file, std::nullopt, 2000));
+  Reply r = b.Call(Turn("s", "third"));
+  auto d = As<protocol::Done>(r.last);
+  EXPECT_EQ(r.tokens, ref.tokens) << "the imported session diverged from the uninterrupted one";
+  EXPECT_EQ(d.prompt_tokens, ref_done.prompt_tokens) << "the import recomputed history";
+  EXPECT_TRUE(d.persisted);
+  Reply r2 = b.Call(Turn("s", "third"), 2000);
+  EXPECT_EQ(r2.tokens, ref.tokens);
+  // Exported again after a turn on the importing side: still exact.
+  Exported e2 = ExportFrom(b, "s");
+  As<protocol::ExportDone>(e2.last);
+  As<protocol::SessionInfo>(ImportInto(a, e2.file, std::string("back")));
+  auto back = As<protocol::SessionInfo>(a.Call(protocol::GetSessionRequest{"back"}).last);
+  EXPECT_EQ(back.tokens, As<protocol::SessionInfo>(b.Call(protocol::GetSessionRequest{"s"}).last).tokens);
+}
+
+TEST_F(DurabilityTest, ExportOfAnUnpersistedTurnIsRefused) {
+  tiering::FaultInjectingPageStore* fault = nullptr;
+  Node a(model_, dir_, 32u << 20, &fault);
+  ASSERT_TRUE(a.open_status.ok());
+  As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"s"}).last);
+  As<protocol::Done>(a.Call(Turn("s", "first turn")).last);
+  fault->AddFault({.action = tiering::FaultRule::Action::kEio, .op = tiering::IoOp::kWrite, .times = 0});
+  EXPECT_FALSE(As<protocol::Done>(a.Call(Turn("s", "second turn fails to persist")).last).persisted);
+  fault->ClearFaults();
+  Exported e = ExportFrom(a, "s");
+  ASSERT_EQ(CodeOf(e.last), StatusCode::kFailedPrecondition);
+  EXPECT_NE(std::get<protocol::ErrorReply>(e.last).message.find("not persisted"), std::string::npos);
+  EXPECT_TRUE(As<protocol::Done>(a.Call(Turn("s", "third")).last).persisted);
+  As<protocol::ExportDone>(ExportFrom(a, "s").last);
+}
+
+TEST_F(DurabilityTest, ImportUnderAnotherModelIsRefusedAndLeavesNothing) {
+  std::string file;
+  {
+    Node a(model_, Dir());
+    ASSERT_TRUE(a.open_status.ok());
+    As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"s"}).last);
+    As<protocol::Done>(a.Call(Turn("s", "hello there, some pages")).last);
+    file = ExportFrom(a, "s").file;
+  }
+  testutil::TinyModelSpec other;
+  other.n_layers = 3;
+  other.context_length = 4096;  // another file: another fingerprint
+  Node b(testutil::WriteTinyModel(other), dir_);
+  ASSERT_TRUE(b.open_status.ok());
+  ResponseBody r = ImportInto(b, file, std::nullopt);
+  ASSERT_EQ(CodeOf(r), StatusCode::kFailedPrecondition);
+  EXPECT_NE(std::get<protocol::ErrorReply>(r).message.find("another model file"), std::string::npos);
+  EXPECT_TRUE(As<protocol::SessionList>(b.Call(protocol::ListSessionsRequest{}).last).sessions.empty());
+}
+
+TEST_F(DurabilityTest, FailedImportsReleaseTheirBlocks) {
+  std::string file;
+  {
+    Node a(model_, Dir());
+    ASSERT_TRUE(a.open_status.ok());
+    As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"s"}).last);
+    As<protocol::Done>(a.Call(Turn("s", std::string(200, 'y'))).last);
+    file = ExportFrom(a, "s").file;
+  }
+  tiering::FaultInjectingPageStore* fault = nullptr;
+  Node b(model_, dir_, 32u << 20, &fault);
+  ASSERT_TRUE(b.open_status.ok());
+  const uint64_t free0 = b.tier->stats().t2_blocks;
+  fault->AddFault({.action = tiering::FaultRule::Action::kEio, .op = tiering::IoOp::kWrite, .times = 0});
+  EXPECT_EQ(CodeOf(ImportInto(b, file, std::nullopt)), StatusCode::kIOError);
+  fault->ClearFaults();
+  std::string bad = file;
+  bad[bad.size() / 2] ^= 1;
+  EXPECT_EQ(CodeOf(ImportInto(b, bad, std::nullopt)), StatusCode::kCorruption);
+  EXPECT_EQ(CodeOf(ImportInto(b, std::string_view(file).substr(0, file.size() - 1), std::nullopt)),
+            StatusCode::kCorruption);
+  // A job dropped midway (the client went away) frees what it reserved.
+  {
+    auto job = b.tier->StartImport("abandoned");
+    job->Feed(file.substr(0, file.size() / 2), [](Status) {});
+    job->Abort();
+  }
+  EXPECT_TRUE(As<protocol::SessionList>(b.Call(protocol::ListSessionsRequest{}).last).sessions.empty());
+  EXPECT_EQ(b.tier->stats().t2_blocks, free0);
+  // The store still takes imports (queued behind the abort's release).
+  for (int i = 0; i < 3; ++i)
+    As<protocol::SessionInfo>(ImportInto(b, file, "copy" + std::to_string(i)));
+  EXPECT_EQ(b.tier->stats().t2_reserved_blocks, 0u) << "a failed import kept its reservation";
 }
 
 }  // namespace

@@ -126,11 +126,23 @@ TEST(Messages, TerminalTypes) {
   EXPECT_FALSE(IsTerminal(wire::Message::Generate));
   EXPECT_TRUE(IsRequest(wire::Message::Health));
   EXPECT_FALSE(IsRequest(wire::Message::HelloReply));
+  EXPECT_TRUE(IsRequest(wire::Message::ExportSession));
+  EXPECT_TRUE(IsRequest(wire::Message::ImportSession));
+  EXPECT_FALSE(IsTerminal(wire::Message::ImportSession));
+  EXPECT_FALSE(IsTerminal(wire::Message::ExportChunk));
+  EXPECT_TRUE(IsTerminal(wire::Message::ExportDone));
 }
 
 void ExpectInvalid(const RequestBody& body, const char* what) {
   const Status s = ParseStatus(body);
   EXPECT_EQ(s.code(), StatusCode::kInvalidArgument) << what << ": " << s.ToString();
+}
+
+TEST(Messages, TransferRequestsAreChecked) {
+  ExpectInvalid(ExportSessionRequest{""}, "empty export name");
+  ExpectInvalid(ExportSessionRequest{"a/b"}, "export name with a slash");
+  ExpectInvalid(ImportSessionRequest{std::string(".hidden"), 0, "x", false}, "import name with a dot");
+  ExpectInvalid(ImportSessionRequest{std::string("late"), 5, "x", false}, "name on a later piece");
 }
 
 TEST(Messages, InvalidSamplingValues) {

@@ -42,7 +42,10 @@ inline std::vector<RequestBody> SampleRequests() {
           ForkSessionRequest{"s1", "s2"},
           DeleteSessionRequest{"s2"},
           StatsRequest{true},
-          HealthRequest{}};
+          HealthRequest{},
+          ExportSessionRequest{"agent.main"},
+          ImportSessionRequest{std::string("agent.copy"), 0, std::string("MNEX\0\1\xff", 7), false},
+          ImportSessionRequest{std::nullopt, 7, std::string(1000, 'k'), true}};
 }
 
 inline SessionInfo SampleInfo(const std::string& name) {
@@ -104,7 +107,9 @@ inline std::vector<ResponseBody> SampleResponses() {
           SessionList{{SampleInfo("a"), SampleInfo("b")}},
           Ack{},
           st,
-          HealthReply{HealthStatus::kServing, true, 12.5, "ok"}};
+          HealthReply{HealthStatus::kServing, true, 12.5, "ok"},
+          ExportChunk{262144, std::string("\0\1\2 bytes", 9)},
+          ExportDone{524311, 0x0123456789abcdefULL}};
 }
 
 // Every sample as frames, request i with id i + 1, responses after them.

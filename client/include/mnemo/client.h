@@ -29,6 +29,7 @@ namespace mnemo::client {
 // The protocol's plain message types, under the client's namespace.
 using protocol::ChatMessage;
 using protocol::Done;
+using protocol::ExportDone;
 using protocol::FinishReason;
 using protocol::GenerateRequest;
 using protocol::HealthReply;
@@ -170,6 +171,31 @@ class Client {
 
   Result<StatsReply> Stats(bool prometheus = false);
   Result<HealthReply> Health();
+
+  // Session export and import: a session travels as one checksummed file
+  // (the daemon's export format) between daemons with the same model file
+  // and KV layout. Both need a mnemod with T2 storage (else Unsupported).
+  //
+  // Streams session `session` as an export file to `sink`, piece by piece
+  // in order (pieces are borrowed for the call; a non-OK return cancels the
+  // export and is returned). The size and XXH3 of what arrived are checked
+  // against the daemon's: Corruption on a mismatch. FailedPrecondition
+  // while the session's latest turn is not persisted or a generation runs.
+  Result<ExportDone> ExportSession(std::string_view session,
+                                   const std::function<Status(std::string_view piece)>& sink);
+  // To a file: written to `path`.tmp, synced, then renamed to `path`; on
+  // any error the temporary file is removed and `path` is untouched.
+  Result<ExportDone> ExportSessionToFile(std::string_view session, const std::string& path);
+  // Imports an export file whose bytes `source` returns piece by piece (an
+  // empty piece ends the file; an error aborts the import). The session is
+  // named `new_name`, else as in the file. The daemon verifies the whole
+  // file before anything becomes visible: Corruption for a damaged or
+  // truncated file, FailedPrecondition for another model or KV layout,
+  // AlreadyExists for a name this user already has.
+  Result<SessionInfo> ImportSession(const std::function<Result<std::string>()>& source,
+                                    std::optional<std::string> new_name = std::nullopt);
+  Result<SessionInfo> ImportSessionFromFile(const std::string& path,
+                                            std::optional<std::string> new_name = std::nullopt);
 
   // Cancels the generation with request id `request_id` (GenerateStream::id)
   // and waits for the daemon's acknowledgement. Idempotent: cancelling a
