@@ -795,14 +795,27 @@ Status Scheduler::StartStream(ActiveRequest* r, uint64_t growth_tokens) {
   const uint64_t cold = spans - 1;
   const uint64_t tail_tokens = s->t2.kv_tokens - cold * static_cast<uint64_t>(pt);
   const uint64_t hot = tiering::BlocksForTokens(tail_tokens + growth_tokens, pt) * static_cast<uint64_t>(n_layers);
+  // Pages the other requests may still add this turn (their prompts and
+  // replies): the ring leaves them room.
+  uint64_t others = 0;
+  auto add_growth = [&](const std::unique_ptr<ActiveRequest>& o) {
+    if (o.get() == r) return;
+    const Session* os = o->session;
+    const int64_t kv_len = os->seq != 0 ? *engine_->kv().Length(os->seq) : 0;
+    const uint64_t todo = os->tokens.size() - std::min<uint64_t>(os->tokens.size(), kv_len) +
+                          (o->max_tokens - std::min(o->max_tokens, o->generated));
+    others += tiering::BlocksForTokens(todo + static_cast<uint64_t>(pt), pt) * static_cast<uint64_t>(n_layers);
+  };
+  for (const auto& o : running_) add_growth(o);
+  for (const auto& o : waiting_) add_growth(o);
   // The largest ring that divides the layers (so layer l always uses slot
-  // l % window and the page table stays fixed) and leaves half of what is
-  // free to the other sessions' growth; one slot if only that fits.
+  // l % window and the page table stays fixed) and fits beside them; one
+  // slot if only that fits.
   const uint64_t free = pool.free_pages();
   int32_t window = 0;
   for (int32_t w = std::min(options_.max_stream_window, n_layers); w >= 1 && window == 0; --w) {
     const uint64_t ring = static_cast<uint64_t>(w) * cold;
-    if (n_layers % w == 0 && hot + ring <= free && (w == 1 || 2 * ring <= free - hot)) window = w;
+    if (n_layers % w == 0 && hot + ring <= free && (w == 1 || hot + ring + others <= free)) window = w;
   }
   if (window == 0)
     return Status::ResourceExhausted(

@@ -257,9 +257,12 @@ TEST_F(TierManagerTest, StreamServesEveryLayerStepAfterStepThroughASmallRing) {
     }
     const KvStreamStats st = (*stream)->stats();
     EXPECT_EQ(st.layers_ready + st.layers_waited, 3u * kLayers);
-    // The whole ring is loaded once; smaller rings reload every layer per step.
+    // The whole ring is loaded once; smaller rings reload every layer per
+    // step, and may have begun the next step's first `window` layers.
     const uint64_t loads = window == kLayers ? kLayers : 3u * kLayers;
-    EXPECT_EQ(st.pages_read + st.pages_cached, loads * kv.blocks.size()) << "window " << window;
+    const uint64_t ahead = window == kLayers ? 0 : static_cast<uint64_t>(window);
+    EXPECT_GE(st.pages_read + st.pages_cached, loads * kv.blocks.size()) << "window " << window;
+    EXPECT_LE(st.pages_read + st.pages_cached, (loads + ahead) * kv.blocks.size()) << "window " << window;
     (*stream)->Stop();
   }
 }
