@@ -90,15 +90,15 @@ daemon_args=(--model "$MODEL" --socket "$sock" --data-dir "$data" --threads "$TH
 [[ -n "$T0_BUDGET" ]] && daemon_args+=(--t0-budget "$T0_BUDGET")
 now() { date +%s.%N; }
 
-# Starts mnemod; prints the seconds until it answered Health.
+# Starts mnemod; START_S: the seconds until it answered Health.
 start_daemon() {
   local t0 i
   t0=$(now)
-  "$MNEMOD" "${daemon_args[@]}" 2>> "$work/mnemod.log" &
+  "$MNEMOD" "${daemon_args[@]}" >> "$work/mnemod.log" 2>&1 &
   daemon_pid=$!
   for ((i = 0; i < 720; i++)); do
     if "$CLI" health --socket "$sock" > /dev/null 2>&1; then
-      python3 -c "print(f'{$(now) - $t0:.3f}')"
+      START_S=$(python3 -c "print(f'{$(now) - $t0:.3f}')")
       return 0
     fi
     kill -0 "$daemon_pid" 2> /dev/null || break
@@ -118,11 +118,11 @@ load_start=$(cut -d' ' -f1 /proc/loadavg)
 if ((SYNTH > 0)); then
   echo "compare_resume: synth $SYNTH tokens" >&2
   "$BENCH" synth --session resume --tokens "$SYNTH" "${daemon_args[@]}" --json > "$work/synth.json"
-  start_daemon > /dev/null
+  start_daemon
   "$BENCH" resume fork --socket "$sock" --model "$MODEL" --session resume --forks "$REPS" --json > "$work/create.json"
 else
   echo '{}' > "$work/synth.json"
-  start_daemon > /dev/null
+  start_daemon
   echo "compare_resume: first turn of ~$HISTORY tokens, then (a) x$PREFILL_REPS" >&2
   "$BENCH" resume create --socket "$sock" --model "$MODEL" --session resume --history-tokens "$HISTORY" \
     --message-tokens "$MESSAGE" --forks "$REPS" --prefill-reps "$PREFILL_REPS" --json > "$work/create.json"
@@ -139,12 +139,12 @@ fio --name=layout --filename="$work/fio.dat" --rw=write --bs=1M --size="$BYTES" 
 
 for ((rep = 1; rep <= REPS; rep++)); do
   echo "compare_resume: restart $rep/$REPS" >&2
-  start_s=$(start_daemon)
+  start_daemon
   rc=0
   "$BENCH" resume turn --socket "$sock" --model "$MODEL" --session "resume-$rep" --message-tokens "$MESSAGE" \
     --max-tokens 2 --json > "$work/turn_$rep.json" || rc=$?
   stop_daemon
-  echo "{\"start_s\": $start_s, \"rc\": $rc}" > "$work/start_$rep.json"
+  echo "{\"start_s\": $START_S, \"rc\": $rc}" > "$work/start_$rep.json"
   "${FIO[@]}" > "$work/fio_$rep.json"
 done
 load_end=$(cut -d' ' -f1 /proc/loadavg)
@@ -180,6 +180,8 @@ out = {
         "pages_only_on_t2": all(t["pages_only_on_t2"] for t in turns),
         "daemon_start_s_median": med([s["start_s"] for s in starts]),
         "runs_client_ttft_ms": [t["turn"]["client_ttft_ms"] for t in ok],
+        # The same message right after, KV in T0: the compute share.
+        "warm_client_ttft_ms_median": med([t["warm_turn"]["client_ttft_ms"] for t in ok if "warm_turn" in t]),
         "errors": errors,
     },
     "a_reprefill": {"client_ttft_ms_median": a_ms, "server_ttft_ms_median": med([p["server_ttft_ms"] for p in prefill]),

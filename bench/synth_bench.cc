@@ -33,6 +33,9 @@
 #include <string>
 #include <vector>
 
+#include <spdlog/sinks/stdout_color_sinks.h>
+#include <spdlog/spdlog.h>
+
 #include "daemon/config.h"
 #include "daemon/setup.h"
 #include "model/engine.h"
@@ -388,6 +391,8 @@ std::string ReadFileOrDie(const std::string& path) {
 
 int CmdSynth(int argc, char** argv) {
   SynthOptions o = ParseOptions(argc, argv);
+  // The tiering library logs; stdout is for the report.
+  spdlog::set_default_logger(spdlog::stderr_color_mt("synth"));
   const double t_start = Now();
   // The daemon must not run on this directory meanwhile: take its lock.
   Result<int> lock = daemon::LockDataDir(o.cfg.data_dir);
