@@ -402,10 +402,9 @@ int CmdSynth(int argc, char** argv) {
             : lock.status());
   }
 
-  // The engine mnemod would run, but with a small KV pool: it only
-  // prefills the calibration tokens.
+  // The engine mnemod would run (its KV pool is allocated lazily: only the
+  // calibration tokens' pages are).
   model::EngineOptions eo = daemon::EngineOptionsFor(o.cfg);
-  eo.kv_budget_bytes = size_t{64} << 20;
   eo.max_context = 0;
   Result<std::unique_ptr<model::Engine>> opened = model::Engine::Open(eo);
   if (!opened.ok()) Die(opened.status().WithContext("loading " + o.cfg.model_path));
