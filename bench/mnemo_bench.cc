@@ -6,6 +6,9 @@
 //   batch       decode tokens/s of N sequences together against one alone
 //   membw       single-thread memory read bandwidth (the decode ceiling)
 //   serve       a multi-client chat load against a running mnemod (serve_bench.cc)
+//   t2          T2 page store throughput (t2_bench.cc)
+//   synth       a session with synthetic KV written into a data directory (synth_bench.cc)
+//   resume      client phases of the resume benchmark (resume_bench.cc)
 #include <sys/resource.h>
 
 #include <algorithm>
@@ -407,6 +410,8 @@ int CmdMembw(Args& args) {
 namespace bench {
 int CmdServe(int argc, char** argv);  // serve_bench.cc
 int CmdT2(int argc, char** argv);     // t2_bench.cc
+int CmdSynth(int argc, char** argv);  // synth_bench.cc
+int CmdResume(int argc, char** argv); // resume_bench.cc
 }  // namespace bench
 }  // namespace mnemo
 
@@ -428,11 +433,19 @@ int main(int argc, char** argv) {
                  "             (a chat load against a running mnemod, see serve_bench.cc)\n"
                  "  t2         --dir D [--size 2G --block 1M --page 12K --qd 16 --rand-ops N --engine uring|pread\n"
                  "             --phase all|write|read|rand --keep] [--json]\n"
-                 "             (T2 page store throughput, see t2_bench.cc and compare_fio.sh)\n");
+                 "             (T2 page store throughput, see t2_bench.cc and compare_fio.sh)\n"
+                 "  synth      --session NAME --tokens N [--uid U --turn-tokens T --seed S --text-file F]\n"
+                 "             [mnemod flags: --model M --data-dir D --page-tokens P --t2-budget B ...] [--json]\n"
+                 "             (writes a session with synthetic KV into a stopped mnemod's data directory,\n"
+                 "             see synth_bench.cc)\n"
+                 "  resume     create|turn [--socket S ...] [--json]\n"
+                 "             (client phases of the resume benchmark, see resume_bench.cc and compare_resume.sh)\n");
     return argc < 2 ? 2 : 0;
   }
   if (std::strcmp(argv[1], "serve") == 0) return bench::CmdServe(argc - 2, argv + 2);
   if (std::strcmp(argv[1], "t2") == 0) return bench::CmdT2(argc - 2, argv + 2);
+  if (std::strcmp(argv[1], "synth") == 0) return bench::CmdSynth(argc - 2, argv + 2);
+  if (std::strcmp(argv[1], "resume") == 0) return bench::CmdResume(argc - 2, argv + 2);
   Args args(argc, argv, 2);
   const std::string cmd = argv[1];
   if (cmd == "generate") return CmdGenerate(args);

@@ -21,6 +21,7 @@
 #include "daemon/metrics.h"
 #include "daemon/scheduler.h"
 #include "daemon/server.h"
+#include "daemon/setup.h"
 #include "daemon/systemd.h"
 #include "model/engine.h"
 #include "tiering/tier_manager.h"
@@ -56,25 +57,6 @@ void SetUpLogging(const std::string& level) {
   spdlog::set_default_logger(logger);
 }
 
-// One daemon per data directory: an exclusive lock held for the process's
-// life (the kernel drops it on any exit, kill -9 included).
-Result<int> LockDataDir(const std::string& dir) {
-  std::error_code ec;
-  std::filesystem::create_directories(dir, ec);
-  if (ec) return Status::IOError("cannot create data directory " + dir + ": " + ec.message());
-  const std::string path = dir + "/mnemod.lock";
-  int fd = ::open(path.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-  if (fd < 0) return Status::FromErrno("open " + path, errno);
-  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
-    const int err = errno;
-    ::close(fd);
-    if (err == EWOULDBLOCK)
-      return Status::AlreadyExists("another mnemod is using the data directory " + dir);
-    return Status::FromErrno("flock " + path, err);
-  }
-  return fd;
-}
-
 int Fail(const Status& s) {
   spdlog::critical("{}", s.ToString());
   systemd::NotifyStatus("failed: " + s.ToString());
@@ -108,13 +90,7 @@ int Run(int argc, char** argv) {
 
   systemd::NotifyStatus("loading model " + cfg.model_path);
   spdlog::info("mnemod {} loading {}", MNEMO_VERSION, cfg.model_path);
-  model::EngineOptions eo;
-  eo.model_path = cfg.model_path;
-  eo.threads = cfg.threads;
-  eo.page_tokens = cfg.page_tokens;
-  eo.kv_budget_bytes = cfg.t0_budget_bytes;
-  eo.prefill_chunk = cfg.prefill_chunk;
-  eo.max_context = static_cast<int32_t>(cfg.max_context_tokens);
+  const model::EngineOptions eo = EngineOptionsFor(cfg);
   Result<std::unique_ptr<model::Engine>> engine = model::Engine::Open(eo);
   if (!engine.ok()) return Fail(engine.status().WithContext("loading " + cfg.model_path));
   const model::LlamaConfig& mc = (*engine)->model().config();
@@ -131,13 +107,7 @@ int Run(int argc, char** argv) {
   std::unique_ptr<tiering::TierManager> tier;
   if (cfg.t2_budget_bytes > 0) {
     systemd::NotifyStatus("opening session storage in " + cfg.data_dir);
-    tiering::TierOptions to;
-    to.data_dir = cfg.data_dir;
-    to.t1_budget_bytes = cfg.t1_budget_bytes;
-    to.t2_budget_bytes = cfg.t2_budget_bytes;
-    to.model_fingerprint = (*engine)->model().fingerprint();
-    to.kv = tiering::KvGeometry{mc.n_layers, cfg.page_tokens, mc.n_kv_heads, mc.head_dim, tiering::KvDtype::kF16};
-    to.page_bytes = (*engine)->pool().page_bytes();
+    const tiering::TierOptions to = TierOptionsFor(cfg, **engine);
     Result<std::unique_ptr<tiering::TierManager>> t = tiering::TierManager::Open(to);
     if (!t.ok()) return Fail(t.status().WithContext("opening session storage in " + cfg.data_dir));
     tier = std::move(t).value();
