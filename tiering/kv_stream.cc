@@ -3,6 +3,7 @@
 
 #include <chrono>
 #include <cstring>
+#include <iterator>
 
 #include "tiering/index.h"
 #include "tiering/tier_manager.h"
@@ -47,6 +48,21 @@ void KvStream::LoadLocked(int32_t slot, int32_t layer) {
 
 void KvStream::PumpLocked() {
   const BlockLayout& L = tm_->layout();
+  // Reads go to the store in batches (one submission each).
+  IoRequest* batch[64];
+  size_t n = 0;
+  auto flush = [&] {
+    if (n == 0) return;
+    Status s = tm_->store_->Submit(std::span<IoRequest* const>(batch, n));
+    if (s.ok()) {
+      inflight_ += n;
+    } else {
+      for (size_t i = 0; i < n; ++i) free_reads_.push_back(static_cast<Read*>(batch[i]->user));
+      if (error_.ok()) error_ = s.WithContext(options_.label + ": reading KV pages");
+      cv_.notify_all();
+    }
+    n = 0;
+  };
   while (!todo_.empty() && error_.ok() && !stopping_) {
     const auto [slot, b] = todo_.front();
     const int32_t layer = slots_[static_cast<size_t>(slot)].layer;
@@ -58,7 +74,7 @@ void KvStream::PumpLocked() {
       PageDoneLocked(slot, b, Status::Ok(), static_cast<const uint8_t*>(page));
       continue;
     }
-    if (free_reads_.empty()) return;  // a completion pumps again
+    if (free_reads_.empty()) break;  // a completion pumps again
     todo_.pop_front();
     Read* r = free_reads_.back();
     free_reads_.pop_back();
@@ -72,16 +88,10 @@ void KvStream::PumpLocked() {
     r->req.buf = options_.direct ? page : r->bounce;
     r->req.callback = &KvStream::OnRead;
     r->req.user = r;
-    IoRequest* req = &r->req;
-    Status s = tm_->store_->Submit(std::span<IoRequest* const>(&req, 1));
-    if (!s.ok()) {
-      free_reads_.push_back(r);
-      error_ = s.WithContext(options_.label + ": reading KV pages");
-      cv_.notify_all();
-      return;
-    }
-    ++inflight_;
+    batch[n++] = &r->req;
+    if (n == std::size(batch)) flush();
   }
+  flush();
 }
 
 void KvStream::OnRead(IoRequest* req) {
