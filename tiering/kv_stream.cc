@@ -102,7 +102,9 @@ void KvStream::OnRead(IoRequest* req) {
   ++self->stats_.pages_read;
   self->PageDoneLocked(r->slot, r->block, req->status, static_cast<const uint8_t*>(req->buf));
   self->free_reads_.push_back(r);
-  self->PumpLocked();
+  // Refill in batches (one submission for many reads) while enough are
+  // still in flight to keep the device busy.
+  if (self->free_reads_.size() >= 32 || self->inflight_ < 64) self->PumpLocked();
   self->cv_.notify_all();
 }
 
