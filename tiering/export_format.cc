@@ -6,8 +6,14 @@
 #include <type_traits>
 #include <vector>
 
+#include "tiering/le_codec.h"
+
 namespace mnemo::tiering {
 namespace {
+
+using le::Put;
+using le::PutString;
+using Cursor = le::Reader;
 
 constexpr uint32_t kHeaderMagic = 0x58454e4d;    // "MNEX"
 constexpr uint32_t kManifestMagic = 0x4d584e4d;  // "MNXM"
@@ -17,51 +23,6 @@ constexpr size_t kManifestHeadBytes = 16;
 constexpr size_t kBlockHeadBytes = 16;
 constexpr uint64_t kMaxManifestBodyBytes =
     2 * (2 + kMaxSessionNameBytes) + 8 + 4 * kMaxManifestTokens + 8 + 4 + kMaxCloseTextBytes + 64;
-
-template <typename T>
-void Put(std::string* out, T v) {
-  static_assert(std::is_integral_v<T>);
-  char b[sizeof(T)];
-  auto u = static_cast<std::make_unsigned_t<T>>(v);
-  for (size_t i = 0; i < sizeof(T); ++i) b[i] = static_cast<char>((u >> (8 * i)) & 0xff);
-  out->append(b, sizeof(T));
-}
-
-template <typename Len>
-void PutString(std::string* out, std::string_view s) {
-  Put<Len>(out, static_cast<Len>(s.size()));
-  out->append(s);
-}
-
-// Bounds-checked little-endian reads over one record.
-class Cursor {
- public:
-  explicit Cursor(std::string_view b) : b_(b) {}
-  size_t left() const { return b_.size() - pos_; }
-  size_t pos() const { return pos_; }
-  template <typename T>
-  bool Get(T* v) {
-    if (left() < sizeof(T)) return false;
-    std::make_unsigned_t<T> u = 0;
-    for (size_t i = 0; i < sizeof(T); ++i)
-      u |= static_cast<std::make_unsigned_t<T>>(static_cast<uint8_t>(b_[pos_ + i])) << (8 * i);
-    pos_ += sizeof(T);
-    *v = static_cast<T>(u);
-    return true;
-  }
-  template <typename Len>
-  bool GetString(std::string* s, size_t max_bytes) {
-    Len n = 0;
-    if (!Get(&n) || n > max_bytes || left() < n) return false;
-    s->assign(b_.data() + pos_, n);
-    pos_ += n;
-    return true;
-  }
-
- private:
-  std::string_view b_;
-  size_t pos_ = 0;
-};
 
 uint64_t Hash(std::string_view b) { return XXH3_64bits(b.data(), b.size()); }
 
