@@ -58,17 +58,7 @@ while (($#)); do
     *) die "unknown option $1" ;;
   esac
 done
-MNEMOD=${MNEMOD:-build/daemon/mnemod}
-BENCH=${MNEMO_BENCH:-build/bench/mnemo-bench}
-CLI=${MNEMO_CLI:-build/client/mnemo}
-for bin in "$MNEMOD" "$BENCH" "$CLI"; do
-  [[ -x "$bin" ]] || die "$bin is missing: build first"
-done
-[[ -f "$MODEL" ]] || die "no model at $MODEL (scripts/fetch-model)"
-command -v fio > /dev/null || die "fio not found (scripts/setup installs it)"
-mkdir -p "$DIR"
-FSTYPE=$(df -T "$DIR" | awk 'NR==2 {print $2}')
-[[ "$FSTYPE" == tmpfs ]] && die "$DIR is on tmpfs; give --dir on the disk to measure"
+source "$(dirname "$0")/lib.sh"
 
 TOKENS=$HISTORY
 ((SYNTH > 0)) && TOKENS=$SYNTH
@@ -76,53 +66,20 @@ TOKENS=$HISTORY
 # re-prefill sessions and the turns, rounded up.
 [[ -z "$T2_BUDGET" ]] && T2_BUDGET=$((TOKENS * 45 / 1024 + 1024))M
 
-work=$(mktemp -d "$DIR/mnemo-resume.XXXXXX")
-daemon_pid=""
-cleanup() {
-  if [[ -n "$daemon_pid" ]]; then kill -KILL "$daemon_pid" 2> /dev/null || true; wait "$daemon_pid" 2> /dev/null || true; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
 data=$work/data
 sock=$work/mnemod.sock
 daemon_args=(--model "$MODEL" --socket "$sock" --data-dir "$data" --threads "$THREADS"
              --t2-budget "$T2_BUDGET" --max-context $((TOKENS + 4096)) --log-level warn)
 [[ -n "$T0_BUDGET" ]] && daemon_args+=(--t0-budget "$T0_BUDGET")
-now() { date +%s.%N; }
-
-# Starts mnemod; START_S: the seconds until it answered Health.
-start_daemon() {
-  local t0 i
-  t0=$(now)
-  "$MNEMOD" "${daemon_args[@]}" >> "$work/mnemod.log" 2>&1 &
-  daemon_pid=$!
-  for ((i = 0; i < 720; i++)); do
-    if "$CLI" health --socket "$sock" > /dev/null 2>&1; then
-      START_S=$(python3 -c "print(f'{$(now) - $t0:.3f}')")
-      return 0
-    fi
-    kill -0 "$daemon_pid" 2> /dev/null || break
-    sleep 0.25
-  done
-  echo "compare_resume: mnemod did not become healthy; its log:" >&2
-  tail -20 "$work/mnemod.log" >&2
-  exit 1
-}
-stop_daemon() {
-  kill -TERM "$daemon_pid"
-  wait "$daemon_pid" 2> /dev/null || true
-  daemon_pid=""
-}
-
 load_start=$(cut -d' ' -f1 /proc/loadavg)
 if ((SYNTH > 0)); then
   echo "compare_resume: synth $SYNTH tokens" >&2
   "$BENCH" synth --session resume --tokens "$SYNTH" "${daemon_args[@]}" --json > "$work/synth.json"
-  start_daemon
+  start_daemon "${daemon_args[@]}"
   "$BENCH" resume fork --socket "$sock" --model "$MODEL" --session resume --forks "$REPS" --json > "$work/create.json"
 else
   echo '{}' > "$work/synth.json"
-  start_daemon
+  start_daemon "${daemon_args[@]}"
   echo "compare_resume: first turn of ~$HISTORY tokens, then (a) x$PREFILL_REPS" >&2
   "$BENCH" resume create --socket "$sock" --model "$MODEL" --session resume --history-tokens "$HISTORY" \
     --message-tokens "$MESSAGE" --forks "$REPS" --prefill-reps "$PREFILL_REPS" --json > "$work/create.json"
@@ -139,7 +96,7 @@ fio --name=layout --filename="$work/fio.dat" --rw=write --bs=1M --size="$BYTES" 
 
 for ((rep = 1; rep <= REPS; rep++)); do
   echo "compare_resume: restart $rep/$REPS" >&2
-  start_daemon
+  start_daemon "${daemon_args[@]}"
   rc=0
   "$BENCH" resume turn --socket "$sock" --model "$MODEL" --session "resume-$rep" --message-tokens "$MESSAGE" \
     --max-tokens 2 --json > "$work/turn_$rep.json" || rc=$?

@@ -10,9 +10,9 @@
 #   resident  the same session (a fork: same T2 blocks) with a T0 that holds
 #             it whole;
 #   I/O bound the session's KV bytes (read once per generated token) at the
-#             bandwidth fio reaches on the same file system with io_uring and
-#             O_DIRECT: at the page size the ring reads (random, queue depth
-#             32) and sequentially at 1 MiB.
+#             bandwidth fio reaches reading the session's own slab files with
+#             io_uring and O_DIRECT: at the page size the ring reads (random,
+#             queue depth 32) and sequentially at 1 MiB.
 # Decode rates are the daemon's own (Done.decode_tokens_per_s: after the
 # first token). Target: streamed >= 0.8 x min(resident, I/O bound). Prints
 # JSON; the machine is shared: compare figures of one invocation only.
@@ -41,21 +41,7 @@ while (($#)); do
     *) die "unknown argument $1" ;;
   esac
 done
-MNEMOD=${MNEMOD:-build/daemon/mnemod}
-BENCH=${MNEMO_BENCH:-build/bench/mnemo-bench}
-CLI=${MNEMO_CLI:-build/client/mnemo}
-for bin in "$MNEMOD" "$BENCH" "$CLI"; do [[ -x "$bin" ]] || die "$bin is missing: build first"; done
-[[ -f "$MODEL" ]] || die "no model at $MODEL"
-command -v fio > /dev/null || die "fio is not installed (scripts/setup installs it)"
-[[ "$(stat -f -c %T "$DIR")" == tmpfs ]] && die "$DIR is on tmpfs; give --dir on the disk to measure"
-
-work=$(mktemp -d "$DIR/mnemo-stream.XXXXXX")
-daemon_pid=""
-cleanup() {
-  if [[ -n "$daemon_pid" ]]; then kill -KILL "$daemon_pid" 2> /dev/null || true; wait "$daemon_pid" 2> /dev/null || true; fi
-  rm -rf "$work"
-}
-trap cleanup EXIT
+source "$(dirname "$0")/lib.sh"
 data=$work/data
 sock=$work/mnemod.sock
 # 23 KiB of KV per token for the default model: size T2 with room to spare.
@@ -64,23 +50,10 @@ T2_BUDGET=$(( (KV_BYTES * 3 / 2 + (512 << 20)) >> 20 ))M
 common=(--model "$MODEL" --socket "$sock" --data-dir "$data" --threads "$THREADS" --t2-budget "$T2_BUDGET"
         --max-context $((TOKENS + 1024)) --log-level info)
 
-start_daemon() {
-  "$MNEMOD" "${common[@]}" "$@" >> "$work/mnemod.log" 2>&1 &
-  daemon_pid=$!
-  for ((i = 0; i < 720; i++)); do
-    "$CLI" health --socket "$sock" > /dev/null 2>&1 && return 0
-    kill -0 "$daemon_pid" 2> /dev/null || break
-    sleep 0.25
-  done
-  tail -20 "$work/mnemod.log" >&2
-  die "mnemod did not become healthy"
-}
-stop_daemon() { kill -TERM "$daemon_pid"; wait "$daemon_pid" 2> /dev/null || true; daemon_pid=""; }
-
 load_start=$(cut -d' ' -f1 /proc/loadavg)
 echo "compare_stream: synth $TOKENS tokens" >&2
 "$BENCH" synth --session big --tokens "$TOKENS" "${common[@]}" --json > "$work/synth.json"
-start_daemon --t0-budget 64M --t1-budget 0
+start_daemon "${common[@]}" --t0-budget 64M --t1-budget 0
 "$CLI" --socket "$sock" fork big streamed > /dev/null
 "$CLI" --socket "$sock" fork big resident > /dev/null
 stop_daemon
@@ -92,21 +65,22 @@ read -r KV_READ < <(python3 -c "import json; print(json.load(open('$work/synth.j
 T0=$(python3 -c "print(int($KV_READ * $FRACTION * 0.8) >> 20)")M
 T1=$(python3 -c "print(int($KV_READ * $FRACTION * 0.2) >> 20)")M
 echo "compare_stream: streamed (t0 $T0, t1 $T1)" >&2
-start_daemon --t0-budget "$T0" --t1-budget "$T1"
+start_daemon "${common[@]}" --t0-budget "$T0" --t1-budget "$T1"
 gen streamed > "$work/streamed.json"
 "$CLI" --socket "$sock" --json stats > "$work/streamed_stats.json"
 stop_daemon
 echo "compare_stream: resident" >&2
-start_daemon --t0-budget $(( (KV_READ * 2 + (256 << 20)) >> 20 ))M --t1-budget 0
+start_daemon "${common[@]}" --t0-budget $(( (KV_READ * 2 + (256 << 20)) >> 20 ))M --t1-budget 0
 gen resident > "$work/resident.json"
 stop_daemon
 
 PAGE=$((16 * 3 * 64 * 2 * 2))
-fio --name=layout --filename="$work/fio.dat" --rw=write --bs=1M --size="$KV_READ" --ioengine=io_uring \
-  --direct=1 --iodepth="$QD" --output-format=json > /dev/null
-fio --name=pages --filename="$work/fio.dat" --rw=randread --bs="$PAGE" --size="$KV_READ" --ioengine=io_uring \
+# fio reads the session's own slab files (read-only): the same bytes on the
+# same part of the disk the ring reads.
+slabs=$(ls "$data"/pages/slab-* | tr '\n' ':' | sed 's/:$//')
+fio --name=pages --filename="$slabs" --readonly --rw=randread --bs="$PAGE" --size="$KV_READ" --ioengine=io_uring \
   --direct=1 --iodepth="$QD" --output-format=json > "$work/fio_pages.json"
-fio --name=seq --filename="$work/fio.dat" --rw=read --bs=1M --size="$KV_READ" --ioengine=io_uring \
+fio --name=seq --filename="$slabs" --readonly --rw=read --bs=1M --size="$KV_READ" --ioengine=io_uring \
   --direct=1 --iodepth="$QD" --output-format=json > "$work/fio_seq.json"
 load_end=$(cut -d' ' -f1 /proc/loadavg)
 grep -i "streaming" "$work/mnemod.log" >&2 || true

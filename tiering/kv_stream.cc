@@ -26,6 +26,9 @@ Status KvStream::Start() {
   reads_.resize(n);
   if (!options_.direct) {
     MNEMO_ASSIGN_OR_RETURN(bounce_, AlignedBuffer::Allocate(size_t{n} * L.layer_stride));
+    // Registered once (io_uring fixed buffers): reads into it skip pinning
+    // pages per request. Refused (e.g. RLIMIT_MEMLOCK): the plain path.
+    bounce_registered_ = tm_->store_->RegisterBuffers(bounce_.data(), bounce_.size()).ok();
   }
   for (uint32_t i = 0; i < n; ++i) {
     reads_[i].stream = this;
@@ -41,6 +44,7 @@ Status KvStream::Start() {
 void KvStream::LoadLocked(int32_t slot, int32_t layer) {
   Slot& s = slots_[static_cast<size_t>(slot)];
   s.layer = layer;
+  s.verified = false;
   s.pending = options_.blocks.size();
   s.ready = s.pending == 0;
   for (uint64_t b = 0; b < options_.blocks.size(); ++b) todo_.emplace_back(slot, b);
@@ -105,7 +109,9 @@ void KvStream::OnRead(IoRequest* req) {
   // Refill in batches (one submission for many reads) while enough are
   // still in flight to keep the device busy.
   if (self->free_reads_.size() >= 32 || self->inflight_ < 64) self->PumpLocked();
-  self->cv_.notify_all();
+  // Waiters wake for a ready slot or an error (PageDoneLocked), and Stop for
+  // the last read back: not for every page.
+  if (self->stopping_ && self->inflight_ == 0) self->cv_.notify_all();
 }
 
 void KvStream::PageDoneLocked(int32_t slot, uint64_t block, const Status& status, const uint8_t* data) {
@@ -114,12 +120,6 @@ void KvStream::PageDoneLocked(int32_t slot, uint64_t block, const Status& status
   if (!error_.ok()) return;
   if (!status.ok()) {
     error_ = status.WithContext(options_.label + ": reading KV pages");
-    cv_.notify_all();
-    return;
-  }
-  if (PageChecksum(data, L.page_bytes) != checksums_[block][static_cast<size_t>(s.layer)]) {
-    error_ = Status::Corruption(options_.label + ": KV page of layer " + std::to_string(s.layer) + " in block " +
-                                std::to_string(options_.blocks[block]) + " fails its checksum");
     cv_.notify_all();
     return;
   }
@@ -140,18 +140,35 @@ Status KvStream::WaitLayer(int32_t layer) {
   if (layer != expected)
     return Status::Internal("KV stream: layer " + std::to_string(layer) + " asked out of order (layer " +
                             std::to_string(expected) + " comes next)");
-  Slot& s = slots_[static_cast<size_t>(visit_ % static_cast<uint64_t>(window_))];
+  const auto slot = static_cast<size_t>(visit_ % static_cast<uint64_t>(window_));
+  Slot& s = slots_[slot];
   if (s.ready) {
     ++stats_.layers_ready;
-    return Status::Ok();
+  } else {
+    ++stats_.layers_waited;
+    const auto t0 = std::chrono::steady_clock::now();
+    cv_.wait(lock, [&] { return s.ready || !error_.ok() || stopping_; });
+    stats_.stall_ns += static_cast<uint64_t>(
+        std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
+    if (!error_.ok()) return error_;
+    if (!s.ready) return Status::Cancelled(options_.label + ": KV stream stopped");
   }
-  ++stats_.layers_waited;
-  const auto t0 = std::chrono::steady_clock::now();
-  cv_.wait(lock, [&] { return s.ready || !error_.ok() || stopping_; });
-  stats_.stall_ns += static_cast<uint64_t>(
-      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0).count());
-  if (!error_.ok()) return error_;
-  if (!s.ready) return Status::Cancelled(options_.label + ": KV stream stopped");
+  if (s.verified) return Status::Ok();
+  // Every page of the layer against its XXH3, here on the waiting step
+  // thread rather than on the I/O thread; no read touches a ready slot.
+  lock.unlock();
+  const BlockLayout& L = tm_->layout();
+  uint64_t bad = options_.blocks.size();
+  for (uint64_t b = 0; b < options_.blocks.size() && bad == options_.blocks.size(); ++b)
+    if (PageChecksum(options_.ring[slot][b], L.page_bytes) != checksums_[b][static_cast<size_t>(layer)]) bad = b;
+  lock.lock();
+  if (bad < options_.blocks.size()) {
+    if (error_.ok())
+      error_ = Status::Corruption(options_.label + ": KV page of layer " + std::to_string(layer) + " in block " +
+                                  std::to_string(options_.blocks[bad]) + " fails its checksum");
+    return error_;
+  }
+  s.verified = true;
   return Status::Ok();
 }
 
@@ -173,6 +190,10 @@ void KvStream::Stop() {
   todo_.clear();
   cv_.notify_all();
   cv_.wait(lock, [&] { return inflight_ == 0; });
+  if (bounce_registered_) {
+    tm_->store_->UnregisterBuffers(bounce_.data());
+    bounce_registered_ = false;
+  }
 }
 
 KvStreamStats KvStream::stats() const {

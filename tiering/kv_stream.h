@@ -5,8 +5,9 @@
 // layers 0..n_layers-1 over and over, visit v lives in slot v % window. A
 // step waits for its next layer (WaitLayer), and once it has used it
 // (LayerDone) the slot loads the layer of visit v + window, wrapping to the
-// next step's first layers. Pages come from T1 when cached, else from T2 (io_uring),
-// each checked against its XXH3 before it is reported ready.
+// next step's first layers. Pages come from T1 when cached, else from T2
+// (io_uring); WaitLayer checks each against its XXH3 before the step uses
+// it.
 //
 // Thread-safe: WaitLayer/LayerDone/Stop come from the step thread, reads
 // complete on the store's I/O thread. The ring memory belongs to the caller
@@ -36,7 +37,8 @@ struct KvStreamOptions {
   // [window][blocks.size()] T0 page memory (page_bytes each).
   std::vector<std::vector<void*>> ring;
   // Reads go straight into the ring pages (host memory, 4 KiB aligned,
-  // page_bytes a multiple of 4 KiB); otherwise through bounce buffers.
+  // page_bytes a multiple of 4 KiB); otherwise through bounce buffers
+  // registered with the store, then copied.
   bool direct = true;
   uint32_t max_inflight = 256;  // reads submitted at once
 };
@@ -72,6 +74,7 @@ class KvStream {
     int32_t layer = -1;      // the layer it holds or is loading
     uint64_t pending = 0;    // pages of it not yet in place
     bool ready = false;
+    bool verified = false;   // its pages passed their checksums
   };
   struct Read {
     IoRequest req;
@@ -99,6 +102,7 @@ class KvStream {
   const std::vector<std::vector<uint64_t>> checksums_;
   std::vector<Read> reads_;          // max_inflight request records
   AlignedBuffer bounce_;             // max_inflight * layer_stride when !direct
+  bool bounce_registered_ = false;   // guarded by mu_ after Start
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
