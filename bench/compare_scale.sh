@@ -71,9 +71,13 @@ grep -i "streaming" "$work/mnemod.log" >&2 || true
 
 # fio reads the session's own slab files (read-only, random 12 KiB pages,
 # --fio-size bytes in all): the same data on the same part of the disk.
-slabs=$(ls "$work"/data/pages/slab-* | tr '\n' ':' | sed 's/:$//')
+# (the first slabs that hold --fio-size: fio's file list has a length limit)
+fio_bytes=$(numfmt --from=iec "$FIO_SIZE")
+slab_bytes=$(stat -c %s "$(ls "$work"/data/pages/slab-* | head -1)")
+n_slabs=$(( (fio_bytes + slab_bytes - 1) / slab_bytes ))
+slabs=$(ls "$work"/data/pages/slab-* | head -n "$n_slabs" | tr '\n' ':' | sed 's/:$//')
 fio --name=scale --filename="$slabs" --readonly --rw=randread --bs=12K --size="$FIO_SIZE" --ioengine=io_uring \
-  --direct=1 --iodepth="$QD" --output-format=json > "$work/fio.json" 2> /dev/null
+  --direct=1 --iodepth="$QD" --output-format=json > "$work/fio.json"
 load_end=$(cut -d' ' -f1 /proc/loadavg)
 
 python3 - "$work" "$MODEL" "$T0" "$T1" "$create_s" "$start_s" "$turn_s" "$hwm_kb" "$load_start" "$load_end" <<'PY'

@@ -120,6 +120,7 @@ int Run(int argc, char** argv) {
   so.max_batch = cfg.max_batch;
   so.step_tokens = cfg.step_tokens;
   so.prefill_chunk = cfg.prefill_chunk;
+  so.max_stream_window = cfg.stream_window;
   so.default_max_tokens = cfg.default_max_tokens;
   so.max_queued = cfg.max_queued_requests;
   so.max_sessions_per_uid = cfg.max_sessions_per_uid;

@@ -283,6 +283,7 @@ TEST_F(ConfigTest, EveryMalformedOrOutOfRangeFlagNamesTheFlag) {
       {"--step-tokens", "x"},
       {"--prefill-chunk", "0"},
       {"--prefill-chunk", "100000"},
+      {"--stream-window", "-1"},
       {"--default-max-tokens", "0"},
       {"--max-connections", "0"},
       {"--max-frame-bytes", "1k"},
@@ -342,7 +343,7 @@ TEST_F(ConfigTest, HelpListsEveryOptionWithItsDefault) {
   EXPECT_EQ(r->exit_code, 0);
   for (const char* flag :
        {"--config", "--model", "--data-dir", "--socket", "--socket-mode", "--threads", "--page-tokens",
-        "--t0-budget", "--t1-budget", "--t2-budget", "--max-batch", "--step-tokens", "--prefill-chunk",
+        "--t0-budget", "--t1-budget", "--t2-budget", "--max-batch", "--step-tokens", "--prefill-chunk", "--stream-window",
         "--default-max-tokens", "--max-connections", "--max-frame-bytes", "--max-sessions-per-uid",
         "--max-context", "--max-queued", "--max-requests-per-connection", "--idle-timeout", "--shutdown-grace",
         "--metrics-listen", "--log-level", "--version", "--help"}) {
