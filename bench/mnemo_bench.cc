@@ -25,16 +25,15 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "model/engine.h"
 
 namespace mnemo {
 namespace {
 
+using bench::DieAs;
+using bench::Now;
 using nlohmann::json;
-
-double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 size_t PeakRssBytes() {
   struct rusage ru {};
@@ -42,10 +41,7 @@ size_t PeakRssBytes() {
   return static_cast<size_t>(ru.ru_maxrss) * 1024;
 }
 
-[[noreturn]] void Die(const std::string& msg) {
-  std::fprintf(stderr, "mnemo-bench: %s\n", msg.c_str());
-  std::exit(2);
-}
+[[noreturn]] void Die(const std::string& msg) { DieAs("mnemo-bench", msg); }
 
 // --flag value / --flag (boolean) parsing.
 class Args {

@@ -27,6 +27,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "mnemo/client.h"
 #include "model/engine.h"
 #include "tiering/layout.h"
@@ -40,14 +41,8 @@ namespace {
 using client::Client;
 using nlohmann::json;
 
-double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
-[[noreturn]] void Die(const std::string& msg) {
-  std::fprintf(stderr, "mnemo-bench resume: %s\n", msg.c_str());
-  std::exit(2);
-}
+[[noreturn]] void Die(const std::string& msg) { DieAs("mnemo-bench resume", msg); }
 [[noreturn]] void Die(const Status& s) { Die(s.ToString()); }
 
 struct ResumeOptions {

@@ -25,6 +25,7 @@
 #include <thread>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "mnemo/client.h"
 
 namespace mnemo::bench {
@@ -36,14 +37,8 @@ namespace {
 using client::Client;
 using nlohmann::json;
 
-double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
-[[noreturn]] void Die(const std::string& msg) {
-  std::fprintf(stderr, "mnemo-bench serve: %s\n", msg.c_str());
-  std::exit(2);
-}
+[[noreturn]] void Die(const std::string& msg) { DieAs("mnemo-bench serve", msg); }
 
 struct ServeOptions {
   std::string socket;

@@ -36,6 +36,7 @@
 #include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 
+#include "bench/bench_util.h"
 #include "daemon/config.h"
 #include "daemon/setup.h"
 #include "model/engine.h"
@@ -50,9 +51,6 @@ namespace {
 
 using nlohmann::json;
 
-double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
 uint64_t UnixMs() {
   return static_cast<uint64_t>(std::chrono::duration_cast<std::chrono::milliseconds>(
@@ -67,8 +65,7 @@ size_t PeakRssBytes() {
 }
 
 [[noreturn]] void Die(const Status& s) {
-  std::fprintf(stderr, "mnemo-bench synth: %s\n", s.ToString().c_str());
-  std::exit(s.code() == StatusCode::kInvalidArgument ? 2 : 1);
+  DieAs("mnemo-bench synth", s.ToString(), s.code() == StatusCode::kInvalidArgument ? 2 : 1);
 }
 
 float HalfToFloat(uint16_t h) {

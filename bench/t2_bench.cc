@@ -19,6 +19,7 @@
 #include <string>
 #include <vector>
 
+#include "bench/bench_util.h"
 #include "tiering/page_store.h"
 
 namespace mnemo::bench {
@@ -34,14 +35,8 @@ using tiering::IoRequest;
 using tiering::PageStore;
 using tiering::PageStoreOptions;
 
-double Now() {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now().time_since_epoch()).count();
-}
 
-[[noreturn]] void Die(const std::string& msg) {
-  std::fprintf(stderr, "mnemo-bench t2: %s\n", msg.c_str());
-  std::exit(2);
-}
+[[noreturn]] void Die(const std::string& msg) { DieAs("mnemo-bench t2", msg); }
 
 // "2G", "360K", "1M", "4096": bytes (binary units).
 uint64_t ParseBytes(const std::string& flag, const std::string& s) {
