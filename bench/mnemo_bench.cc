@@ -313,6 +313,46 @@ int CmdBatch(Args& args) {
   return 0;
 }
 
+// The compute share of a resumed turn: a context of --ctx tokens in the KV
+// cache, then --tokens new tokens prefilled on top of it (forked off the
+// context each rep, so every rep sees the same history). Prints the best and
+// median time of the extension and its tokens/s.
+int CmdExtend(Args& args) {
+  auto e = OpenEngine(args, size_t{4} << 30);
+  const int ctx = static_cast<int>(args.Num("ctx", 8192));
+  const int n = static_cast<int>(args.Num("tokens", 32));
+  const int reps = static_cast<int>(args.Num("reps", 5));
+  const bool as_json = args.Has("json");
+  args.CheckAllUsed();
+  if (ctx < 1 || n < 1 || reps < 1) Die("--ctx, --tokens and --reps must be >= 1");
+  const std::vector<int32_t> all = SyntheticPrompt(*e, ctx + n);
+  const auto history = std::span<const int32_t>(all).first(static_cast<size_t>(ctx));
+  const auto fresh = std::span<const int32_t>(all).subspan(static_cast<size_t>(ctx));
+  auto base = e->kv().CreateSeq();
+  const double t0 = Now();
+  if (auto l = e->Prefill(base, history); !l.ok()) Die(l.status().ToString());
+  const double context_s = Now() - t0;
+  std::vector<double> times;
+  for (int r = 0; r < reps; ++r) {
+    auto fork = e->kv().Fork(base);
+    if (!fork.ok()) Die(fork.status().ToString());
+    const double a = Now();
+    if (auto l = e->Prefill(*fork, fresh); !l.ok()) Die(l.status().ToString());
+    times.push_back(Now() - a);
+    if (Status s = e->kv().FreeSeq(*fork); !s.ok()) Die(s.ToString());
+  }
+  std::sort(times.begin(), times.end());
+  const double median = times[times.size() / 2];
+  json j{{"ctx", ctx},
+         {"tokens", n},
+         {"context_prefill_s", context_s},
+         {"extend_ms_best", times.front() * 1e3},
+         {"extend_ms_median", median * 1e3},
+         {"extend_tokens_per_s", n / median}};
+  std::cout << (as_json ? j.dump() : j.dump(2)) << "\n";
+  return 0;
+}
+
 // Runs the forward pass over the first --tokens tokens of a text as one
 // batch with an observer, and compares every intermediate tensor with the
 // float32 dumps that scripts/ref/layerdump.cc wrote from llama.cpp.
@@ -422,6 +462,8 @@ int main(int argc, char** argv) {
                  "  perplexity --model M --text-file F --ctx N [--threads T] [--json]\n"
                  "  batch      --model M --seqs N --ctx C --steps S [--threads T] [--json]\n"
                  "  membw      [--mib N] [--json]\n"
+                 "  extend     --model M --ctx C --tokens N [--reps R --threads T] [--json]\n"
+                 "             (prefill N tokens on top of a C-token context: a resumed turn's compute)\n"
                  "  layers     --model M --text-file F --dump-dir D [--tokens N] [--json]\n"
                  "             (compare every activation with llama.cpp's, see scripts/ref/layerdump.cc)\n"
                  "  serve      [--socket S] --clients N --turns T [--max-tokens M --prompt-tokens P\n"
@@ -448,6 +490,7 @@ int main(int argc, char** argv) {
   if (cmd == "perplexity") return CmdPerplexity(args);
   if (cmd == "batch") return CmdBatch(args);
   if (cmd == "membw") return CmdMembw(args);
+  if (cmd == "extend") return CmdExtend(args);
   if (cmd == "layers") return CmdLayers(args);
   Die("unknown command '" + cmd + "'");
 }

@@ -186,11 +186,16 @@ std::vector<float> Tiled(const float* q, const Keys& kv, int D, float scale, int
   return Normalize(s, acc);
 }
 
-// What llama.cpp computes for a query row of a sequence with `rows` query
-// rows in the ubatch (n_ctx >= 512, 2 threads).
-std::vector<float> LlamaCppRow(const float* q, const Keys& kv, int D, float scale, int len,
-                               int rows) {
-  if (rows >= 64) return Tiled(q, kv, D, scale, len);
+// What mnemo computes for a query row of a sequence with `rows` query rows
+// in the call, the last of them with `last_len` keys: what llama.cpp
+// computes (n_ctx >= 512, 2 threads) for that row in a ubatch of `rows`
+// rows, except that a run of fewer than 64 rows over a context of 64 keys
+// or more (a turn appended to a session's history) takes the tiled path,
+// which llama.cpp keeps for ubatches of 64 rows: the one-chunk path's
+// per-key f16 recurrence costs ~3x as much there.
+std::vector<float> MnemoRow(const float* q, const Keys& kv, int D, float scale, int len, int rows,
+                            int last_len) {
+  if (rows >= 64 || (rows > 1 && last_len >= 64)) return Tiled(q, kv, D, scale, len);
   const int n_kv = std::max(256, (len + 255) / 256 * 256);
   if (rows == 1 && n_kv >= 512) return SplitKv(q, kv, D, scale, len, n_kv, 2);
   const Partial p = OneChunk(q, kv, D, scale, 0, n_kv, len);
@@ -307,7 +312,8 @@ class AttentionNumericsTest
           kv.v.push_back(page + layout.v_offset(h / group, j % g.page_tokens));
         }
         const std::vector<float> want =
-            LlamaCppRow(q.data() + t * q_dim + h * D, kv, D, a.scale, kv_len[t], runs[s].rows);
+            MnemoRow(q.data() + t * q_dim + h * D, kv, D, a.scale, kv_len[t], runs[s].rows,
+                     runs[s].last_len);
         const float* got = out.data() + t * q_dim + h * D;
         for (int d = 0; d < D; ++d) {
           if (exact) {
@@ -331,11 +337,17 @@ TEST_P(AttentionNumericsTest, DecodeRows) {
   Check({{1, 257}, {1, 513}, {1, 700}}, 2);
 }
 
-// Short prefill runs (fewer than 64 rows): the one-chunk path, each row
-// with its own causal limit.
+// Short prefill runs (fewer than 64 rows) within the first 64 keys: the
+// one-chunk path, each row with its own causal limit.
 TEST_P(AttentionNumericsTest, ShortRuns) {
-  Check({{15, 15}, {16, 16}, {2, 65}, {63, 200}}, 3);
-  Check({{5, 513}}, 4);
+  Check({{15, 15}, {16, 16}, {2, 63}, {63, 63}, {40, 50}}, 3);
+}
+
+// Short runs over a longer context (a turn appended to a session): the
+// tiled path, rows on either side of the 64-key line included.
+TEST_P(AttentionNumericsTest, ShortRunsOverLongContexts) {
+  Check({{2, 64}, {2, 65}, {63, 200}, {10, 70}}, 4);
+  Check({{5, 513}, {1, 513}}, 8);
 }
 
 // Runs of 64 rows and more: the tiled path, first tile partial or not.
