@@ -2,11 +2,31 @@
 #include "attention/kv_cache.h"
 
 #include <algorithm>
+#include <numeric>
 
 namespace mnemo::attention {
+namespace {
+
+// Chunks are allocated as the pool fills. A chunk that spans whole 2 MiB
+// huge pages lets the backend back it with them (the CPU backend asks for
+// transparent huge pages): filling a resumed session's pages then costs a
+// fault per 2 MiB instead of per 4 KiB. The smallest such chunk, when it is
+// at most 8 MiB; else 256 pages.
+size_t ChunkPages(size_t page_bytes) {
+  constexpr size_t kHuge = size_t{2} << 20;
+  const size_t span = std::lcm(page_bytes, kHuge);
+  if (span <= 4 * kHuge) return span / page_bytes;
+  return 256;
+}
+
+}  // namespace
 
 PagePool::PagePool(kernels::Backend* backend, kernels::KvLayout layout, size_t capacity)
-    : backend_(backend), layout_(layout), page_bytes_(layout.page_bytes()), capacity_(capacity) {}
+    : backend_(backend),
+      layout_(layout),
+      page_bytes_(layout.page_bytes()),
+      capacity_(capacity),
+      pages_per_chunk_(ChunkPages(layout.page_bytes())) {}
 
 Result<std::unique_ptr<PagePool>> PagePool::Create(kernels::Backend* backend,
                                                    kernels::KvLayout layout,
@@ -38,17 +58,30 @@ Result<PageId> PagePool::Allocate() {
     return Status::ResourceExhausted("KV page pool exhausted: all " + std::to_string(capacity_) +
                                      " pages (" + std::to_string(capacity_ * page_bytes_) +
                                      " bytes) in use");
-  if (refs_.size() == chunks_.size() * kPagesPerChunk) {
-    size_t pages = std::min(kPagesPerChunk, capacity_ - refs_.size());
-    void* p = backend_->AllocBuffer(pages * page_bytes_);
-    if (p == nullptr)
-      return Status::ResourceExhausted("backend out of memory allocating KV pages");
-    chunks_.push_back(static_cast<uint8_t*>(p));
-  }
+  if (refs_.size() == chunks_.size() * pages_per_chunk_) MNEMO_RETURN_IF_ERROR(AddChunk());
   PageId id = static_cast<PageId>(refs_.size());
   refs_.push_back(1);
   ++used_;
   return id;
+}
+
+Status PagePool::AddChunk() {
+  const size_t pages = std::min(pages_per_chunk_, capacity_ - chunks_.size() * pages_per_chunk_);
+  void* p = backend_->AllocBuffer(pages * page_bytes_);
+  if (p == nullptr) return Status::ResourceExhausted("backend out of memory allocating KV pages");
+  chunks_.push_back(static_cast<uint8_t*>(p));
+  chunks_bytes_ += pages * page_bytes_;
+  return Status::Ok();
+}
+
+Status PagePool::Reserve(size_t bytes) {
+  const size_t want = std::min(capacity_, (bytes + page_bytes_ - 1) / page_bytes_);
+  while (chunks_.size() * pages_per_chunk_ < want) {
+    MNEMO_RETURN_IF_ERROR(AddChunk());
+    const size_t pages = std::min(pages_per_chunk_, capacity_ - (chunks_.size() - 1) * pages_per_chunk_);
+    backend_->Prefault(chunks_.back(), pages * page_bytes_);
+  }
+  return Status::Ok();
 }
 
 void PagePool::Ref(PageId id) {

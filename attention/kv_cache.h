@@ -32,6 +32,14 @@ class PagePool {
   PagePool(const PagePool&) = delete;
   PagePool& operator=(const PagePool&) = delete;
 
+  // Allocates the memory of the first `bytes` of the budget (whole chunks,
+  // at most the budget) and has the backend back it now, so that the pages
+  // it holds cost no page faults when first used and a budget the host
+  // cannot back fails here rather than under load. ResourceExhausted when
+  // the backend is out of memory.
+  Status Reserve(size_t bytes);
+  size_t reserved_bytes() const { return chunks_bytes_; }
+
   // A free page with refcount 1, or ResourceExhausted when the budget is used
   // up (or the backend is out of memory).
   Result<PageId> Allocate();
@@ -43,7 +51,7 @@ class PagePool {
   void CopyPage(PageId dst, PageId src);
 
   void* Data(PageId id) const {
-    return chunks_[id / kPagesPerChunk] + static_cast<size_t>(id % kPagesPerChunk) * page_bytes_;
+    return chunks_[id / pages_per_chunk_] + static_cast<size_t>(id % pages_per_chunk_) * page_bytes_;
   }
   const kernels::KvLayout& layout() const { return layout_; }
   size_t page_bytes() const { return page_bytes_; }
@@ -52,7 +60,6 @@ class PagePool {
   size_t free_pages() const { return capacity_ - used_; }
 
  private:
-  static constexpr size_t kPagesPerChunk = 256;
   PagePool(kernels::Backend* backend, kernels::KvLayout layout, size_t capacity);
 
   // constant after construction
@@ -60,8 +67,14 @@ class PagePool {
   const kernels::KvLayout layout_;
   const size_t page_bytes_;
   const size_t capacity_;
+  // Pages per chunk: whole 2 MiB huge pages where the page size allows it
+  // (see ChunkPages), else 256.
+  const size_t pages_per_chunk_;
+
+  Status AddChunk();
 
   std::vector<uint8_t*> chunks_;
+  size_t chunks_bytes_ = 0;
   std::vector<uint32_t> refs_;     // per allocated id
   std::vector<PageId> free_list_;  // ids whose refcount is zero
   size_t used_ = 0;

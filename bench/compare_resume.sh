@@ -17,13 +17,16 @@
 # read of the same bytes right after. Medians over repetitions; prints JSON.
 #
 # --synthetic N: `mnemo-bench synth` writes an N-token session instead (no
-# prefill; (a) is not measured). The daemon loads a whole session into T0
-# before computing, so a session larger than --t0-budget fails with a typed
-# error, which is reported.
+# prefill; (a) is not measured). A session larger than --t0-budget is
+# streamed through T0 (see compare_stream.sh for that case).
+#
+# --t0-reserve SIZE is passed to mnemod: that much of T0 is backed by memory
+# before the daemon is ready (its cost shows in daemon_start_s), so the
+# resumed pages land in memory that needs no page faults.
 #
 #   bench/compare_resume.sh [--model M] [--threads 2] [--history-tokens 8192]
 #       [--message-tokens 32] [--reps 5] [--prefill-reps 2] [--synthetic N]
-#       [--t0-budget SIZE] [--t2-budget SIZE] [--dir DIR]
+#       [--t0-budget SIZE] [--t0-reserve SIZE] [--t2-budget SIZE] [--dir DIR]
 #
 # MNEMOD, MNEMO_BENCH, MNEMO_CLI override the binaries (build/...). The
 # machine is shared: compare only figures of one invocation.
@@ -38,6 +41,7 @@ REPS=5
 PREFILL_REPS=2
 SYNTH=0
 T0_BUDGET=""
+T0_RESERVE=""
 T2_BUDGET=""
 DIR=${TMPDIR:-/var/tmp}
 QD=32  # tiering::TierOptions::queue_depth, mnemod's T2 ring depth
@@ -52,9 +56,10 @@ while (($#)); do
     --prefill-reps) PREFILL_REPS=$2; shift 2 ;;
     --synthetic) SYNTH=$2; shift 2 ;;
     --t0-budget) T0_BUDGET=$2; shift 2 ;;
+    --t0-reserve) T0_RESERVE=$2; shift 2 ;;
     --t2-budget) T2_BUDGET=$2; shift 2 ;;
     --dir) DIR=$2; shift 2 ;;
-    -h|--help) sed -n '2,29p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,33p' "$0"; exit 0 ;;
     *) die "unknown option $1" ;;
   esac
 done
@@ -71,6 +76,7 @@ sock=$work/mnemod.sock
 daemon_args=(--model "$MODEL" --socket "$sock" --data-dir "$data" --threads "$THREADS"
              --t2-budget "$T2_BUDGET" --max-context $((TOKENS + 4096)) --log-level warn)
 [[ -n "$T0_BUDGET" ]] && daemon_args+=(--t0-budget "$T0_BUDGET")
+[[ -n "$T0_RESERVE" ]] && daemon_args+=(--t0-reserve "$T0_RESERVE")
 load_start=$(cut -d' ' -f1 /proc/loadavg)
 if ((SYNTH > 0)); then
   echo "compare_resume: synth $SYNTH tokens" >&2
@@ -106,9 +112,9 @@ for ((rep = 1; rep <= REPS; rep++)); do
 done
 load_end=$(cut -d' ' -f1 /proc/loadavg)
 
-python3 - "$work" "$REPS" "$FSTYPE" "$DIR" "$load_start" "$load_end" "$SYNTH" "$(nproc)" "${FIO[*]}" <<'PY'
+python3 - "$work" "$REPS" "$FSTYPE" "$DIR" "$load_start" "$load_end" "$SYNTH" "$(nproc)" "${FIO[*]}" "${T0_RESERVE:-0}" <<'PY'
 import json, statistics, sys
-work, reps, fstype, d, l0, l1, synth, cores, fio_cmd = sys.argv[1:]
+work, reps, fstype, d, l0, l1, synth, cores, fio_cmd, t0_reserve = sys.argv[1:]
 reps, synth = int(reps), int(synth)
 load = lambda name: json.load(open(f"{work}/{name}"))
 med = lambda xs: statistics.median(xs) if xs else None
@@ -126,6 +132,7 @@ prefill = create.get("prefill", [])
 a_ms = med([p["client_ttft_ms"] for p in prefill])
 out = {
     "mode": "synthetic" if synth else "real prefill",
+    "t0_reserve": t0_reserve,
     "machine": {"cores": int(cores), "load_average_1m_start": float(l0), "load_average_1m_end": float(l1),
                 "fs": fstype, "dir": d},
     "session": {"tokens": hist["tokens"], "t2_pages": hist["t2_pages"], "kv_read_bytes": hist["t2_read_bytes"],

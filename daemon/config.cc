@@ -174,6 +174,11 @@ const std::vector<OptionSpec>& Specs() {
        .min = 1, .max = 256, .help = "Tokens per KV page"},
       {.name = "t0-budget", .group = "engine", .kind = Kind::kSize, .field = &DaemonConfig::t0_budget_bytes,
        .min = 1, .max = kMaxSize, .help = "Bytes of KV pages the compute backend reads (T0)"},
+      {.name = "t0-reserve", .group = "engine", .kind = Kind::kSize, .field = &DaemonConfig::t0_reserve_bytes,
+       .min = 0, .max = kMaxSize,
+       .help = "Bytes of the T0 budget allocated and faulted in at start-up, before READY (no page faults "
+               "when a session's pages first land there; start-up fails if the host cannot back them); 0: "
+               "lazily"},
       {.name = "t1-budget", .group = "engine", .kind = Kind::kSize, .field = &DaemonConfig::t1_budget_bytes,
        .min = 0, .max = kMaxSize, .help = "Bytes of the host page pool (T1); 0: tier off"},
       {.name = "t2-budget", .group = "engine", .kind = Kind::kSize, .field = &DaemonConfig::t2_budget_bytes,

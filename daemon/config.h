@@ -24,6 +24,7 @@ struct DaemonConfig {
   int threads = 0;                     // --threads; 0: all cores
   int32_t page_tokens = 16;            // --page-tokens
   uint64_t t0_budget_bytes = 1ull << 30;   // --t0-budget (KV pages compute reads)
+  uint64_t t0_reserve_bytes = 0;           // --t0-reserve (of it, backed by memory at start-up)
   uint64_t t1_budget_bytes = 4ull << 30;   // --t1-budget (host pool, tiering)
   uint64_t t2_budget_bytes = 64ull << 30;  // --t2-budget (NVMe, tiering)
 

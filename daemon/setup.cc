@@ -33,6 +33,7 @@ model::EngineOptions EngineOptionsFor(const DaemonConfig& cfg) {
   eo.threads = cfg.threads;
   eo.page_tokens = cfg.page_tokens;
   eo.kv_budget_bytes = cfg.t0_budget_bytes;
+  eo.kv_reserve_bytes = cfg.t0_reserve_bytes;
   eo.prefill_chunk = cfg.prefill_chunk;
   eo.max_context = static_cast<int32_t>(cfg.max_context_tokens);
   return eo;

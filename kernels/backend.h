@@ -101,6 +101,9 @@ class Backend {
   // 64-byte aligned (page-aligned for sizes >= 4 KiB). Null when exhausted.
   virtual void* AllocBuffer(size_t bytes) = 0;
   virtual void FreeBuffer(void* p) = 0;
+  // Backs [p, p + bytes) of a buffer from AllocBuffer with memory now rather
+  // than at first use (host memory is faulted in lazily). Default: nothing.
+  virtual void Prefault(void* p, size_t bytes) {}
   // Makes a host weight usable by the backend. The CPU backend returns `host`
   // itself (zero-copy over the mmap'd model); a device backend copies.
   // `host` must outlive the returned pointer on the CPU backend.

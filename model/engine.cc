@@ -39,6 +39,8 @@ Result<std::unique_ptr<Engine>> Engine::Open(const EngineOptions& options) {
   MNEMO_ASSIGN_OR_RETURN(e->pool_, attention::PagePool::Create(
                                        e->backend_.get(), c.KvLayoutFor(options.page_tokens),
                                        options.kv_budget_bytes));
+  if (options.kv_reserve_bytes > 0)
+    MNEMO_RETURN_IF_ERROR(e->pool_->Reserve(options.kv_reserve_bytes).WithContext("reserving the KV pool"));
   e->kv_ = std::make_unique<attention::KvCache>(e->pool_.get(), c.n_layers);
   return e;
 }

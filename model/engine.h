@@ -30,6 +30,9 @@ struct EngineOptions {
   int threads = 0;              // 0: all cores
   int32_t page_tokens = 16;
   size_t kv_budget_bytes = size_t{1} << 30;
+  // Bytes of the KV budget allocated and backed by memory at Open (see
+  // PagePool::Reserve); 0: as pages are first used.
+  size_t kv_reserve_bytes = 0;
   int32_t prefill_chunk = 512;  // tokens per forward step while prefilling
   int32_t max_context = 0;      // 0: the model's trained context
 };

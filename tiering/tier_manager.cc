@@ -333,10 +333,18 @@ Status TierManager::DoLoad(const std::string& label, const std::vector<BlockSlot
     infos[i] = std::move(info).value();
   }
 
-  // Items in load order: (layer group g, block i) for g, then i.
+  // Items in load order: (layer group g, block i) for g, then i. Groups
+  // grow from one layer, doubling up to about load_extent_bytes per read:
+  // compute waits only for the first layer's pages of every block, and the
+  // later, larger reads keep the device busy while it works. Extents of a
+  // whole block load in one group (and fill T1).
   const int32_t per_group = static_cast<int32_t>(
       std::clamp<size_t>(options_.load_extent_bytes / layout_.layer_stride, 1, static_cast<size_t>(n_layers)));
-  const int32_t groups = (n_layers + per_group - 1) / per_group;
+  std::vector<int32_t> bounds{0};
+  for (int32_t size = per_group == n_layers ? n_layers : 1; bounds.back() < n_layers;
+       size = std::min(size * 2, per_group))
+    bounds.push_back(std::min(n_layers, bounds.back() + size));
+  const int32_t groups = static_cast<int32_t>(bounds.size()) - 1;
   const uint64_t items = static_cast<uint64_t>(groups) * spans;
   const size_t extent_max = static_cast<size_t>(per_group) * layout_.layer_stride;
   const size_t ring_n = std::min<uint64_t>(std::max<uint32_t>(options_.load_inflight, 1), items);
@@ -346,8 +354,8 @@ Status TierManager::DoLoad(const std::string& label, const std::vector<BlockSlot
   std::vector<LoadIo> ios(ring_n);
   auto group_layers = [&](uint64_t item, int32_t* l0, int32_t* l1) {
     const int32_t g = static_cast<int32_t>(item / spans);
-    *l0 = g * per_group;
-    *l1 = std::min(n_layers, *l0 + per_group);
+    *l0 = bounds[g];
+    *l1 = bounds[g + 1];
   };
   // Starts item k in ring slot k % ring_n: from T1 when cached, else a read.
   auto start = [&](uint64_t k) -> Status {

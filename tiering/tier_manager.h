@@ -189,9 +189,10 @@ class TierManager {
   // page memory, ceil(kv_tokens / page_tokens) pages per layer). Corruption
   // naming `label` when a page fails its checksum.
   //
-  // The pages arrive in layer order: every block's first layers (one extent
-  // of about load_extent_bytes per block), then the next ones, so that a
-  // step can compute layer l while later layers still load. `on_layers(n)`
+  // The pages arrive in layer order: every block's first layer, then the
+  // next two, four, ... layers (extents of at most about load_extent_bytes
+  // per block), so that a step can compute layer l while later layers still
+  // load; with extents of a whole block, whole blocks. `on_layers(n)`
   // (optional, on the load thread) reports that layers [0, n) of every
   // block are verified and in `dst`; it runs with increasing n, the last
   // time with n_layers, before `done`.

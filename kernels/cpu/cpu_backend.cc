@@ -2,6 +2,8 @@
 // runs the runtime-dispatched SIMD kernels on them.
 #include <sched.h>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -56,12 +58,30 @@ class CpuBackend final : public Backend {
   std::string_view name() const override { return "cpu"; }
   int threads() const override { return pool_.size(); }
 
+  // Buffers of 2 MiB and more (KV page chunks) start on a huge-page
+  // boundary and ask for transparent huge pages (madvise mode, the usual
+  // default), so that first use faults them in 2 MiB at a time.
   void* AllocBuffer(size_t bytes) override {
-    const size_t align = bytes >= 4096 ? 4096 : 64;
+    constexpr size_t kHuge = size_t{2} << 20;
+    const size_t align = bytes >= kHuge ? kHuge : bytes >= 4096 ? 4096 : 64;
     const size_t size = std::max<size_t>((bytes + align - 1) / align * align, align);
-    return std::aligned_alloc(align, size);
+    void* p = std::aligned_alloc(align, size);
+    if (p != nullptr && align == kHuge) (void)madvise(p, size, MADV_HUGEPAGE);
+    return p;
   }
   void FreeBuffer(void* p) override { std::free(p); }
+  void Prefault(void* p, size_t bytes) override {
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23  // Linux 5.14
+#endif
+    // The whole pages inside the buffer in one call where the kernel can;
+    // else a write to each page (the buffer is ours and unused: zeros).
+    const uintptr_t b = reinterpret_cast<uintptr_t>(p);
+    const uintptr_t lo = (b + 4095) & ~uintptr_t{4095}, hi = (b + bytes) & ~uintptr_t{4095};
+    if (hi > lo && madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_POPULATE_WRITE) == 0) return;
+    volatile uint8_t* c = static_cast<uint8_t*>(p);
+    for (size_t o = 0; o < bytes; o += 4096) c[o] = 0;
+  }
   Result<const void*> UploadWeight(const void* host, size_t bytes) override { return host; }
   void CopyToHost(void* dst_host, const void* src, size_t bytes) override {
     std::memcpy(dst_host, src, bytes);

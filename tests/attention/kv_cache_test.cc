@@ -4,7 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <cstring>
+#include <vector>
 
 namespace mnemo::attention {
 namespace {
@@ -40,6 +42,53 @@ TEST(PagePool, BudgetBoundsPagesAndRefsFree) {
   std::memset(f.pool->Data(*a), 1, f.pool->page_bytes());
   std::memset(f.pool->Data(*c), 2, f.pool->page_bytes());
   EXPECT_EQ(static_cast<uint8_t*>(f.pool->Data(*a))[f.pool->page_bytes() - 1], 1);
+}
+
+long ResidentBytes() {
+  long size = 0, resident = 0;
+  FILE* f = std::fopen("/proc/self/statm", "r");
+  if (f == nullptr) return -1;
+  if (std::fscanf(f, "%ld %ld", &size, &resident) != 2) resident = -1;
+  std::fclose(f);
+  return resident * 4096;
+}
+
+TEST(PagePool, ReserveBacksWholeHugePageChunksUpToTheBudget) {
+  // The default model's pages (16 tokens, 3 kv heads of 64): 12 KiB, 512 to
+  // a 6 MiB chunk of whole 2 MiB huge pages.
+  std::unique_ptr<kernels::Backend> backend = kernels::MakeCpuBackend(1);
+  const kernels::KvLayout layout{16, 3, 64};
+  const size_t page = layout.page_bytes();
+  ASSERT_EQ(page, 12288u);
+  auto p = PagePool::Create(backend.get(), layout, 1300 * page);  // 2 full chunks and a partial one
+  ASSERT_TRUE(p.ok());
+  PagePool& pool = **p;
+  EXPECT_EQ(pool.reserved_bytes(), 0u);
+
+  const long before = ResidentBytes();
+  ASSERT_TRUE(pool.Reserve(7 << 20).ok());  // rounds up to whole chunks: 2 of 6 MiB
+  EXPECT_EQ(pool.reserved_bytes(), 1024 * page);
+  // Backed now, without a write of ours.
+  EXPECT_GE(ResidentBytes() - before, static_cast<long>(1024 * page) * 9 / 10);
+
+  // Pages of the reserved chunks need no new memory; chunks start on a huge page.
+  std::vector<PageId> ids;
+  for (int i = 0; i < 1024; ++i) {
+    auto id = pool.Allocate();
+    ASSERT_TRUE(id.ok());
+    ids.push_back(*id);
+  }
+  EXPECT_EQ(pool.reserved_bytes(), 1024 * page);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(pool.Data(ids[0])) % (2u << 20), 0u);
+  EXPECT_EQ(reinterpret_cast<uintptr_t>(pool.Data(ids[512])) % (2u << 20), 0u);
+  auto more = pool.Allocate();  // the next chunk, allocated on demand
+  ASSERT_TRUE(more.ok());
+  EXPECT_EQ(pool.reserved_bytes(), 1300 * page);
+
+  // Reserving more than the budget stops at the budget.
+  ASSERT_TRUE(pool.Reserve(size_t{1} << 40).ok());
+  EXPECT_EQ(pool.reserved_bytes(), 1300 * page);
+  EXPECT_EQ(pool.capacity_pages(), 1300u);
 }
 
 TEST(PagePool, RejectsBudgetBelowOnePage) {

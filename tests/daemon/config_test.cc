@@ -209,8 +209,8 @@ TEST_F(ConfigTest, ModelDefault) {
 
 TEST_F(ConfigTest, EveryFlagSetsItsField) {
   auto r = Parse({"--model", "/m.gguf", "--data-dir", "/d", "--socket", "/s.sock", "--socket-mode", "0600",
-                  "--threads", "3", "--page-tokens", "32", "--t0-budget", "512M", "--t1-budget", "1.5GiB",
-                  "--t2-budget", "0", "--max-batch", "8", "--step-tokens", "8", "--prefill-chunk", "256",
+                  "--threads", "3", "--page-tokens", "32", "--t0-budget", "512M", "--t0-reserve", "256M",
+                  "--t1-budget", "1.5GiB", "--t2-budget", "0", "--max-batch", "8", "--step-tokens", "8", "--prefill-chunk", "256",
                   "--default-max-tokens", "100", "--max-connections", "10", "--max-frame-bytes", "64k",
                   "--max-sessions-per-uid", "5", "--max-context", "8192", "--max-queued", "0",
                   "--max-requests-per-connection", "4", "--idle-timeout", "5m", "--shutdown-grace", "250ms",
@@ -224,6 +224,7 @@ TEST_F(ConfigTest, EveryFlagSetsItsField) {
   EXPECT_EQ(c.threads, 3);
   EXPECT_EQ(c.page_tokens, 32);
   EXPECT_EQ(c.t0_budget_bytes, 512ull << 20);
+  EXPECT_EQ(c.t0_reserve_bytes, 256ull << 20);
   EXPECT_EQ(c.t1_budget_bytes, 3ull << 29);
   EXPECT_EQ(c.t2_budget_bytes, 0u);
   EXPECT_EQ(c.max_batch, 8);
@@ -274,6 +275,7 @@ TEST_F(ConfigTest, EveryMalformedOrOutOfRangeFlagNamesTheFlag) {
       {"--t0-budget", "-1G"},
       {"--t0-budget", "lots"},
       {"--t0-budget", "99999999999P"},
+      {"--t0-reserve", "-1"},
       {"--t1-budget", "1.5"},
       {"--t2-budget", "16E"},
       {"--max-batch", "0"},
@@ -343,7 +345,7 @@ TEST_F(ConfigTest, HelpListsEveryOptionWithItsDefault) {
   EXPECT_EQ(r->exit_code, 0);
   for (const char* flag :
        {"--config", "--model", "--data-dir", "--socket", "--socket-mode", "--threads", "--page-tokens",
-        "--t0-budget", "--t1-budget", "--t2-budget", "--max-batch", "--step-tokens", "--prefill-chunk", "--stream-window",
+        "--t0-budget", "--t0-reserve", "--t1-budget", "--t2-budget", "--max-batch", "--step-tokens", "--prefill-chunk", "--stream-window",
         "--default-max-tokens", "--max-connections", "--max-frame-bytes", "--max-sessions-per-uid",
         "--max-context", "--max-queued", "--max-requests-per-connection", "--idle-timeout", "--shutdown-grace",
         "--metrics-listen", "--log-level", "--version", "--help"}) {

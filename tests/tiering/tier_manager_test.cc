@@ -138,12 +138,12 @@ class TierManagerTest : public ::testing::Test {
 };
 
 TEST_F(TierManagerTest, LoadDeliversLayerGroupsInOrderFromT2) {
-  Open(/*t1_budget=*/0, /*extent_bytes=*/3 * kPageBytes);  // groups of 3 layers: 3, 6, 8
+  Open(/*t1_budget=*/0, /*extent_bytes=*/3 * kPageBytes);  // groups of 1, 2, 3, 2 layers
   const CommittedKv kv = Persist(100);                      // 7 blocks, the last partial
   ASSERT_EQ(kv.blocks.size(), 7u);
   LoadResult r = Load(kv);
   ASSERT_TRUE(r.status.ok()) << r.status.ToString();
-  EXPECT_EQ(r.progress, (std::vector<int32_t>{3, 6, 8}));
+  EXPECT_EQ(r.progress, (std::vector<int32_t>{1, 3, 6, 8}));
   EXPECT_TRUE(r.layers_complete_when_reported);
   EXPECT_EQ(dst_, src_);
   EXPECT_EQ(tier_->stats().t1_hits, 0u);
@@ -173,24 +173,24 @@ TEST_F(TierManagerTest, LoadFromT1InLayerGroupsMatches) {
 }
 
 TEST_F(TierManagerTest, CorruptPageStopsTheLoadBeforeItsLayersAreReported) {
-  Open(/*t1_budget=*/0, /*extent_bytes=*/2 * kPageBytes, /*fault=*/true);  // groups: 2, 4, 6, 8
+  Open(/*t1_budget=*/0, /*extent_bytes=*/2 * kPageBytes, /*fault=*/true);  // groups: 1, 3, 5, 7, 8
   const CommittedKv kv = Persist(64);  // 4 blocks
   ASSERT_NE(fault_, nullptr);
-  // Every read of block 1's layers 4-5 comes back with a byte of layer 5's
+  // Every read of block 1's layers 5-6 comes back with a byte of layer 5's
   // page flipped (a bad disk copy: the re-read fails as well).
   const BlockSlot victim = kv.blocks[1];
   FaultRule rule;
   rule.action = FaultRule::Action::kCorruptRead;
   rule.op = IoOp::kRead;
   rule.times = 0;
-  rule.match = [victim](const IoRequest& r) { return r.slot == victim && r.offset == 4 * kPageBytes; };
-  rule.corrupt_offset = kPageBytes + 5;
+  rule.match = [victim](const IoRequest& r) { return r.slot == victim && r.offset == 5 * kPageBytes; };
+  rule.corrupt_offset = 5;
   fault_->AddFault(rule);
   LoadResult r = Load(kv);
   ASSERT_EQ(r.status.code(), StatusCode::kCorruption) << r.status.ToString();
   EXPECT_NE(r.status.message().find("session 's'"), std::string::npos) << r.status.ToString();
   EXPECT_NE(r.status.message().find("layer 5"), std::string::npos) << r.status.ToString();
-  EXPECT_EQ(r.progress, (std::vector<int32_t>{2, 4}));
+  EXPECT_EQ(r.progress, (std::vector<int32_t>{1, 3, 5}));
   EXPECT_TRUE(r.layers_complete_when_reported);
   // Once the disk gives the true bytes, the same load succeeds.
   fault_->ClearFaults();
@@ -208,7 +208,7 @@ TEST_F(TierManagerTest, OneBadReadIsHealedByReadingAgain) {
   rule.action = FaultRule::Action::kCorruptRead;
   rule.op = IoOp::kRead;
   rule.times = 1;
-  rule.match = [victim](const IoRequest& r) { return r.slot == victim && r.offset == 2 * kPageBytes; };
+  rule.match = [victim](const IoRequest& r) { return r.slot == victim && r.offset == 3 * kPageBytes; };
   fault_->AddFault(rule);
   LoadResult r = Load(kv);
   ASSERT_TRUE(r.status.ok()) << r.status.ToString();
