@@ -194,7 +194,19 @@ Status TierManager::DoPersist(PersistJob& job, CommittedKv* out) {
     for (uint64_t i = 0; i < n; ++i) T1Put(slots[w0 + i], staging->data() + i * layout_.block_bytes);
   }
   if (fresh > 0) {
+    if (options_.persist_hook) {
+      if (Status s = options_.persist_hook(PersistStage::kBlocksWritten); !s.ok()) {
+        for (BlockSlot slot : slots) T1Drop(slot);
+        return fail(s);
+      }
+    }
     if (Status s = store_->Sync(); !s.ok()) return fail(s.WithContext("syncing KV blocks"));
+  }
+  if (options_.persist_hook) {
+    if (Status s = options_.persist_hook(PersistStage::kBeforeCommit); !s.ok()) {
+      for (BlockSlot slot : slots) T1Drop(slot);
+      return fail(s);
+    }
   }
   Manifest& m = job.manifest;
   Stamp(&m);
