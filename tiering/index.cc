@@ -743,7 +743,9 @@ Result<std::unique_ptr<Index>> Index::Open(const std::string& dir, const IndexOp
     st = impl->Probe(&tolerant);
   } else {
     st = impl->CheckNoOrphanedData();
-    if (st.ok() && options.create_if_missing) {
+    if (st.ok() && !options.create_if_missing)
+      return Status::NotFound("index " + dir + " does not exist (no CURRENT file)");
+    if (st.ok()) {
       std::filesystem::create_directories(dir, ec);
       if (ec) return Status::IOError("creating index directory " + dir + ": " + ec.message());
     }

@@ -126,7 +126,9 @@ class Index {
   // reference the slot. Time and memory are proportional to the index, never
   // to page data. Errors: FailedPrecondition for a newer format, Corruption
   // saying what is damaged and where, with start-up advice (also for a
-  // directory holding RocksDB tables or logs but no CURRENT file), IOError.
+  // directory holding RocksDB tables or logs but no CURRENT file), IOError;
+  // NotFound, with nothing created, when there is no database and
+  // options.create_if_missing is false.
   // An existing database is verified through a read-only open first, so
   // after any of these errors the directory is byte for byte as it was. A
   // torn log tail is dropped and reported (IndexOptions).

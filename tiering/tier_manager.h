@@ -171,7 +171,8 @@ class TierManager {
  public:
   // Opens (creating) <data_dir>/pages and <data_dir>/index. Errors as
   // OpenPageStore and Index::Open (a newer format: FailedPrecondition; a
-  // damaged index: Corruption).
+  // damaged index: Corruption), and Corruption when the index is missing
+  // while the page store holds slab files (a lost index, not a new one).
   static Result<std::unique_ptr<TierManager>> Open(const TierOptions& options);
   ~TierManager();  // finishes queued work, then stops the workers
   TierManager(const TierManager&) = delete;

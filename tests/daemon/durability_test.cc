@@ -877,8 +877,8 @@ TEST_F(DurabilityTest, TornWriteReportedDoneFailsOnlyItsSessionAtResume) {
     As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"victim"}).last);
     As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"bystander"}).last);
     ASSERT_TRUE(As<protocol::Done>(a.Call(Turn("victim", "a first turn that reaches the disk whole")).last).persisted);
-    ASSERT_TRUE(
-        As<protocol::Done>(a.Call(Turn("bystander", "this one stays intact, across a few pages of KV")).last).persisted);
+    const Reply first_b = a.Call(Turn("bystander", "this one stays intact, across a few pages of KV"));
+    ASSERT_TRUE(As<protocol::Done>(first_b.last).persisted);
     tiering::FaultRule torn;
     torn.action = tiering::FaultRule::Action::kTornWrite;
     torn.op = tiering::IoOp::kWrite;

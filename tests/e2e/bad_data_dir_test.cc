@@ -1,7 +1,7 @@
 // Start-up of the real mnemod on a data directory it must not use: an index
 // or a page store written by a newer mnemod (a newer format version), or a
-// damaged RocksDB (CURRENT lost or naming a MANIFEST that is gone, a MANIFEST
-// byte flipped).
+// damaged or lost RocksDB (CURRENT lost or naming a MANIFEST that is gone, a
+// MANIFEST byte flipped, the whole index gone while slab files remain).
 // The daemon must refuse to start — no READY=1, a non-zero exit, a log line
 // naming the problem and the directory — and leave every file of the data
 // directory byte for byte as it was, however often it is restarted; with the
@@ -200,6 +200,23 @@ TEST_F(BadDataDirTest, LostCurrentFileIsRefusedOnEveryStartAndLeftUntouched) {
     EXPECT_NE(log.find("damaged index"), std::string::npos) << log;  // the start-up advice
   }
   WriteFile(index_dir_ + "/CURRENT", current);
+  ExpectServedAgain();
+}
+
+// Slab files with no index: the index was lost (they are first made after
+// it), and a fresh one would drop the sessions they hold.
+TEST_F(BadDataDirTest, LostIndexBesideSlabFilesIsRefusedAndLeftUntouched) {
+  ASSERT_NO_FATAL_FAILURE(MakeDataDir());
+  const std::string aside = d_.dir() + "/index.aside";
+  fs::rename(index_dir_, aside);
+  for (int start = 0; start < 2; ++start) {
+    SCOPED_TRACE("start " + std::to_string(start));
+    const std::string log = ExpectRefusal();
+    EXPECT_NE(log.find("is missing"), std::string::npos) << log;
+    EXPECT_NE(log.find("lose every session"), std::string::npos) << log;
+    EXPECT_FALSE(fs::exists(index_dir_)) << "a refused start-up created a new index";
+  }
+  fs::rename(aside, index_dir_);
   ExpectServedAgain();
 }
 

@@ -643,6 +643,13 @@ TEST_F(IndexTest, RefusedOpensLeaveTheDirectoryByteForByte) {
   put_current(current);
   auto idx = OpenOrDie(dir_, Options());
   EXPECT_EQ(CheckConsistent(*idx), all);
+
+  // Not allowed to create: NotFound, and nothing made.
+  IndexOptions no_create = Options();
+  no_create.create_if_missing = false;
+  const std::string absent = dir_ + "/absent";
+  EXPECT_EQ(Index::Open(absent, no_create).status().code(), StatusCode::kNotFound);
+  EXPECT_FALSE(fs::exists(absent));
 }
 
 TEST_F(IndexTest, MissingFormatRecordOrUnknownKeyIsCorruption) {
