@@ -6,6 +6,7 @@
 
 #include <rocksdb/cache.h>
 #include <rocksdb/db.h>
+#include <rocksdb/env.h>
 #include <rocksdb/filter_policy.h>
 #include <rocksdb/options.h>
 #include <rocksdb/snapshot.h>
@@ -292,6 +293,7 @@ struct Index::Impl {
   IndexOptions options;
   std::unique_ptr<rocksdb::DB> db;
   RecoveryReport report;
+  bool needs_format_record = false;  // found by a read-only Recover
 
   // Serializes mutations and is held across their synced write, so that a
   // plan computed from memory is still valid when it is applied. Taken
@@ -321,8 +323,19 @@ struct Index::Impl {
   }
 
   rocksdb::Options RocksOptions(bool tolerate_torn_wal_tail) const;
-  Status CheckFormat();
-  Status Recover();
+  // Corruption when `dir` has no CURRENT file but holds RocksDB tables or
+  // logs: a lost CURRENT, not a new database (RocksDB would start an empty
+  // one over them and delete the tables at the next open).
+  Status CheckNoOrphanedData() const;
+  // Opens the existing database read-only (nothing written, no info log)
+  // and runs Recover on it, so that a newer format or damage fails Open
+  // before RocksDB's read-write open writes anything. Sets *tolerant when
+  // only a torn log tail could be dropped; leaves db closed.
+  Status Probe(bool* tolerant);
+  // With read_only, a missing format record of an empty database is noted
+  // (needs_format_record) instead of written.
+  Status CheckFormat(bool read_only);
+  Status Recover(bool read_only);
   Result<LoadedManifest> ReadManifest(rocksdb::Iterator* chunks, uint32_t uid, std::string_view name,
                                       std::string_view head) const;
   Status CheckNoKeys(const rocksdb::ReadOptions& ro, std::string_view lo, std::string_view hi) const;
@@ -363,16 +376,22 @@ rocksdb::Options Index::Impl::RocksOptions(bool tolerate_torn_wal_tail) const {
   return o;
 }
 
-Status Index::Impl::CheckFormat() {
+Status Index::Impl::CheckFormat(bool read_only) {
   rocksdb::ReadOptions ro;
   ro.verify_checksums = true;
   std::string v;
   rocksdb::Status s = db->Get(ro, kFormatKey, &v);
   if (s.IsNotFound()) {
-    std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(ro));
-    it->SeekToFirst();
-    MNEMO_RETURN_IF_ERROR(Rocks(it->status()));
-    if (it->Valid()) return Corrupt("has records but no format version record");
+    {
+      std::unique_ptr<rocksdb::Iterator> it(db->NewIterator(ro));
+      it->SeekToFirst();
+      MNEMO_RETURN_IF_ERROR(Rocks(it->status()));
+      if (it->Valid()) return Corrupt("has records but no format version record");
+    }
+    if (read_only) {
+      needs_format_record = true;
+      return Status::Ok();
+    }
     rocksdb::WriteOptions wo;
     wo.sync = true;
     return Rocks(db->Put(wo, kFormatKey, EncodeFormatRecord(kIndexFormatVersion)), "writing the format version");
@@ -426,9 +445,9 @@ Status Index::Impl::CheckNoKeys(const rocksdb::ReadOptions& ro, std::string_view
   return Status::Ok();
 }
 
-Status Index::Impl::Recover() {
+Status Index::Impl::Recover(bool read_only) {
   const auto t0 = std::chrono::steady_clock::now();
-  MNEMO_RETURN_IF_ERROR(CheckFormat());
+  MNEMO_RETURN_IF_ERROR(CheckFormat(read_only));
   rocksdb::ReadOptions ro;
   ro.verify_checksums = true;
   ro.fill_cache = false;
@@ -641,6 +660,64 @@ Status Index::Impl::Execute(Plan* plan) {
   return Status::Ok();
 }
 
+Status Index::Impl::CheckNoOrphanedData() const {
+  std::error_code ec;
+  for (std::filesystem::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string name = it->path().filename().string();
+    const bool data = name.ends_with(".sst") || (name.ends_with(".log") && name != "LOG");
+    if (data)
+      return Corrupt("holds RocksDB data (" + name +
+                     ") but no CURRENT file, which names the database's MANIFEST; it was lost or deleted");
+  }
+  return Status::Ok();
+}
+
+namespace {
+
+// Swallows RocksDB's info log: the read-only probe creates no LOG file.
+class NullLogger final : public rocksdb::Logger {
+ public:
+  using rocksdb::Logger::Logv;
+  void Logv(const char* /*format*/, va_list /*ap*/) override {}
+};
+
+}  // namespace
+
+Status Index::Impl::Probe(bool* tolerant) {
+  *tolerant = false;
+  auto open = [&](bool tolerate) {
+    rocksdb::Options o = RocksOptions(tolerate);
+    o.info_log = std::make_shared<NullLogger>();
+    rocksdb::DB* raw = nullptr;
+    rocksdb::Status rs = rocksdb::DB::OpenForReadOnly(o, dir, &raw);
+    db.reset(raw);
+    return rs;
+  };
+  rocksdb::Status rs = open(false);
+  if (rs.IsCorruption() && IsTornWalTail(rs) && !options.fail_on_torn_wal_tail) {
+    // Replay again, stopping at the torn record; the read-write open will
+    // drop it the same way. Report what was dropped.
+    report.wal_tail_dropped = true;
+    report.wal_tail_detail = rs.ToString();
+    *tolerant = true;
+    rs = open(true);
+  }
+  Status st;
+  if (rs.IsPathNotFound() || rs.IsNotFound()) {
+    // CURRENT exists, so a file it leads to (the MANIFEST, a table) is gone.
+    st = Corrupt("a file the database lists is missing: " + rs.ToString());
+  } else {
+    st = Rocks(rs, "opening RocksDB");
+  }
+  if (st.ok()) st = Recover(/*read_only=*/true);
+  if (db) {
+    rocksdb::Status cs = db->Close();
+    if (st.ok() && !cs.ok()) st = Rocks(cs, "closing the read-only check");
+    db.reset();
+  }
+  return st;
+}
+
 // --- Index -----------------------------------------------------------------------
 
 Index::Index(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -652,26 +729,34 @@ Result<std::unique_ptr<Index>> Index::Open(const std::string& dir, const IndexOp
   if (options.max_sessions == 0) return Status::InvalidArgument("index max_sessions must be positive");
   if (options.write_buffer_bytes < (64u << 10) || options.write_buffer_bytes > (size_t{1} << 30))
     return Status::InvalidArgument("index write buffer must be 64 KiB..1 GiB");
-  if (options.create_if_missing) {
-    std::error_code ec;
-    std::filesystem::create_directories(dir, ec);
-    if (ec) return Status::IOError("creating index directory " + dir + ": " + ec.message());
-  }
   auto impl = std::make_unique<Impl>();
   impl->dir = dir;
   impl->options = options;
-  rocksdb::DB* raw = nullptr;
-  rocksdb::Status rs = rocksdb::DB::Open(impl->RocksOptions(false), dir, &raw);
-  if (rs.IsCorruption() && IsTornWalTail(rs) && !options.fail_on_torn_wal_tail) {
-    // Recovery failed before writing anything; replay again, stopping at the
-    // torn record, and report what was dropped.
-    impl->report.wal_tail_dropped = true;
-    impl->report.wal_tail_detail = rs.ToString();
-    rs = rocksdb::DB::Open(impl->RocksOptions(true), dir, &raw);
+  // An existing database is verified read-only before RocksDB opens it for
+  // writing (which writes a new MANIFEST, log and info LOG at once): a
+  // failed Open leaves the directory byte for byte as it was.
+  std::error_code ec;
+  const bool existing = std::filesystem::exists(std::filesystem::path(dir) / "CURRENT", ec);
+  Status st;
+  bool tolerant = false;
+  if (existing) {
+    st = impl->Probe(&tolerant);
+  } else {
+    st = impl->CheckNoOrphanedData();
+    if (st.ok() && !options.create_if_missing)
+      return Status::NotFound("index " + dir + " does not exist (no CURRENT file)");
+    if (st.ok()) {
+      std::filesystem::create_directories(dir, ec);
+      if (ec) return Status::IOError("creating index directory " + dir + ": " + ec.message());
+    }
   }
-  Status st = impl->Rocks(rs, "opening RocksDB");
-  impl->db.reset(raw);
-  if (st.ok()) st = impl->Recover();
+  if (st.ok()) {
+    rocksdb::DB* raw = nullptr;
+    st = impl->Rocks(rocksdb::DB::Open(impl->RocksOptions(tolerant), dir, &raw), "opening RocksDB");
+    impl->db.reset(raw);
+  }
+  if (st.ok() && !existing) st = impl->Recover(/*read_only=*/false);
+  if (st.ok() && impl->needs_format_record) st = impl->CheckFormat(/*read_only=*/false);
   if (st.ok()) return std::unique_ptr<Index>(new Index(std::move(impl)));
   if (st.code() != StatusCode::kCorruption) return st;
   std::string m(st.message());

@@ -124,9 +124,14 @@ class Index {
   // verifies every record: RocksDB block checksums, record and manifest
   // checksums, and that each refcount equals the number of manifests that
   // reference the slot. Time and memory are proportional to the index, never
-  // to page data. Errors: FailedPrecondition for a newer format (nothing is
-  // modified), Corruption saying what is damaged and where, with start-up
-  // advice, IOError. A torn log tail is dropped and reported (IndexOptions).
+  // to page data. Errors: FailedPrecondition for a newer format, Corruption
+  // saying what is damaged and where, with start-up advice (also for a
+  // directory holding RocksDB tables or logs but no CURRENT file), IOError;
+  // NotFound, with nothing created, when there is no database and
+  // options.create_if_missing is false.
+  // An existing database is verified through a read-only open first, so
+  // after any of these errors the directory is byte for byte as it was. A
+  // torn log tail is dropped and reported (IndexOptions).
   static Result<std::unique_ptr<Index>> Open(const std::string& dir, const IndexOptions& options);
   // Closes the database. REQUIRES: no call in flight.
   ~Index();

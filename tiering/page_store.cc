@@ -95,6 +95,17 @@ Status ReadMeta(const std::string& path, size_t* block_bytes, uint64_t* blocks_p
   std::string magic;
   std::getline(f, magic);
   std::string k1, k2;
+  // A newer layout says so in the magic's version: refuse it as such.
+  const std::string_view prefix(kMetaMagic, sizeof(kMetaMagic) - 2);  // "mnemo-t2-page-store "
+  if (magic != kMetaMagic && magic.starts_with(prefix)) {
+    const std::string version = magic.substr(prefix.size());
+    if (!version.empty() && version.find_first_not_of("0123456789") == std::string::npos && version.size() < 10 &&
+        std::stoul(version) > 1)
+      return Status::FailedPrecondition(path + " has page store format version " + version +
+                                        ", newer than the version 1 this mnemod reads; it was written by a newer "
+                                        "mnemod. Run that version, or move the data directory aside to start "
+                                        "empty. Nothing was modified.");
+  }
   f >> k1 >> *block_bytes >> k2 >> *blocks_per_slab;
   if (magic != kMetaMagic || k1 != "block_bytes" || k2 != "blocks_per_slab" || !f)
     return Status::Corruption(path + ": not a mnemo page store geometry record");

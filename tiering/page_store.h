@@ -174,8 +174,9 @@ class PageStore {
 // Opens (creating if allowed) the store in options.dir. kAuto tries io_uring
 // and falls back to pread when the kernel refuses it (logged). The geometry
 // is recorded in the directory: reopening with another block_bytes is
-// InvalidArgument; another slab_bytes is ignored (the recorded one stays).
-// A budget below what the slab files already hold keeps them (max_slots
+// InvalidArgument; another slab_bytes is ignored (the recorded one stays);
+// a record of a newer format version is FailedPrecondition (nothing
+// modified). A budget below what the slab files already hold keeps them (max_slots
 // covers them). One process at a time: the directory is locked (flock).
 Result<std::unique_ptr<PageStore>> OpenPageStore(const PageStoreOptions& options);
 // Unsupported when io_uring is unavailable.

@@ -52,8 +52,20 @@ Result<std::unique_ptr<TierManager>> TierManager::Open(const TierOptions& option
 
   IndexOptions io;
   io.capacity_slots = store->max_slots();
-  MNEMO_ASSIGN_OR_RETURN(std::unique_ptr<Index> index,
-                         Index::Open(options.data_dir + "/" + std::string(kIndexDirName), io));
+  // Slab files are first made by a persist or import, after the index: T2
+  // blocks without an index mean it was lost, and a new one would drop every
+  // session silently.
+  io.create_if_missing = store->capacity_slots() == 0;
+  const std::string index_dir = options.data_dir + "/" + std::string(kIndexDirName);
+  Result<std::unique_ptr<Index>> opened_index = Index::Open(index_dir, io);
+  if (!opened_index.ok() && opened_index.status().code() == StatusCode::kNotFound && !io.create_if_missing)
+    return Status::Corruption("the session index " + index_dir + " is missing, but " + so.dir + " holds " +
+                              std::to_string(store->capacity_slots()) +
+                              " blocks of KV pages that it records. mnemod does not start without it, which would "
+                              "lose every session silently: restore it from a backup, or move " + options.data_dir +
+                              " aside to start with no sessions");
+  if (!opened_index.ok()) return opened_index.status();
+  std::unique_ptr<Index> index = std::move(opened_index).value();
   const RecoveryReport& r = index->recovery();
   spdlog::info("T2: {} ({}), {} sessions, {} blocks committed, {} free, index opened in {} ms",
                store->engine_name(), so.dir, r.sessions, r.slots_committed, r.slots_free, r.elapsed_ms);
@@ -194,7 +206,19 @@ Status TierManager::DoPersist(PersistJob& job, CommittedKv* out) {
     for (uint64_t i = 0; i < n; ++i) T1Put(slots[w0 + i], staging->data() + i * layout_.block_bytes);
   }
   if (fresh > 0) {
+    if (options_.persist_hook) {
+      if (Status s = options_.persist_hook(PersistStage::kBlocksWritten); !s.ok()) {
+        for (BlockSlot slot : slots) T1Drop(slot);
+        return fail(s);
+      }
+    }
     if (Status s = store_->Sync(); !s.ok()) return fail(s.WithContext("syncing KV blocks"));
+  }
+  if (options_.persist_hook) {
+    if (Status s = options_.persist_hook(PersistStage::kBeforeCommit); !s.ok()) {
+      for (BlockSlot slot : slots) T1Drop(slot);
+      return fail(s);
+    }
   }
   Manifest& m = job.manifest;
   Stamp(&m);

@@ -39,6 +39,11 @@
 
 namespace mnemo::tiering {
 
+// The moments of a turn's persist that a test may stop at (TierOptions::
+// persist_hook): its new blocks written but not yet synced, and every block
+// durable but the manifest not yet committed.
+enum class PersistStage : uint8_t { kBlocksWritten, kBeforeCommit };
+
 struct TierOptions {
   std::string data_dir;  // holds pages/ (the T2 store) and index/
   uint64_t t1_budget_bytes = 0;
@@ -62,6 +67,11 @@ struct TierOptions {
   uint32_t load_inflight = 64;
   // Tests: wraps the opened store (fault injection).
   std::function<std::unique_ptr<PageStore>(std::unique_ptr<PageStore>)> wrap_store;
+  // Tests: runs on the persist worker at each stage a persist reaches
+  // (kBlocksWritten only when it wrote blocks) and may block there, e.g.
+  // while the test simulates a power loss; a non-OK status fails the
+  // persist at that point, as if the process had died there.
+  std::function<Status(PersistStage)> persist_hook;
 };
 
 // A session's KV as last committed on T2.
@@ -161,7 +171,8 @@ class TierManager {
  public:
   // Opens (creating) <data_dir>/pages and <data_dir>/index. Errors as
   // OpenPageStore and Index::Open (a newer format: FailedPrecondition; a
-  // damaged index: Corruption).
+  // damaged index: Corruption), and Corruption when the index is missing
+  // while the page store holds slab files (a lost index, not a new one).
   static Result<std::unique_ptr<TierManager>> Open(const TierOptions& options);
   ~TierManager();  // finishes queued work, then stops the workers
   TierManager(const TierManager&) = delete;

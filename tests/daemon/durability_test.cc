@@ -1,14 +1,17 @@
 // Durable sessions through the scheduler with a real TierManager (io_uring
 // page store, RocksDB index) on a tiny model: persist at turn end, resume
 // after a restart without re-prefill and with the uninterrupted output,
-// fork/delete, model mismatch, ENOSPC/EIO while persisting, and a corrupt
-// page failing only its session.
+// fork/delete, model mismatch, ENOSPC/EIO while persisting, a corrupt page
+// or a torn write failing only its session, and power loss in the middle of
+// a turn's persist.
 #include <gtest/gtest.h>
 
 #include <condition_variable>
 #include <filesystem>
 #include <fstream>
 #include <mutex>
+#include <set>
+#include <thread>
 
 #include "daemon/scheduler.h"
 #include "tests/testutil/daemon_process.h"
@@ -32,9 +35,10 @@ struct Reply {
 class Node {
  public:
   // One daemon's worth of state over `dir` with the model at `model`.
+  // `configure` (optional) adjusts the tier options last.
   Node(const std::string& model, const std::string& dir, uint64_t t2_budget = 32u << 20,
        tiering::FaultInjectingPageStore** fault = nullptr, size_t t0_budget = 64u << 20,
-       bool pipelined_resume = true) {
+       bool pipelined_resume = true, const std::function<void(tiering::TierOptions*)>& configure = nullptr) {
     model::EngineOptions eo;
     eo.model_path = model;
     eo.threads = 2;
@@ -58,6 +62,7 @@ class Node {
         return std::unique_ptr<tiering::PageStore>(std::move(f));
       };
     }
+    if (configure) configure(&to);
     auto t = tiering::TierManager::Open(to);
     open_status = t.status();
     if (!t.ok()) return;
@@ -659,6 +664,261 @@ TEST_F(DurabilityTest, FailedImportsReleaseTheirBlocks) {
   for (int i = 0; i < 3; ++i)
     As<protocol::SessionInfo>(ImportInto(b, file, "copy" + std::to_string(i)));
   EXPECT_EQ(b.tier->stats().t2_reserved_blocks, 0u) << "a failed import kept its reservation";
+}
+
+// --- power loss and torn writes ------------------------------------------------
+
+// Stops a persist at one stage (TierOptions::persist_hook) once armed, until
+// the test lets it go on with a status. Thread-safe.
+class PersistGate {
+ public:
+  void Arm(tiering::PersistStage stage) {
+    std::lock_guard<std::mutex> lock(mu_);
+    armed_ = true;
+    stage_ = stage;
+  }
+  // The hook: runs on the tier manager's persist worker.
+  Status At(tiering::PersistStage stage) {
+    std::unique_lock<std::mutex> lock(mu_);
+    if (!armed_ || stage != stage_) return Status::Ok();
+    armed_ = false;
+    reached_ = true;
+    cv_.notify_all();
+    cv_.wait(lock, [&] { return released_; });
+    return release_status_;
+  }
+  bool WaitReached(std::chrono::seconds timeout) {
+    std::unique_lock<std::mutex> lock(mu_);
+    return cv_.wait_for(lock, timeout, [&] { return reached_; });
+  }
+  // Idempotent: the first status wins.
+  void Release(Status status) {
+    std::lock_guard<std::mutex> lock(mu_);
+    if (released_) return;
+    release_status_ = std::move(status);
+    released_ = true;
+    cv_.notify_all();
+  }
+
+ private:
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool armed_ = false, reached_ = false, released_ = false;
+  tiering::PersistStage stage_ = tiering::PersistStage::kBlocksWritten;
+  Status release_status_;
+};
+
+// Records the slots of the writes a FaultInjectingPageStore sees from now on
+// (a rule that never fires). The set is read once those writes completed.
+void RecordWrites(tiering::FaultInjectingPageStore* fault, std::set<tiering::BlockSlot>* slots) {
+  tiering::FaultRule rule;
+  rule.op = tiering::IoOp::kWrite;
+  rule.times = 0;
+  rule.match = [slots](const tiering::IoRequest& r) {
+    slots->insert(r.slot);
+    return false;
+  };
+  fault->AddFault(std::move(rule));
+}
+
+class PowerLossTest : public DurabilityTest, public ::testing::WithParamInterface<tiering::PersistStage> {};
+
+// The power fails while turn 3 of "s" persists: after its new blocks were
+// written but before they were synced, or after the sync but before the
+// manifest commit. What the disks hold at that moment is copied and the
+// whole stack restarts on the copy, as when the power comes back: the page
+// store with every write not covered by a sync dropped (SimulatePowerLoss),
+// and the index as it is, since every index mutation is a synced RocksDB
+// write and none is in flight then. Every committed turn of every session is
+// there, the lost turn's blocks are free again (and are what the retried
+// turn gets), and every continuation equals the uninterrupted run's.
+TEST_P(PowerLossTest, CommittedTurnsSurviveAndTheLostTurnIsReclaimed) {
+  const tiering::PersistStage stage = GetParam();
+  const std::string first = "first message, a long one to fill some pages of KV";
+  const std::string lost_text = "third, the turn the power loss takes";
+  // Reference: the same requests, uninterrupted.
+  Reply ref_s3, ref_s4, ref_f2, ref_b2;
+  {
+    Node ref(model_, Dir());
+    ASSERT_TRUE(ref.open_status.ok()) << ref.open_status.ToString();
+    As<protocol::SessionInfo>(ref.Call(protocol::CreateSessionRequest{"s"}).last);
+    As<protocol::SessionInfo>(ref.Call(protocol::CreateSessionRequest{"b"}).last);
+    As<protocol::Done>(ref.Call(Turn("s", first)).last);
+    As<protocol::SessionInfo>(ref.Call(protocol::ForkSessionRequest{"s", "f"}).last);
+    As<protocol::Done>(ref.Call(Turn("s", "second")).last);
+    As<protocol::Done>(ref.Call(Turn("b", "a bystander's committed turn")).last);
+    ref_s3 = ref.Call(Turn("s", lost_text));
+    ref_s4 = ref.Call(Turn("s", "fourth"));
+    ref_f2 = ref.Call(Turn("f", "the fork goes on"));
+    ref_b2 = ref.Call(Turn("b", "and the bystander too"));
+  }
+  ASSERT_FALSE(ref_s3.tokens.empty());
+  ASSERT_FALSE(ref_s4.tokens.empty());
+  // A resume prefills only the new message, as the uninterrupted run did.
+  auto expect_same = [](const Reply& got, const Reply& want) {
+    const auto d = As<protocol::Done>(got.last);
+    EXPECT_TRUE(d.persisted) << d.persist_error;
+    EXPECT_EQ(d.prompt_tokens, As<protocol::Done>(want.last).prompt_tokens) << "the history was recomputed";
+    EXPECT_EQ(got.tokens, want.tokens) << "the continuation differs from the uninterrupted one";
+  };
+
+  const std::string after_dir = Dir();  // the disks as the power loss left them
+  std::map<std::string, protocol::SessionInfo> before;
+  std::set<tiering::BlockSlot> lost_slots;
+  uint64_t committed_blocks = 0;
+  {
+    PersistGate gate;
+    tiering::FaultInjectingPageStore* fault = nullptr;
+    Node a(model_, dir_, 32u << 20, &fault, 64u << 20, true, [&gate](tiering::TierOptions* to) {
+      to->persist_hook = [&gate](tiering::PersistStage st) { return gate.At(st); };
+    });
+    ASSERT_TRUE(a.open_status.ok()) << a.open_status.ToString();
+    As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"s"}).last);
+    As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"b"}).last);
+    ASSERT_TRUE(As<protocol::Done>(a.Call(Turn("s", first)).last).persisted);
+    As<protocol::SessionInfo>(a.Call(protocol::ForkSessionRequest{"s", "f"}).last);
+    ASSERT_TRUE(As<protocol::Done>(a.Call(Turn("s", "second")).last).persisted);
+    ASSERT_TRUE(As<protocol::Done>(a.Call(Turn("b", "a bystander's committed turn")).last).persisted);
+    for (const char* name : {"s", "f", "b"})
+      before[name] = As<protocol::SessionInfo>(a.Call(protocol::GetSessionRequest{name}).last);
+    committed_blocks = a.tier->stats().t2_blocks;
+    ASSERT_GT(committed_blocks, 0u);
+    ASSERT_EQ(fault->unsynced_pages(), 0u);
+
+    RecordWrites(fault, &lost_slots);
+    gate.Arm(stage);
+    Reply lost;
+    std::jthread turn([&] { lost = a.Call(Turn("s", lost_text)); });
+    struct Releaser {  // lets the persist go on (and `turn` end) on every way out
+      PersistGate& gate;
+      ~Releaser() { gate.Release(Status::Unavailable("power lost")); }
+    } releaser{gate};
+    ASSERT_TRUE(gate.WaitReached(120s)) << "the persist never reached the stage";
+    ASSERT_FALSE(lost_slots.empty()) << "the lost turn wrote no block";
+    const size_t unsynced = fault->unsynced_pages();
+    if (stage == tiering::PersistStage::kBlocksWritten) {
+      EXPECT_GT(unsynced, 0u);
+    } else {
+      EXPECT_EQ(unsynced, 0u) << "the turn's blocks should be synced before its commit";
+    }
+    Result<size_t> reverted = fault->SimulatePowerLoss();
+    ASSERT_TRUE(reverted.ok()) << reverted.status().ToString();
+    EXPECT_EQ(*reverted, unsynced);
+    std::filesystem::copy(dir_, after_dir, std::filesystem::copy_options::recursive);
+    gate.Release(Status::Unavailable("power lost"));
+    turn.join();
+    const auto d = As<protocol::Done>(lost.last);
+    EXPECT_FALSE(d.persisted);
+  }
+
+  {
+    tiering::FaultInjectingPageStore* fault = nullptr;
+    Node b(model_, after_dir, 32u << 20, &fault);
+    ASSERT_TRUE(b.open_status.ok()) << b.open_status.ToString();
+    const tiering::TierStats st = b.tier->stats();
+    EXPECT_EQ(st.t2_blocks, committed_blocks);
+    EXPECT_EQ(st.t2_reserved_blocks, 0u);
+    EXPECT_EQ(b.tier->recovery().slots_free, st.t2_budget_bytes / st.block_bytes - committed_blocks)
+        << "the lost turn's blocks are not free again";
+    for (const char* name : {"s", "f", "b"}) {
+      SCOPED_TRACE(name);
+      const auto info = As<protocol::SessionInfo>(b.Call(protocol::GetSessionRequest{name}).last);
+      EXPECT_EQ(info.tokens, before[name].tokens);
+      EXPECT_EQ(info.turns, before[name].turns);
+      EXPECT_EQ(info.t2_pages, before[name].t2_pages);
+      EXPECT_TRUE(info.persisted);
+    }
+    // The turn the power loss took, again: it resumes the committed history
+    // and lands in the reclaimed blocks.
+    std::set<tiering::BlockSlot> written;
+    RecordWrites(fault, &written);
+    expect_same(b.Call(Turn("s", lost_text)), ref_s3);
+    EXPECT_EQ(written, lost_slots) << "the retried turn did not reuse the reclaimed blocks";
+    fault->ClearFaults();
+    expect_same(b.Call(Turn("f", "the fork goes on")), ref_f2);
+  }
+  // Once more from disk: the blocks written into the reclaimed slots resume.
+  Node c(model_, after_dir);
+  ASSERT_TRUE(c.open_status.ok()) << c.open_status.ToString();
+  expect_same(c.Call(Turn("s", "fourth")), ref_s4);
+  expect_same(c.Call(Turn("b", "and the bystander too")), ref_b2);
+}
+
+INSTANTIATE_TEST_SUITE_P(Stages, PowerLossTest,
+                         ::testing::Values(tiering::PersistStage::kBlocksWritten,
+                                           tiering::PersistStage::kBeforeCommit),
+                         [](const ::testing::TestParamInfo<tiering::PersistStage>& p) {
+                           return p.param == tiering::PersistStage::kBlocksWritten ? std::string("WrittenNotSynced")
+                                                                                    : std::string("SyncedNotCommitted");
+                         });
+
+// A write the device tears but reports complete (only its first 4 KiB reach
+// the medium: kTornWrite) gets past the sync and the commit, so the turn is
+// reported persisted; nothing above the device could tell. The first read of
+// the block must: an export on the same daemon, and after a restart every
+// resume of that session, fail with Corruption naming it, while the other
+// session resumes exactly, nothing else is lost and the failed resume leaks
+// neither T0 pages nor T2 blocks.
+TEST_F(DurabilityTest, TornWriteReportedDoneFailsOnlyItsSessionAtResume) {
+  std::vector<int32_t> ref_bystander;
+  {
+    Node ref(model_, Dir());
+    ASSERT_TRUE(ref.open_status.ok()) << ref.open_status.ToString();
+    As<protocol::SessionInfo>(ref.Call(protocol::CreateSessionRequest{"bystander"}).last);
+    As<protocol::Done>(ref.Call(Turn("bystander", "this one stays intact, across a few pages of KV")).last);
+    ref_bystander = ref.Call(Turn("bystander", "resume")).tokens;
+  }
+  uint64_t blocks = 0;
+  {
+    tiering::FaultInjectingPageStore* fault = nullptr;
+    Node a(model_, dir_, 32u << 20, &fault);
+    ASSERT_TRUE(a.open_status.ok()) << a.open_status.ToString();
+    ASSERT_GT(a.tier->layout().block_bytes, tiering::kDirectIoAlignment) << "a torn block needs several 4 KiB pages";
+    As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"victim"}).last);
+    As<protocol::SessionInfo>(a.Call(protocol::CreateSessionRequest{"bystander"}).last);
+    ASSERT_TRUE(As<protocol::Done>(a.Call(Turn("victim", "a first turn that reaches the disk whole")).last).persisted);
+    const Reply first_b = a.Call(Turn("bystander", "this one stays intact, across a few pages of KV"));
+    ASSERT_TRUE(As<protocol::Done>(first_b.last).persisted);
+    tiering::FaultRule torn;
+    torn.action = tiering::FaultRule::Action::kTornWrite;
+    torn.op = tiering::IoOp::kWrite;
+    torn.torn_bytes = tiering::kDirectIoAlignment;
+    fault->AddFault(torn);
+    const auto d = As<protocol::Done>(a.Call(Turn("victim", "the second turn's first block gets torn")).last);
+    EXPECT_TRUE(d.persisted) << "the device reported the write done: " << d.persist_error;
+    ASSERT_EQ(fault->faults_fired(), 1u);
+    // An export reads the blocks back from T2 (T1 is off) and verifies them.
+    Exported e = ExportFrom(a, "victim");
+    ASSERT_EQ(CodeOf(e.last), StatusCode::kCorruption);
+    EXPECT_NE(std::get<protocol::ErrorReply>(e.last).message.find("victim"), std::string::npos)
+        << std::get<protocol::ErrorReply>(e.last).message;
+    As<protocol::ExportDone>(ExportFrom(a, "bystander").last);
+    blocks = a.tier->stats().t2_blocks;
+  }
+  Node b(model_, dir_);
+  ASSERT_TRUE(b.open_status.ok()) << b.open_status.ToString();
+  const uint64_t free_pages = b.engine->pool().free_pages();
+  for (int attempt = 0; attempt < 2; ++attempt) {
+    SCOPED_TRACE("attempt " + std::to_string(attempt));
+    Reply r = b.Call(Turn("victim", "resume"));
+    ASSERT_EQ(CodeOf(r.last), StatusCode::kCorruption);
+    const std::string& msg = std::get<protocol::ErrorReply>(r.last).message;
+    EXPECT_NE(msg.find("victim"), std::string::npos) << msg;
+    EXPECT_NE(msg.find("checksum"), std::string::npos) << msg;
+    EXPECT_EQ(b.engine->pool().free_pages(), free_pages) << "the failed resume kept T0 pages";
+  }
+  // Still listed with every committed turn; no block was dropped.
+  auto info = As<protocol::SessionInfo>(b.Call(protocol::GetSessionRequest{"victim"}).last);
+  EXPECT_EQ(info.turns, 2u);
+  EXPECT_EQ(b.tier->stats().t2_blocks, blocks);
+  Reply rb = b.Call(Turn("bystander", "resume"));
+  const auto db = As<protocol::Done>(rb.last);
+  EXPECT_TRUE(db.persisted);
+  EXPECT_LT(db.prompt_tokens, 40u) << "the history was recomputed";
+  EXPECT_EQ(rb.tokens, ref_bystander);
+  // The daemon keeps serving new sessions.
+  As<protocol::SessionInfo>(b.Call(protocol::CreateSessionRequest{"new"}).last);
+  EXPECT_TRUE(As<protocol::Done>(b.Call(Turn("new", "hello")).last).persisted);
 }
 
 }  // namespace

@@ -25,6 +25,7 @@
 #include <filesystem>
 #include <fstream>
 #include <functional>
+#include <iterator>
 #include <map>
 #include <optional>
 #include <random>
@@ -565,6 +566,90 @@ TEST_F(IndexTest, NewerFormatVersionIsFailedPreconditionAndUntouched) {
     EXPECT_EQ(v, v2);
     EXPECT_FALSE(FirstKeyWithPrefix(db, "M").empty());
   });
+}
+
+// Every file of `dir`: name -> bytes.
+std::map<std::string, std::string> Files(const std::string& dir) {
+  std::map<std::string, std::string> out;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    std::ifstream f(e.path(), std::ios::binary);
+    out[e.path().filename().string()] = std::string(std::istreambuf_iterator<char>(f), {});
+  }
+  return out;
+}
+
+// RocksDB's read-write open writes at once (a new MANIFEST, log, OPTIONS
+// file, a rotated info LOG), and on an index whose CURRENT is lost it even
+// fails after writing a fresh CURRENT and MANIFEST, so that the next open
+// succeeds on an empty database and deletes the old tables. Open checks an
+// existing index read-only first: every refusal leaves the directory byte for
+// byte as it was, refuses again the next time, and undoing the damage gives
+// back every session.
+TEST_F(IndexTest, RefusedOpensLeaveTheDirectoryByteForByte) {
+  std::map<Key, Manifest> all;
+  {
+    auto idx = OpenOrDie(dir_, Options());
+    Manifest a = Empty(1, "a");
+    ASSERT_OK(Turn(*idx, a, rng_, 40));
+  }
+  {
+    auto idx = OpenOrDie(dir_, Options());  // recovery flushes the log into a table
+    Manifest b = Empty(2, "b");
+    ASSERT_OK(Turn(*idx, b, rng_, 40));  // and this stays in the log
+    all = CheckConsistent(*idx);
+  }
+  ASSERT_EQ(all.size(), 2u);
+  bool has_table = false, has_log = false;
+  for (const auto& [name, bytes] : Files(dir_)) {
+    has_table |= name.ends_with(".sst");
+    has_log |= name.ends_with(".log") && !bytes.empty();
+  }
+  ASSERT_TRUE(has_table && has_log);
+  const std::string current_path = dir_ + "/CURRENT";
+  auto put_current = [&](const std::string& text) {
+    std::ofstream f(current_path, std::ios::binary | std::ios::trunc);
+    f << text;
+  };
+  auto expect_refused = [&](StatusCode code, std::string_view says) {
+    const auto before = Files(dir_);
+    for (int i = 0; i < 2; ++i) {
+      Result<std::unique_ptr<Index>> r = Index::Open(dir_, Options());
+      ASSERT_EQ(r.status().code(), code) << r.status().ToString();
+      EXPECT_NE(r.status().message().find(says), std::string_view::npos) << r.status().ToString();
+      EXPECT_NE(r.status().message().find(dir_), std::string_view::npos) << r.status().ToString();
+      EXPECT_TRUE(Files(dir_) == before) << "a refused Open changed " << dir_;
+    }
+  };
+
+  WithRawDb(dir_, [&](rocksdb::DB* db) {
+    ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), "V", std::string("MNIX\x02\0\0\0", 8)).ok());
+  });
+  SCOPED_TRACE("newer format");
+  expect_refused(StatusCode::kFailedPrecondition, "format version 2");
+  WithRawDb(dir_, [&](rocksdb::DB* db) {
+    ASSERT_TRUE(db->Put(rocksdb::WriteOptions(), "V", std::string("MNIX\x01\0\0\0", 8)).ok());
+  });
+  const std::string current = Files(dir_).at("CURRENT");
+  fs::remove(current_path);
+  SCOPED_TRACE("CURRENT lost");
+  expect_refused(StatusCode::kCorruption, "no CURRENT file");
+  put_current("MANIFEST-999999\n");
+  SCOPED_TRACE("CURRENT names a missing MANIFEST");
+  expect_refused(StatusCode::kCorruption, "missing");
+  put_current("");
+  SCOPED_TRACE("CURRENT empty");
+  expect_refused(StatusCode::kCorruption, "CURRENT");
+
+  put_current(current);
+  auto idx = OpenOrDie(dir_, Options());
+  EXPECT_EQ(CheckConsistent(*idx), all);
+
+  // Not allowed to create: NotFound, and nothing made.
+  IndexOptions no_create = Options();
+  no_create.create_if_missing = false;
+  const std::string absent = dir_ + "/absent";
+  EXPECT_EQ(Index::Open(absent, no_create).status().code(), StatusCode::kNotFound);
+  EXPECT_FALSE(fs::exists(absent));
 }
 
 TEST_F(IndexTest, MissingFormatRecordOrUnknownKeyIsCorruption) {
