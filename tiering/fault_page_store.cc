@@ -27,6 +27,16 @@ struct FaultInjectingPageStore::Shadow {
 
 namespace {
 constexpr size_t kPage = kDirectIoAlignment;
+
+// The byte at `offset` into the request's range: in buf, or in the scatter
+// piece that holds it.
+uint8_t* ByteAt(const IoRequest& r, size_t offset) {
+  for (uint32_t i = 0; i < r.iov_count; ++i) {
+    if (offset < r.iov[i].iov_len) return static_cast<uint8_t*>(r.iov[i].iov_base) + offset;
+    offset -= r.iov[i].iov_len;
+  }
+  return static_cast<uint8_t*>(r.buf) + offset;
+}
 }  // namespace
 
 FaultInjectingPageStore::FaultInjectingPageStore(std::unique_ptr<PageStore> inner)
@@ -181,6 +191,8 @@ Status FaultInjectingPageStore::Submit(std::span<IoRequest* const> batch) {
       in.offset = s->outer->offset;
       in.length = in.op == IoOp::kWrite ? s->write_length : s->outer->length;
       in.buf = s->outer->buf;
+      in.iov = s->outer->iov;
+      in.iov_count = s->outer->iov_count;
       in.callback = &OnInnerDone;
       in.user = s.get();
       forward.push_back(&in);
@@ -254,7 +266,7 @@ void FaultInjectingPageStore::CompletionLoop() {
     lock.unlock();
     for (Shadow* s : batch) {
       IoRequest* r = s->outer;
-      if (r->status.ok() && s->corrupt) static_cast<uint8_t*>(r->buf)[s->corrupt_offset] ^= s->corrupt_xor;
+      if (r->status.ok() && s->corrupt) *ByteAt(*r, s->corrupt_offset) ^= s->corrupt_xor;
       delete s;
       r->callback(r);  // r may be gone after this
     }

@@ -7,7 +7,22 @@
 // (LayerDone) the slot loads the layer of visit v + window, wrapping to the
 // next step's first layers. Pages come from T1 when cached, else from T2
 // (io_uring); WaitLayer checks each against its XXH3 before the step uses
-// it.
+// it, as they arrive while it waits (not all after the last one).
+//
+// Reads go straight into the ring's pages when they are 4 KiB-aligned host
+// memory, which is then registered with the store (io_uring fixed buffers:
+// no pinning per read); else through registered bounce buffers and a copy.
+//
+// Grouped reads (KvStreamOptions::group_reads, off by default): the ring
+// loads `window` consecutive visits at once, once the step is done with all
+// of its slots, and reads a block's pages of those layers (adjacent on T2: a
+// block holds its layers one after the other) with one scatter read into the
+// slots: per block one device request of window pages instead of window
+// requests of one page, for devices that cap requests per second; the price
+// is that the step computes the group's layers while nothing loads, and
+// scatter reads do not take the fixed-buffer path. On the virtio disk of
+// docs/benchmarks.md (bench 3) they were no faster than registered page
+// reads.
 //
 // Thread-safe: WaitLayer/LayerDone/Stop come from the step thread, reads
 // complete on the store's I/O thread. The ring memory belongs to the caller
@@ -40,6 +55,10 @@ struct KvStreamOptions {
   // page_bytes a multiple of 4 KiB); otherwise through bounce buffers
   // registered with the store, then copied.
   bool direct = true;
+  // Load a group of `window` layers at a time with one read per block (see
+  // above); only when `direct` and window > 1. Otherwise one read per page,
+  // and a slot reloads as soon as the step is done with it.
+  bool group_reads = false;
   uint32_t max_inflight = 256;  // reads submitted at once
 };
 
@@ -49,6 +68,8 @@ struct KvStreamStats {
   uint64_t stall_ns = 0;        // time spent waiting
   uint64_t pages_read = 0;      // from T2
   uint64_t pages_cached = 0;    // from T1
+  uint64_t reads = 0;           // T2 requests (a grouped read of several pages counts once)
+  uint64_t registered_runs = 0; // address runs of the ring registered with the store
 };
 
 class KvStream {
@@ -74,23 +95,41 @@ class KvStream {
     int32_t layer = -1;      // the layer it holds or is loading
     uint64_t pending = 0;    // pages of it not yet in place
     bool ready = false;
-    bool verified = false;   // its pages passed their checksums
+    std::vector<uint64_t> arrived;  // blocks whose page is in place, in arrival order
+    size_t checked = 0;             // arrived[0, checked) taken for checking by the step thread
+  };
+  // Pages of one block for slots [slot, slot + count), whose layers are
+  // consecutive (adjacent on T2).
+  struct Load {
+    int32_t slot = 0;
+    int32_t count = 1;
+    uint64_t block = 0;  // index into blocks_
   };
   struct Read {
     IoRequest req;
     KvStream* stream = nullptr;
-    int32_t slot = 0;
-    uint64_t block = 0;  // index into blocks_
+    Load load;
     uint8_t* bounce = nullptr;
+    std::vector<iovec> iov;  // window pieces when grouped
   };
   KvStream(TierManager* tm, KvStreamOptions options, std::vector<std::vector<uint64_t>> checksums);
   Status Start();
   // Queues the loads of `layer` into `slot`. REQUIRES: mu_ held.
   void LoadLocked(int32_t slot, int32_t layer);
+  // Grouped reads: queues the loads of visits [first_visit, first_visit +
+  // window) into slots 0..window-1. REQUIRES: mu_ held, first_visit a
+  // multiple of window.
+  void LoadGroupLocked(uint64_t first_visit);
   // Submits queued loads up to max_inflight. REQUIRES: mu_ held.
   void PumpLocked();
   // A page of `slot` is in place (or failed). REQUIRES: mu_ held.
   void PageDoneLocked(int32_t slot, uint64_t block, const Status& status, const uint8_t* data);
+  // Resets `slot` to load `layer`. REQUIRES: mu_ held.
+  void ResetSlotLocked(int32_t slot, int32_t layer);
+  // On the step thread: checks the XXH3s of pages that arrived and are not
+  // checked yet, in any slot (the slot of `visit_` first), with mu_ released
+  // meanwhile. False when there was nothing to check. REQUIRES: lock holds mu_.
+  bool CheckArrivedLocked(std::unique_lock<std::mutex>& lock);
   static void OnRead(IoRequest* req);
 
   // --- constant after construction ---------------------------------------------
@@ -98,22 +137,25 @@ class KvStream {
   const KvStreamOptions options_;
   const int32_t window_;
   const int32_t n_layers_;
+  const bool grouped_;  // group_reads in effect
   // [block][layer] page checksums from the index.
   const std::vector<std::vector<uint64_t>> checksums_;
   std::vector<Read> reads_;          // max_inflight request records
   AlignedBuffer bounce_;             // max_inflight * layer_stride when !direct
   bool bounce_registered_ = false;   // guarded by mu_ after Start
+  std::vector<void*> ring_registered_;  // bases of the ring's runs registered with the store
 
   mutable std::mutex mu_;
   std::condition_variable cv_;
   std::vector<Slot> slots_;                        // guarded by mu_
-  std::deque<std::pair<int32_t, uint64_t>> todo_;  // (slot, block) to load; guarded by mu_
+  std::deque<Load> todo_;                          // guarded by mu_
   std::vector<Read*> free_reads_;                  // guarded by mu_
   uint64_t inflight_ = 0;                          // guarded by mu_
   uint64_t visit_ = 0;  // the next layer visit WaitLayer serves; guarded by mu_
   Status error_;                                   // guarded by mu_
   bool stopping_ = false;                          // guarded by mu_
   KvStreamStats stats_;                            // guarded by mu_
+  std::vector<uint64_t> check_blocks_;             // the step thread's (CheckArrivedLocked)
 };
 
 }  // namespace mnemo::tiering

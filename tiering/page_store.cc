@@ -334,8 +334,26 @@ Status SlabFiles::Sync(StatCounters* stats) {
 
 Status PageStore::Validate(const IoRequest& r) const {
   if (r.callback == nullptr) return Status::InvalidArgument("page store request without a callback");
-  if (r.buf == nullptr || reinterpret_cast<uintptr_t>(r.buf) % kDirectIoAlignment != 0)
+  if (r.iov_count > 0) {
+    if (r.op != IoOp::kRead) return Status::InvalidArgument("page store: only reads scatter (iov)");
+    if (r.iov == nullptr || r.iov_count > kMaxIov)
+      return Status::InvalidArgument("page store scatter read of " + std::to_string(r.iov_count) +
+                                     " pieces (at most " + std::to_string(kMaxIov) + ")");
+    size_t sum = 0;
+    for (uint32_t i = 0; i < r.iov_count; ++i) {
+      const iovec& v = r.iov[i];
+      if (v.iov_base == nullptr || reinterpret_cast<uintptr_t>(v.iov_base) % kDirectIoAlignment != 0 ||
+          v.iov_len == 0 || v.iov_len % kDirectIoAlignment != 0)
+        return Status::InvalidArgument("page store scatter piece " + std::to_string(i) +
+                                       " is not a 4096-aligned, 4096-multiple buffer");
+      sum += v.iov_len;
+    }
+    if (sum != r.length)
+      return Status::InvalidArgument("page store scatter pieces hold " + std::to_string(sum) +
+                                     " bytes, the request " + std::to_string(r.length));
+  } else if (r.buf == nullptr || reinterpret_cast<uintptr_t>(r.buf) % kDirectIoAlignment != 0) {
     return Status::InvalidArgument("page store request buffer is not aligned to 4096 bytes");
+  }
   if (r.length == 0 || r.length % kDirectIoAlignment != 0 || r.offset % kDirectIoAlignment != 0 ||
       r.offset > block_bytes() || r.length > block_bytes() - r.offset)
     return Status::InvalidArgument("page store request range [" + std::to_string(r.offset) + ", +" +

@@ -12,6 +12,8 @@
 // The store allocates nothing per request on its I/O path.
 #pragma once
 
+#include <sys/uio.h>
+
 #include <atomic>
 #include <cstddef>
 #include <cstdint>
@@ -48,6 +50,13 @@ struct IoRequest {
   size_t offset = 0;      // into the block; a multiple of kDirectIoAlignment
   size_t length = 0;      // > 0, a multiple of kDirectIoAlignment, offset + length <= block_bytes
   void* buf = nullptr;    // kDirectIoAlignment-aligned, length bytes, caller-owned
+  // Scatter read (kRead only): when iov_count > 0 the range lands in
+  // iov[0..iov_count) in order (one device request, e.g. consecutive layer
+  // pages of a block into separate pages of memory) and buf is unused. Each
+  // piece kDirectIoAlignment-aligned and a multiple of it long, their sum
+  // `length`, at most kMaxIov of them; the array is borrowed like buf.
+  const iovec* iov = nullptr;
+  uint32_t iov_count = 0;
   IoCallback callback = nullptr;
   void* user = nullptr;   // for the callback
 
@@ -63,6 +72,9 @@ struct IoRequest {
     uint64_t start_ns = 0;      // MonotonicNs() when the transfer first went to the device
   } internal;
 };
+
+// The most pieces of one scatter read (IoRequest::iov_count).
+inline constexpr uint32_t kMaxIov = 256;
 
 // Counters since the store was opened. Plain values (a snapshot).
 struct PageStoreStats {

@@ -1,5 +1,6 @@
 // PreadPageStore: the T2 page store on pread/pwrite and a small pool of I/O
 // threads, for kernels without io_uring. Same slab files, same semantics.
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -123,7 +124,22 @@ void PreadPageStore::Transfer(IoRequest* r) {
     uint8_t* buf = static_cast<uint8_t*>(r->buf) + done;
     const size_t len = r->length - done;
     const auto off = static_cast<off_t>(slabs_->FileOffset(r->slot, r->offset + done));
-    const ssize_t n = r->op == IoOp::kRead ? ::pread(fd, buf, len, off) : ::pwrite(fd, buf, len, off);
+    ssize_t n;
+    if (r->iov_count > 0) {  // scatter read: whole each time (a short one starts over)
+      n = ::preadv(fd, r->iov, static_cast<int>(r->iov_count), static_cast<off_t>(slabs_->FileOffset(r->slot, r->offset)));
+      if (n > 0 && static_cast<size_t>(n) < r->length) {
+        if (++r->internal.retries > internal::kMaxRetries) {
+          r->status = ErrnoStatus("read of slot " + std::to_string(r->slot) + " in " + slabs_->dir() +
+                                      " stays short after " + std::to_string(n) + " bytes",
+                                  EIO);
+          return;
+        }
+        stats_.resubmissions.fetch_add(1, std::memory_order_relaxed);
+        continue;
+      }
+    } else {
+      n = r->op == IoOp::kRead ? ::pread(fd, buf, len, off) : ::pwrite(fd, buf, len, off);
+    }
     if (n < 0) {
       const int err = errno;
       if (internal::RetryableErrno(err) && r->internal.retries < internal::kMaxRetries) {

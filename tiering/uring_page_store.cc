@@ -6,11 +6,14 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <cerrno>
 #include <cstring>
 #include <thread>
+#include <utility>
+#include <vector>
 
 #include <liburing.h>
 #include <spdlog/spdlog.h>
@@ -29,8 +32,10 @@ using internal::SlabFiles;
 // pointers, never 1.
 constexpr uint64_t kWakeTag = 1;
 // Registered buffer table: slots for RegisterBuffers regions (each cut into
-// pieces of at most 1 GiB, the kernel's limit per fixed buffer).
-constexpr uint32_t kMaxBufferSlots = 64;
+// pieces of at most 1 GiB, the kernel's limit per fixed buffer). Room for a
+// streamed session's ring, registered as the runs of the T0 pool's chunks
+// it spans (3 MiB each for the default model).
+constexpr uint32_t kMaxBufferSlots = 1024;
 constexpr size_t kMaxFixedBufferBytes = size_t{1} << 30;
 
 // Thread-safe. One I/O thread owns the ring: it alone fills the submission
@@ -76,6 +81,10 @@ class UringPageStore final : public PageStore {
   void Wake();
   // Fills one SQE for the rest of r's transfer. REQUIRES regions_mu_.
   void Prep(io_uring_sqe* sqe, IoRequest* r);
+  // The fixed buffer that holds [b, b + len), or -1. REQUIRES regions_mu_.
+  int FixedBufferOf(uintptr_t b, size_t len) const;
+  // Rebuilds by_begin_ from regions_. REQUIRES regions_mu_.
+  void IndexRegionsLocked();
   // Handles one request CQE: done (pushed to *done), or back to pending_.
   void OnCqe(IoRequest* r, int res, IoQueue* done);
   std::string Describe(const IoRequest& r) const;
@@ -107,6 +116,8 @@ class UringPageStore final : public PageStore {
 
   std::mutex regions_mu_;
   std::array<Region, kMaxBufferSlots> regions_{};  // guarded by regions_mu_; index = fixed buffer index
+  // (begin, index) of the usable regions, sorted: Prep's lookup. Guarded by regions_mu_.
+  std::vector<std::pair<uintptr_t, uint32_t>> by_begin_;
 };
 
 Result<std::unique_ptr<PageStore>> UringPageStore::Open(const PageStoreOptions& o) {
@@ -235,15 +246,10 @@ void UringPageStore::Prep(io_uring_sqe* sqe, IoRequest* r) {
   uint8_t* buf = static_cast<uint8_t*>(r->buf) + done;
   const auto len = static_cast<unsigned>(r->length - done);
   const int fd = files_registered_ ? static_cast<int>(slab) : slabs_->fd(slab);
-  int fixed = -1;
-  const auto b = reinterpret_cast<uintptr_t>(buf);
-  for (uint32_t i = 0; i < kMaxBufferSlots; ++i) {
-    if (regions_[i].begin <= b && b + len <= regions_[i].end) {
-      fixed = static_cast<int>(i);
-      break;
-    }
-  }
-  if (r->op == IoOp::kRead) {
+  const int fixed = r->iov_count == 0 ? FixedBufferOf(reinterpret_cast<uintptr_t>(buf), len) : -1;
+  if (r->iov_count > 0) {  // scatter read: whole each time (OnCqe restarts a short one)
+    io_uring_prep_readv(sqe, fd, r->iov, r->iov_count, off);
+  } else if (r->op == IoOp::kRead) {
     if (fixed >= 0) {
       io_uring_prep_read_fixed(sqe, fd, buf, len, off, fixed);
     } else {
@@ -259,6 +265,21 @@ void UringPageStore::Prep(io_uring_sqe* sqe, IoRequest* r) {
   if (files_registered_) sqe->flags |= IOSQE_FIXED_FILE;
   if (fixed >= 0) stats_.fixed_buffer_ios.fetch_add(1, std::memory_order_relaxed);
   io_uring_sqe_set_data(sqe, r);
+}
+
+int UringPageStore::FixedBufferOf(uintptr_t b, size_t len) const {
+  // The last region that begins at or before b (regions never overlap).
+  auto it = std::upper_bound(by_begin_.begin(), by_begin_.end(), std::make_pair(b, UINT32_MAX));
+  if (it == by_begin_.begin()) return -1;
+  const Region& reg = regions_[std::prev(it)->second];
+  return b + len <= reg.end ? static_cast<int>(std::prev(it)->second) : -1;
+}
+
+void UringPageStore::IndexRegionsLocked() {
+  by_begin_.clear();
+  for (uint32_t i = 0; i < kMaxBufferSlots; ++i)
+    if (regions_[i].end > regions_[i].begin) by_begin_.emplace_back(regions_[i].begin, i);
+  std::sort(by_begin_.begin(), by_begin_.end());
 }
 
 void UringPageStore::OnCqe(IoRequest* r, int res, IoQueue* done) {
@@ -284,6 +305,18 @@ void UringPageStore::OnCqe(IoRequest* r, int res, IoQueue* done) {
   r->internal.done_bytes += static_cast<size_t>(res);
   if (r->internal.done_bytes < r->length) {  // short transfer: resubmit the rest first
     stats_.resubmissions.fetch_add(1, std::memory_order_relaxed);
+    // A scatter read starts over: its pieces have no "rest" to point at
+    // without a copy of the array (reads are idempotent).
+    if (r->iov_count > 0) {
+      if (++r->internal.retries > internal::kMaxRetries) {
+        r->status = ErrnoStatus(Describe(*r) + " stays short after " + std::to_string(r->internal.done_bytes) +
+                                    " bytes",
+                                EIO);
+        done->PushBack(r);
+        return;
+      }
+      r->internal.done_bytes = 0;
+    }
     pending_.PushFront(r);
     return;
   }
@@ -417,6 +450,7 @@ Status UringPageStore::RegisterBuffers(void* base, size_t bytes) {
       reg = Region{};
     }
   }
+  IndexRegionsLocked();
   return st;
 }
 
@@ -430,6 +464,7 @@ void UringPageStore::UnregisterBuffers(void* base) {
         slots.push_back(i);
       }
     }
+    IndexRegionsLocked();
   }
   for (uint32_t i : slots) {
     iovec empty{nullptr, 0};

@@ -212,6 +212,111 @@ TEST_P(PageStoreTest, SingleLayerPagesAreAddressable) {
   }
 }
 
+// Scatter reads: one request for a range of consecutive layer pages, each
+// landing in its own buffer (in reverse memory order, and pieces that split a
+// page), many beyond the queue depth at once.
+TEST_P(PageStoreTest, ScatterReadsSpreadARangeOverSeparateBuffers) {
+  OPEN_OR_SKIP();
+  ASSERT_TRUE(store_->EnsureCapacity(4).ok());
+  const size_t bb = layout_.block_bytes;
+  const size_t stride = layout_.layer_stride;
+  std::vector<AlignedBuffer> model;
+  for (BlockSlot s = 0; s < 4; ++s) {
+    model.push_back(Buffer(bb));
+    Fill(model.back().data(), bb, 700 + s);
+    ASSERT_TRUE(store_->Write(s, 0, bb, model.back().data()).ok());
+  }
+  struct Case {
+    BlockSlot slot;
+    int32_t first_layer;
+    std::vector<size_t> pieces;  // bytes of each piece, in range order
+  };
+  const std::vector<Case> cases = {
+      {0, 0, {stride, stride}},
+      {1, 5, {stride, stride, stride}},
+      {2, 28, {stride, stride}},                                   // the block's last two pages
+      {3, 0, std::vector<size_t>(layout_.n_layers, stride)},       // the whole block
+      {1, 7, {kDirectIoAlignment, stride + kDirectIoAlignment, stride - 2 * kDirectIoAlignment}},
+  };
+  // Every case 4 times: 20 requests against a queue depth of 4.
+  std::vector<IoRequest> reqs;
+  std::vector<std::vector<iovec>> iovs;
+  std::vector<AlignedBuffer> mem;
+  std::vector<size_t> which;
+  for (int rep = 0; rep < 4; ++rep) {
+    for (size_t c = 0; c < cases.size(); ++c) {
+      const Case& k = cases[c];
+      size_t total = 0;
+      for (size_t p : k.pieces) total += p;
+      mem.push_back(Buffer(2 * total));
+      std::memset(mem.back().data(), 0xEE, 2 * total);
+      std::vector<iovec> v;
+      size_t end = 2 * total;  // pieces from the buffer's end backwards, a gap between them
+      for (size_t p : k.pieces) {
+        end -= 2 * p;
+        v.push_back(iovec{mem.back().data() + end, p});
+      }
+      iovs.push_back(std::move(v));
+      IoRequest r;
+      r.op = IoOp::kRead;
+      r.slot = k.slot;
+      r.offset = layout_.LayerOffset(k.first_layer);
+      r.length = total;
+      which.push_back(c);
+      reqs.push_back(r);
+    }
+  }
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    reqs[i].iov = iovs[i].data();
+    reqs[i].iov_count = static_cast<uint32_t>(iovs[i].size());
+  }
+  ASSERT_TRUE(store_->Execute(reqs).ok());
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    const Case& k = cases[which[i]];
+    size_t at = layout_.LayerOffset(k.first_layer);
+    for (size_t p = 0; p < iovs[i].size(); ++p) {
+      ASSERT_EQ(std::memcmp(iovs[i][p].iov_base, model[k.slot].data() + at, iovs[i][p].iov_len), 0)
+          << "case " << which[i] << " piece " << p;
+      // The gap after each piece is untouched.
+      EXPECT_EQ(static_cast<uint8_t*>(iovs[i][p].iov_base)[iovs[i][p].iov_len], 0xEE)
+          << "case " << which[i] << " piece " << p;
+      at += iovs[i][p].iov_len;
+    }
+  }
+  EXPECT_GE(store_->stats().read_bytes, 4 * (bb + 9 * stride));
+}
+
+TEST_P(PageStoreTest, MalformedScatterReadsAreRejected) {
+  OPEN_OR_SKIP();
+  ASSERT_TRUE(store_->EnsureCapacity(1).ok());
+  AlignedBuffer buf = Buffer(4 * kDirectIoAlignment);
+  iovec iov[2] = {{buf.data(), kDirectIoAlignment}, {buf.data() + 2 * kDirectIoAlignment, kDirectIoAlignment}};
+  IoRequest r;
+  r.op = IoOp::kRead;
+  r.length = 2 * kDirectIoAlignment;
+  r.iov = iov;
+  r.iov_count = 2;
+  r.callback = &Completions::Callback;
+  EXPECT_TRUE(store_->Validate(r).ok());
+  IoRequest bad = r;
+  bad.length = 3 * kDirectIoAlignment;  // the pieces hold less
+  EXPECT_EQ(store_->Validate(bad).code(), StatusCode::kInvalidArgument);
+  bad = r;
+  bad.op = IoOp::kWrite;  // only reads scatter
+  EXPECT_EQ(store_->Validate(bad).code(), StatusCode::kInvalidArgument);
+  bad = r;
+  bad.iov_count = kMaxIov + 1;
+  EXPECT_EQ(store_->Validate(bad).code(), StatusCode::kInvalidArgument);
+  iovec misaligned[2] = {{buf.data() + 512, kDirectIoAlignment}, iov[1]};
+  bad = r;
+  bad.iov = misaligned;
+  EXPECT_EQ(store_->Validate(bad).code(), StatusCode::kInvalidArgument);
+  iovec odd[2] = {{buf.data(), 1000}, {buf.data() + 2 * kDirectIoAlignment, 2 * kDirectIoAlignment - 1000}};
+  bad = r;
+  bad.iov = odd;
+  EXPECT_EQ(store_->Validate(bad).code(), StatusCode::kInvalidArgument);
+}
+
 // 256 requests against a queue depth of 4: most wait in the overflow queue.
 TEST_P(PageStoreTest, ManyRequestsBeyondTheQueueDepth) {
   OPEN_OR_SKIP();
@@ -504,6 +609,47 @@ TEST_P(PageStoreTest, RegisteredArenaTakesTheFixedBufferPath) {
 // A slab file cut short behind the store's back: the read of a block that
 // straddles the new end gets a short transfer, resubmits the rest, gets no
 // progress, and fails with IOError instead of spinning.
+// Many separately registered regions (a streamed ring's pool chunks): each
+// read finds its own, reads spanning two regions or none take the plain
+// path, and every read lands the right bytes.
+TEST_P(PageStoreTest, ManyRegisteredRegionsEachTakeTheFixedPath) {
+  OPEN_OR_SKIP();
+  ASSERT_TRUE(store_->EnsureCapacity(2).ok());
+  const size_t bb = layout_.block_bytes;
+  const size_t stride = layout_.layer_stride;
+  AlignedBuffer block = Buffer(bb);
+  Fill(block.data(), bb, 1234);
+  ASSERT_TRUE(store_->Write(1, 0, bb, block.data()).ok());
+  // 100 regions of 2 pages each, in one allocation with a page's gap between
+  // regions, registered in a shuffled order.
+  constexpr int kRegions = 100;
+  AlignedBuffer mem = Buffer(kRegions * 3 * stride);
+  std::vector<int> order(kRegions);
+  std::iota(order.begin(), order.end(), 0);
+  std::shuffle(order.begin(), order.end(), std::mt19937(5));
+  auto region = [&](int i) { return mem.data() + static_cast<size_t>(i) * 3 * stride; };
+  for (int i : order) ASSERT_TRUE(store_->RegisterBuffers(region(i), 2 * stride).ok()) << "region " << i;
+  const uint64_t fixed0 = store_->stats().fixed_buffer_ios;
+  for (int i = 0; i < kRegions; ++i) {
+    const int32_t layer = i % layout_.n_layers;
+    uint8_t* dst = region(i) + (i % 2) * stride;  // either page of the region
+    ASSERT_TRUE(store_->Read(1, layout_.LayerOffset(layer), stride, dst).ok());
+    ASSERT_EQ(std::memcmp(dst, block.data() + layout_.LayerOffset(layer), stride), 0) << "region " << i;
+  }
+  if (GetParam() == Engine::kUring) {
+    EXPECT_EQ(store_->stats().fixed_buffer_ios - fixed0, static_cast<uint64_t>(kRegions));
+  }
+  // Past a region's end (into the gap) and in the gap: plain reads.
+  const uint64_t fixed1 = store_->stats().fixed_buffer_ios;
+  ASSERT_TRUE(store_->Read(1, 0, 2 * stride, region(7) + stride).ok());
+  EXPECT_EQ(std::memcmp(region(7) + stride, block.data(), 2 * stride), 0);
+  ASSERT_TRUE(store_->Read(1, 0, stride, region(8) + 2 * stride).ok());
+  EXPECT_EQ(store_->stats().fixed_buffer_ios, fixed1);
+  for (int i = 0; i < kRegions; ++i) store_->UnregisterBuffers(region(i));
+  ASSERT_TRUE(store_->Read(1, 0, stride, region(3)).ok());
+  EXPECT_EQ(store_->stats().fixed_buffer_ios, fixed1) << "unregistered";
+}
+
 TEST_P(PageStoreTest, ShortTransfersResumeAndEndOfFileFails) {
   OPEN_OR_SKIP();
   ASSERT_TRUE(store_->EnsureCapacity(4).ok());
@@ -731,6 +877,33 @@ TEST_P(FaultPageStoreTest, CorruptedReadFlipsOneByteOnce) {
   EXPECT_EQ(differing, 1u);
   EXPECT_EQ(got.data()[12345], expect.data()[12345] ^ 0x10);
   EXPECT_TRUE(Holds(1, 51));  // the stored bytes are intact
+}
+
+TEST_P(FaultPageStoreTest, CorruptedScatterReadFlipsTheByteInItsPiece) {
+  OPEN_FAULTY_OR_SKIP();
+  WriteAll(1, 60);
+  FaultRule rule;
+  rule.action = FaultRule::Action::kCorruptRead;
+  rule.op = IoOp::kRead;
+  const size_t stride = layout_.layer_stride;
+  rule.corrupt_offset = stride + 100;  // byte 100 of the second page
+  rule.corrupt_xor = 0x01;
+  fault_->AddFault(rule);
+  AlignedBuffer a = Buffer(stride), b = Buffer(stride), expect = Buffer(layout_.block_bytes);
+  Fill(expect.data(), layout_.block_bytes, 60);
+  iovec iov[2] = {{a.data(), stride}, {b.data(), stride}};
+  IoRequest r;
+  r.op = IoOp::kRead;
+  r.offset = layout_.LayerOffset(4);
+  r.length = 2 * stride;
+  r.iov = iov;
+  r.iov_count = 2;
+  ASSERT_TRUE(store_->Execute(std::span<IoRequest>(&r, 1)).ok());
+  EXPECT_EQ(std::memcmp(a.data(), expect.data() + layout_.LayerOffset(4), stride), 0);
+  EXPECT_EQ(b.data()[100], expect.data()[layout_.LayerOffset(5) + 100] ^ 0x01);
+  b.data()[100] ^= 0x01;
+  EXPECT_EQ(std::memcmp(b.data(), expect.data() + layout_.LayerOffset(5), stride), 0);
+  EXPECT_TRUE(Holds(0, 60));
 }
 
 TEST_P(FaultPageStoreTest, TornWriteLandsOnlyAPrefix) {
