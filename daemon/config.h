@@ -30,7 +30,7 @@ struct DaemonConfig {
 
   // --- scheduling ------------------------------------------------------------
   int32_t max_batch = 16;        // --max-batch: requests advanced per step
-  int32_t step_tokens = 64;      // --step-tokens: token budget of a step while others decode
+  int32_t step_tokens = 256;     // --step-tokens: token budget of a step while others decode
   int32_t prefill_chunk = 512;   // --prefill-chunk: tokens per step when only prefilling
   int32_t stream_window = 6;     // --stream-window: layer slots of a session streamed through T0; 0 off
   uint32_t default_max_tokens = 512;  // --default-max-tokens

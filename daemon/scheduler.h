@@ -33,7 +33,7 @@ namespace mnemo::daemon {
 
 struct SchedulerOptions {
   int32_t max_batch = 16;        // requests advanced per step
-  int32_t step_tokens = 64;      // initial prefill rows of a step while requests decode (then measured)
+  int32_t step_tokens = 256;     // initial prefill rows of a step while requests decode (then measured)
   int32_t prefill_chunk = 512;   // tokens per step when only prefilling
   uint32_t default_max_tokens = 512;
   uint32_t max_queued = 64;      // Generate requests waiting for a batch slot

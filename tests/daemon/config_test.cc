@@ -140,7 +140,7 @@ TEST_F(ConfigTest, NoArgumentsGiveTheDocumentedDefaults) {
   EXPECT_EQ(c.t1_budget_bytes, 4ull << 30);
   EXPECT_EQ(c.t2_budget_bytes, 64ull << 30);
   EXPECT_EQ(c.max_batch, 16);
-  EXPECT_EQ(c.step_tokens, 64);
+  EXPECT_EQ(c.step_tokens, 256);
   EXPECT_EQ(c.prefill_chunk, 512);
   EXPECT_EQ(c.default_max_tokens, 512u);
   EXPECT_EQ(c.max_connections, d.max_connections);
