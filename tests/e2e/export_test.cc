@@ -218,7 +218,7 @@ TEST_F(ExportTest, SessionMovesToAnotherDaemonAndContinuesExactly) {
       }
       auto t = c.GenerateText(Turn("s", 2));
       EXPECT_TRUE(t.ok()) << "a turn during an export: " << t.status().ToString();
-      if (t.ok()) EXPECT_TRUE(t->done.persisted);
+      EXPECT_TRUE(t.ok() && t->done.persisted);
       auto del = c.DeleteSession("s");
       EXPECT_TRUE(del.ok()) << "a delete during an export: " << del.ToString();
       EXPECT_TRUE(c.DeleteSession("ref").ok());
