@@ -185,10 +185,10 @@ TEST_F(ExportTest, SessionMovesToAnotherDaemonAndContinuesExactly) {
 
     // An export is a snapshot of the committed session. While one is held
     // up mid-stream by a client that stops taking pieces (mnemod has read
-    // only its first window of blocks), the session takes a turn that
+    // only its first window of 32 blocks), the session takes a turn that
     // rewrites its partial last block, it and its fork are deleted, and a
-    // new session's turn takes free slots; the file is still the state at
-    // the export's start, byte for byte.
+    // new session as long as it takes free slots; the file is still the
+    // state at the export's start, byte for byte.
     {
       client::ConnectOptions o;
       o.socket_path = a.socket_path();
@@ -222,8 +222,12 @@ TEST_F(ExportTest, SessionMovesToAnotherDaemonAndContinuesExactly) {
       auto del = c.DeleteSession("s");
       EXPECT_TRUE(del.ok()) << "a delete during an export: " << del.ToString();
       EXPECT_TRUE(c.DeleteSession("ref").ok());
+      // As long as "s": were the dropped blocks free, it would take the
+      // slots of the export's later windows, not yet read.
       EXPECT_TRUE(c.CreateSession("scratch").ok());
-      auto u = c.GenerateText(Turn("scratch", 1, 16));
+      client::GenerateRequest g = Turn("scratch", 1, 4);
+      g.messages[0].content = LongContext() + " " + kMessages[1];
+      auto u = c.GenerateText(g);
       EXPECT_TRUE(u.ok() && u->done.persisted) << u.status().ToString();
       {
         std::lock_guard<std::mutex> lock(mu);
