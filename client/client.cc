@@ -106,7 +106,24 @@ struct Call {
   bool discard = false;    // nobody reads: drop everything until the terminal reply
   Status failure;          // ended locally: connection lost, protocol violation, overflow
   std::condition_variable cv;
+  // ExportChunk bytes queued and unread. With max_buffered_bytes > 0 the
+  // reader stops reading the socket while another chunk would take them
+  // over it (one larger chunk is let into an empty queue), so the daemon's
+  // socket and then its flow window hold the rest of the export back.
+  size_t max_buffered_bytes = 0;
+  size_t buffered_bytes = 0;
+  size_t peak_buffered_bytes = 0;
+  std::condition_variable space_cv;  // the reader waits on it for room
 };
+
+namespace {
+
+size_t ExportBytes(const protocol::ResponseBody& body) {
+  const auto* chunk = std::get_if<protocol::ExportChunk>(&body);
+  return chunk ? chunk->data.size() : 0;
+}
+
+}  // namespace
 
 // The socket and the reader thread.
 //
@@ -124,12 +141,15 @@ class Connection {
   Connection(int fd, const ConnectOptions& options)
       : max_reply_frame_bytes_(options.max_reply_frame_bytes),
         max_queued_events_(options.max_queued_events),
+        max_export_buffered_bytes_(options.max_export_buffered_bytes),
         fd_(fd) {}
   Connection(const Connection&) = delete;
   Connection& operator=(const Connection&) = delete;
   ~Connection() { Close(); }
 
   void Start() { reader_ = std::thread([this] { ReadLoop(); }); }
+
+  size_t max_export_buffered_bytes() const { return max_export_buffered_bytes_; }
 
   void set_max_request_frame_bytes(uint32_t n) { max_request_frame_bytes_.store(n, std::memory_order_relaxed); }
 
@@ -149,7 +169,10 @@ class Connection {
 
   // Registers a call under a fresh id, then sends the request: the reply can
   // never arrive before its mailbox exists.
-  Result<Sent> Send(const protocol::RequestBody& body, bool streaming, bool discard) {
+  // `max_buffered_bytes` (0: none) bounds the call's unread ExportChunk
+  // bytes (Call).
+  Result<Sent> Send(const protocol::RequestBody& body, bool streaming, bool discard,
+                    size_t max_buffered_bytes = 0) {
     const uint64_t id = next_id_.fetch_add(1, std::memory_order_relaxed);
     std::string frame = protocol::EncodeRequest(id, body);
     const size_t body_bytes = frame.size() - protocol::kFrameHeaderBytes;
@@ -161,6 +184,7 @@ class Connection {
     auto call = std::make_shared<Call>();
     call->streaming = streaming;
     call->discard = discard;
+    call->max_buffered_bytes = max_buffered_bytes;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (!broken_.ok()) return broken_;
@@ -211,9 +235,19 @@ class Connection {
     if (!call.events.empty()) {
       protocol::ResponseBody body = std::move(call.events.front());
       call.events.pop_front();
+      if (const size_t n = ExportBytes(body); n > 0) {
+        call.buffered_bytes -= n;
+        call.space_cv.notify_all();
+      }
       return body;
     }
     return call.failure;
+  }
+
+  // The most ExportChunk bytes `call` held unread at once.
+  size_t PeakBufferedBytes(const Call& call) const {
+    std::lock_guard<std::mutex> lock(mu_);
+    return call.peak_buffered_bytes;
   }
 
   // The caller stops reading `call`: what still arrives for it is dropped,
@@ -224,6 +258,8 @@ class Connection {
       std::lock_guard<std::mutex> lock(mu_);
       call.discard = true;
       call.events.clear();
+      call.buffered_bytes = 0;
+      call.space_cv.notify_all();
       auto it = calls_.find(id);
       live = it != calls_.end() && it->second.get() == &call;
     }
@@ -245,6 +281,7 @@ class Connection {
     {
       std::lock_guard<std::mutex> lock(mu_);
       closing_ = true;
+      for (auto& [id, call] : calls_) call->space_cv.notify_all();  // a reader waiting for room
     }
     if (fd_ >= 0) ::shutdown(fd_, SHUT_RDWR);  // wakes the reader and any blocked writer
     if (reader_.joinable()) reader_.join();
@@ -328,14 +365,31 @@ class Connection {
       if (!next->has_value()) return Status::Ok();
       const protocol::FrameView& view = **next;
       auto parsed = protocol::ParseResponse(view.frame);
-      std::lock_guard<std::mutex> lock(mu_);
+      std::unique_lock<std::mutex> lock(mu_);
       if (!parsed.ok()) {
         FailCallLocked(view.id, Status::Corruption("mnemod sent an invalid reply: " +
                                                    std::string(parsed.status().message())));
         continue;
       }
+      WaitForRoomLocked(lock, *parsed);
+      if (closing_) return Status::Unavailable(std::string(kLost) + "the client closed it");
       RouteLocked(std::move(parsed).value());
     }
+  }
+
+  // Blocks the reader (and so the socket) while `response`, an ExportChunk,
+  // would take its call's unread bytes over the call's bound; returns when
+  // there is room, the call stops reading (Abandon) or ends, or Close.
+  void WaitForRoomLocked(std::unique_lock<std::mutex>& lock, const protocol::Response& response) {
+    const size_t n = ExportBytes(response.body);
+    if (n == 0 || response.id == 0) return;
+    auto it = calls_.find(response.id);
+    if (it == calls_.end() || it->second->max_buffered_bytes == 0) return;
+    std::shared_ptr<Call> call = it->second;  // stays valid while we wait
+    call->space_cv.wait(lock, [&] {
+      return closing_ || call->discard || !call->failure.ok() || call->buffered_bytes == 0 ||
+             call->buffered_bytes + n <= call->max_buffered_bytes;
+    });
   }
 
   void RouteLocked(protocol::Response response) {
@@ -368,6 +422,8 @@ class Connection {
         call.cv.notify_all();
         return;
       }
+      call.buffered_bytes += ExportBytes(response.body);
+      call.peak_buffered_bytes = std::max(call.peak_buffered_bytes, call.buffered_bytes);
       call.events.push_back(std::move(response.body));
       call.cv.notify_all();
       return;
@@ -407,6 +463,7 @@ class Connection {
   // --- constant after construction -------------------------------------------
   const uint32_t max_reply_frame_bytes_;
   const size_t max_queued_events_;
+  const size_t max_export_buffered_bytes_;
   std::thread reader_;  // set by Start(), joined by Close()
 
   std::atomic<uint64_t> next_id_{1};
@@ -598,6 +655,8 @@ Result<Client> Client::Connect(const ConnectOptions& options) {
                                    std::to_string(protocol::kMaxFrameBytesCeiling) + "]");
   }
   if (options.max_queued_events == 0) return Status::InvalidArgument("max_queued_events must be positive");
+  if (options.max_export_buffered_bytes == 0)
+    return Status::InvalidArgument("max_export_buffered_bytes must be positive");
   const Clock::time_point deadline = Clock::now() + options.connect_timeout;
   MNEMO_ASSIGN_OR_RETURN(const int fd, ConnectSocket(path, options.connect_timeout));
   auto conn = std::make_shared<internal::Connection>(fd, options);
@@ -744,11 +803,20 @@ Result<GenerateResult> Client::GenerateText(const GenerateRequest& request) {
 // ------------------------------------------------------------ export / import
 
 Result<ExportDone> Client::ExportSession(std::string_view session,
-                                         const std::function<Status(std::string_view)>& sink) {
+                                         const std::function<Status(std::string_view)>& sink, ExportStats* stats) {
   if (!conn_) return Status::FailedPrecondition("client was moved from");
   MNEMO_RETURN_IF_ERROR(protocol::ValidateSessionName(session));
   MNEMO_ASSIGN_OR_RETURN(auto sent, conn_->Send(protocol::ExportSessionRequest{std::string(session)},
-                                                /*streaming=*/true, /*discard=*/false));
+                                                /*streaming=*/true, /*discard=*/false,
+                                                conn_->max_export_buffered_bytes()));
+  struct Report {
+    internal::Connection* conn;
+    internal::Call* call;
+    ExportStats* stats;
+    ~Report() {
+      if (stats != nullptr) stats->peak_buffered_bytes = conn->PeakBufferedBytes(*call);
+    }
+  } report{conn_.get(), sent.call.get(), stats};
   XXH3_state_t hash;
   XXH3_64bits_reset(&hash);
   uint64_t received = 0;
@@ -781,7 +849,8 @@ Result<ExportDone> Client::ExportSession(std::string_view session,
   }
 }
 
-Result<ExportDone> Client::ExportSessionToFile(std::string_view session, const std::string& path) {
+Result<ExportDone> Client::ExportSessionToFile(std::string_view session, const std::string& path,
+                                               ExportStats* stats) {
   const std::string tmp = path + ".tmp";
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0600);
   if (fd < 0) return Status::FromErrno("open " + tmp, errno);
@@ -796,7 +865,7 @@ Result<ExportDone> Client::ExportSessionToFile(std::string_view session, const s
     }
     return Status::Ok();
   };
-  Result<ExportDone> done = ExportSession(session, sink);
+  Result<ExportDone> done = ExportSession(session, sink, stats);
   Status st = done.status();
   if (st.ok() && ::fsync(fd) != 0) st = Status::FromErrno("fsync " + tmp, errno);
   if (::close(fd) != 0 && st.ok()) st = Status::FromErrno("close " + tmp, errno);

@@ -230,6 +230,16 @@ struct Metrics::Impl {
   Family<Gauge>* kv_pages;
   Family<Gauge>* kv_bytes;
   Family<Gauge>* kv_budget_bytes;
+  // Per Transfer (export, import).
+  struct TransferSeries {
+    Counter* started;
+    Counter* completed;
+    Counter* bytes;
+    std::array<Counter*, kNumCodes> failed{};  // [0] (OK) unused
+    std::atomic<uint64_t> started_n{0}, completed_n{0}, bytes_n{0};
+    std::array<std::atomic<uint64_t>, kNumCodes> failed_n{};
+  };
+  std::array<TransferSeries, 2> transfers;
   std::shared_ptr<Exposition> exposition;
 
   // Exact totals for the Stats reply (Prometheus counters are doubles).
@@ -286,6 +296,23 @@ struct Metrics::Impl {
     kv_bytes = &prometheus::BuildGauge().Name("mnemo_kv_bytes").Help("KV bytes held, by tier.").Register(r);
     kv_budget_bytes =
         &prometheus::BuildGauge().Name("mnemo_kv_budget_bytes").Help("KV byte budget, by tier.").Register(r);
+    for (size_t t = 0; t < transfers.size(); ++t) {
+      const bool ex = t == static_cast<size_t>(Transfer::kExport);
+      TransferSeries& x = transfers[t];
+      x.started = counter(ex ? "mnemo_exports_started_total" : "mnemo_imports_started_total",
+                          ex ? "Session exports requested." : "Session imports requested.");
+      x.completed = counter(ex ? "mnemo_exports_completed_total" : "mnemo_imports_completed_total",
+                            ex ? "Session exports sent whole (ExportDone)." : "Session imports committed.");
+      x.bytes = counter(ex ? "mnemo_export_bytes_total" : "mnemo_import_bytes_total",
+                        ex ? "Export file bytes sent to clients." : "Export file bytes received for imports.");
+      auto& failed = prometheus::BuildCounter()
+                         .Name(ex ? "mnemo_exports_failed_total" : "mnemo_imports_failed_total")
+                         .Help(ex ? "Session exports that ended with an error, by status code."
+                                  : "Session imports that ended with an error, by status code.")
+                         .Register(r);
+      for (size_t c = 1; c < kNumCodes; ++c)
+        x.failed[c] = &failed.Add({{"code", std::string(StatusCodeName(static_cast<StatusCode>(c)))}});
+    }
     exposition = std::make_shared<Exposition>(registry, uptime, start, [this] {
       std::vector<protocol::TierUsage> rows;
       {
@@ -397,6 +424,31 @@ void Metrics::CountError(StatusCode code) {
   impl_->errors[index]->Increment();
 }
 
+void Metrics::TransferStarted(Transfer t) {
+  Impl::TransferSeries& x = impl_->transfers[static_cast<size_t>(t)];
+  x.started_n.fetch_add(1, std::memory_order_relaxed);
+  x.started->Increment();
+}
+
+void Metrics::TransferBytes(Transfer t, uint64_t n) {
+  Impl::TransferSeries& x = impl_->transfers[static_cast<size_t>(t)];
+  x.bytes_n.fetch_add(n, std::memory_order_relaxed);
+  x.bytes->Increment(static_cast<double>(n));
+}
+
+void Metrics::TransferEnded(Transfer t, StatusCode code) {
+  Impl::TransferSeries& x = impl_->transfers[static_cast<size_t>(t)];
+  if (code == StatusCode::kOk) {
+    x.completed_n.fetch_add(1, std::memory_order_relaxed);
+    x.completed->Increment();
+    return;
+  }
+  auto index = static_cast<size_t>(code);
+  if (index >= kNumCodes) index = static_cast<size_t>(StatusCode::kInternal);
+  x.failed_n[index].fetch_add(1, std::memory_order_relaxed);
+  x.failed[index]->Increment();
+}
+
 void Metrics::ObserveTtft(double ms) {
   if (!SanitizeMs(ms)) return;
   impl_->ttft->Observe(ms / 1000.0);
@@ -424,6 +476,18 @@ protocol::StatsReply Metrics::Snapshot() const {
     const uint64_t n = impl_->error_totals[c].load(std::memory_order_relaxed);
     if (n > 0) s.errors.emplace_back(static_cast<StatusCode>(c), n);
   }
+  auto transfer = [&](Transfer t, protocol::TransferCounts* out) {
+    const Impl::TransferSeries& x = impl_->transfers[static_cast<size_t>(t)];
+    out->started = x.started_n.load(std::memory_order_relaxed);
+    out->completed = x.completed_n.load(std::memory_order_relaxed);
+    out->bytes = x.bytes_n.load(std::memory_order_relaxed);
+    for (size_t c = 1; c < kNumCodes; ++c) {
+      const uint64_t n = x.failed_n[c].load(std::memory_order_relaxed);
+      if (n > 0) out->failed.emplace_back(static_cast<StatusCode>(c), n);
+    }
+  };
+  transfer(Transfer::kExport, &s.exports);
+  transfer(Transfer::kImport, &s.imports);
   std::vector<double> ttft, inter_token;
   {
     std::lock_guard lock(impl_->mu);

@@ -45,6 +45,13 @@ class Metrics {
   void AddGeneratedTokens(uint64_t n);
   void CountRequest(std::string_view type);  // "generate", "create_session", ...
   void CountError(StatusCode code);
+  // Session exports and imports: each started one ends once, with OK
+  // (completed) or its error's code (failed); bytes of the export file as
+  // they are sent or received.
+  enum class Transfer : uint8_t { kExport, kImport };
+  void TransferStarted(Transfer t);
+  void TransferBytes(Transfer t, uint64_t n);
+  void TransferEnded(Transfer t, StatusCode code);
 
   // Latencies (histograms in Prometheus; p50/p99 over a recent window in Stats).
   void ObserveTtft(double ms);

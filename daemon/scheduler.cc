@@ -394,6 +394,10 @@ void Scheduler::Handle(Job job) {
     return;
   }
   if (draining_local_) {
+    if (metrics_ && std::holds_alternative<ExportSessionRequest>(job.body)) {
+      metrics_->TransferStarted(Metrics::Transfer::kExport);
+      metrics_->TransferEnded(Metrics::Transfer::kExport, StatusCode::kUnavailable);
+    }
     reply_error(Status::Unavailable("mnemod is shutting down"));
     return;
   }
@@ -438,9 +442,6 @@ void Scheduler::Handle(Job job) {
     if ((*s)->active)
       return reply_error(Status::FailedPrecondition("session '" + req->session +
                                                     "' has a generation running; cancel it first"));
-    if ((*s)->exporting)
-      return reply_error(Status::FailedPrecondition("session '" + req->session +
-                                                    "' is being exported; delete it after the export"));
     if (options_.tier && (*s)->t2.turn_seq > 0) {
       Status st = options_.tier->Delete(job.uid, req->session);
       if (!st.ok() && st.code() != StatusCode::kNotFound) return reply_error(st.WithContext("deleting session"));
@@ -459,7 +460,12 @@ void Scheduler::Handle(Job job) {
 
 void Scheduler::HandleExport(Job job) {
   using namespace protocol;
-  auto reply_error = [&](const Status& s) { job.reply(ErrorReply::FromStatus(s)); };
+  using Transfer = Metrics::Transfer;
+  if (metrics_) metrics_->TransferStarted(Transfer::kExport);
+  auto reply_error = [&](const Status& s) {
+    if (metrics_) metrics_->TransferEnded(Transfer::kExport, s.code());
+    job.reply(ErrorReply::FromStatus(s));
+  };
   const std::string name = std::get<ExportSessionRequest>(job.body).session;
   if (!options_.tier)
     return reply_error(Status::Unsupported(
@@ -479,7 +485,6 @@ void Scheduler::HandleExport(Job job) {
   m.kv_tokens = s->t2.kv_tokens;
   m.blocks = s->t2.blocks;
   m.turn_seq = s->t2.turn_seq;
-  ++s->exporting;
   const auto key = std::make_pair(job.conn, job.id);
   exports_[key] = job.window;
   auto offset = std::make_shared<uint64_t>(0);
@@ -487,17 +492,19 @@ void Scheduler::HandleExport(Job job) {
   std::shared_ptr<FlowWindow> window = job.window;
   // Runs on the tier manager's transfer thread: waits for credit, never
   // for the scheduler.
-  tiering::ExportSink sink = [window, reply, offset](std::string_view piece) -> Status {
+  Metrics* metrics = metrics_;
+  tiering::ExportSink sink = [window, reply, offset, metrics](std::string_view piece) -> Status {
     MNEMO_RETURN_IF_ERROR(window->Acquire(piece.size()));
     reply(ExportChunk{*offset, std::string(piece)});
     *offset += piece.size();
+    if (metrics) metrics->TransferBytes(Transfer::kExport, piece.size());
     return Status::Ok();
   };
   options_.tier->Export("session '" + name + "'", std::move(m), std::move(sink), kTransferChunkBytes,
-                        [this, s, key, reply](Result<tiering::ExportSummary> r) {
-                          Post([this, s, key, reply, r = std::move(r)] {
-                            --s->exporting;
+                        [this, key, reply](Result<tiering::ExportSummary> r) {
+                          Post([this, key, reply, r = std::move(r)] {
                             exports_.erase(key);
+                            if (metrics_) metrics_->TransferEnded(Transfer::kExport, r.status().code());
                             if (r.ok()) {
                               reply(ExportDone{r->bytes, r->checksum});
                             } else {
@@ -599,9 +606,6 @@ void Scheduler::HandleGenerate(Job job) {
   if (s->active)
     return reply_error(Status::FailedPrecondition("session '" + req.session +
                                                   "' already has a generation running"));
-  if (s->exporting)
-    return reply_error(Status::FailedPrecondition("session '" + req.session +
-                                                  "' is being exported; continue it after the export"));
   if (!s->resume_error.ok()) return reply_error(s->resume_error);
   if (waiting_.size() >= options_.max_queued)
     return reply_error(Status::ResourceExhausted("request queue full: " +

@@ -121,7 +121,10 @@ class Connection : public std::enable_shared_from_this<Connection> {
     server_->scheduler_->CancelConnection(id_);
     for (auto& [id, w] : windows_) w->Cancel(Status::Cancelled("connection closed"));
     windows_.clear();
-    for (auto& [id, imp] : imports_) imp.job->Abort();
+    for (auto& [id, imp] : imports_) {
+      imp.job->Abort();
+      CountImportEnded(StatusCode::kCancelled);
+    }
     imports_.clear();
     server_->Remove(id_);
   }
@@ -262,8 +265,12 @@ class Connection : public std::enable_shared_from_this<Connection> {
   // finished import is committed by the scheduler -------------------------------
 
   void StartImport(uint64_t id, protocol::ImportSessionRequest piece) {
-    if (server_->metrics_) server_->metrics_->CountRequest("import_session");
+    if (server_->metrics_) {
+      server_->metrics_->CountRequest("import_session");
+      server_->metrics_->TransferStarted(Metrics::Transfer::kImport);
+    }
     if (!server_->options_.tier) {
+      CountImportEnded(StatusCode::kUnsupported);
       Send(id, protocol::ErrorReply::FromStatus(Status::Unsupported(
                    "session import needs durable sessions: this mnemod runs without T2 storage (--t2-budget 0)")));
       if (!piece.last) dropped_imports_.insert(id);
@@ -302,6 +309,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
     }
     imp.next_offset += piece.data.size();
     const size_t n = piece.data.size();
+    if (server_->metrics_) server_->metrics_->TransferBytes(Metrics::Transfer::kImport, n);
     import_queued_bytes_ += n;
     std::weak_ptr<Connection> weak = shared_from_this();
     asio::io_context* io = &server_->io_;
@@ -356,6 +364,8 @@ class Connection : public std::enable_shared_from_this<Connection> {
         auto it = c->imports_.find(id);
         if (it == c->imports_.end() || it->second.job != job) return;  // already answered
         c->imports_.erase(it);
+        const auto* e = std::get_if<protocol::ErrorReply>(&body);
+        c->CountImportEnded(e ? e->code : StatusCode::kOk);
         c->Send(id, std::move(body));
       });
     };
@@ -370,7 +380,12 @@ class Connection : public std::enable_shared_from_this<Connection> {
     it->second.job->Abort();
     if (!it->second.last_seen && !last_piece_now) dropped_imports_.insert(id);
     imports_.erase(it);
+    CountImportEnded(status.code());
     Send(id, protocol::ErrorReply::FromStatus(status));
+  }
+
+  void CountImportEnded(StatusCode code) {
+    if (server_->metrics_) server_->metrics_->TransferEnded(Metrics::Transfer::kImport, code);
   }
 
   void ToScheduler(protocol::Request req) {

@@ -41,9 +41,6 @@ struct Session {
   uint64_t created_unix_ms = 0;
   uint64_t last_used_unix_ms = 0;
   ActiveRequest* active = nullptr;  // the running Generate, if any
-  // Exports streaming this session's committed blocks: until they end, no
-  // turn may replace a block nor may the session be deleted.
-  uint32_t exporting = 0;
   // --- durability (tiering) ---------------------------------------------------
   tiering::CommittedKv t2;  // what the index holds; turn_seq 0: nothing committed
   bool persisted = false;   // the last turn (or the creation) is committed

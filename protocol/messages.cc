@@ -225,6 +225,14 @@ fb::Offset<void> Build(fb::FlatBufferBuilder& b, const StatsReply& m) {
   auto tv = b.CreateVector(tiers);
   auto ev = b.CreateVector(errors);
   auto prom = OptString(b, m.prometheus_text);
+  auto transfer = [&](const TransferCounts& t) {
+    std::vector<fb::Offset<wire::ErrorCount>> failed;
+    for (const auto& [code, count] : t.failed)
+      failed.push_back(wire::CreateErrorCount(b, static_cast<wire::ErrorCode>(code), count));
+    return wire::CreateTransferCounts(b, t.started, t.completed, b.CreateVector(failed), t.bytes);
+  };
+  auto exports = transfer(m.exports);
+  auto imports = transfer(m.imports);
   wire::StatsReplyBuilder mb(b);
   mb.add_requests_running(m.requests_running);
   mb.add_requests_waiting(m.requests_waiting);
@@ -240,6 +248,8 @@ fb::Offset<void> Build(fb::FlatBufferBuilder& b, const StatsReply& m) {
   mb.add_tiers(tv);
   mb.add_errors(ev);
   mb.add_prometheus_text(prom);
+  mb.add_exports(exports);
+  mb.add_imports(imports);
   return mb.Finish().Union();
 }
 fb::Offset<void> Build(fb::FlatBufferBuilder& b, const HealthReply& m) {
@@ -669,6 +679,20 @@ Result<Response> ParseResponse(const wire::Frame* f) {
         }
       }
       s.prometheus_text = Str(m->prometheus_text());
+      auto transfer = [](const wire::TransferCounts* w, TransferCounts* t) {
+        if (w == nullptr) return;  // an older peer
+        t->started = w->started();
+        t->completed = w->completed();
+        t->bytes = w->bytes();
+        if (w->failed()) {
+          for (const auto* e : *w->failed()) {
+            if (e->code() > wire::ErrorCode::MAX) continue;  // from a newer peer
+            t->failed.emplace_back(static_cast<StatusCode>(e->code()), e->count());
+          }
+        }
+      };
+      transfer(m->exports(), &s.exports);
+      transfer(m->imports(), &s.imports);
       out.body = std::move(s);
       break;
     }

@@ -266,6 +266,15 @@ struct TierUsage {
   bool operator==(const TierUsage&) const = default;
 };
 
+// Session exports or imports since the daemon started (see mnemo.fbs).
+struct TransferCounts {
+  uint64_t started = 0;
+  uint64_t completed = 0;
+  std::vector<std::pair<StatusCode, uint64_t>> failed;  // count per code
+  uint64_t bytes = 0;
+  bool operator==(const TransferCounts&) const = default;
+};
+
 struct StatsReply {
   uint32_t requests_running = 0;
   uint32_t requests_waiting = 0;
@@ -281,6 +290,7 @@ struct StatsReply {
   std::vector<TierUsage> tiers;
   std::vector<std::pair<StatusCode, uint64_t>> errors;  // count per code
   std::string prometheus_text;
+  TransferCounts exports, imports;
   bool operator==(const StatsReply&) const = default;
 };
 

@@ -305,6 +305,9 @@ struct Index::Impl {
   std::map<SessionKey, SessionRec> sessions;
   std::unordered_map<BlockSlot, uint32_t> refs;  // committed slots
   std::unordered_set<BlockSlot> reserved;
+  std::unordered_map<BlockSlot, uint32_t> pins;  // BlockPins holding the slot
+  // Pinned slots that no manifest references any more: free once unpinned.
+  std::unordered_set<BlockSlot> pinned_unreferenced;
   // Free slots below capacity as disjoint, coalesced extents: start -> length.
   std::map<BlockSlot, uint64_t> free_extents;
   uint64_t free_slots = 0;
@@ -650,7 +653,11 @@ Status Index::Impl::Execute(Plan* plan) {
   }
   for (BlockSlot s : plan->freed) {
     MNEMO_CHECK(refs.erase(s) == 1);
-    FreeSlot(s);
+    if (pins.count(s)) {
+      pinned_unreferenced.insert(s);  // a reader still needs its data
+    } else {
+      FreeSlot(s);
+    }
   }
   if (plan->rec) {
     sessions.insert_or_assign(std::move(plan->key), std::move(*plan->rec));
@@ -983,11 +990,46 @@ Result<std::vector<Manifest>> Index::LoadManifests() const {
 }
 
 Result<BlockInfo> Index::GetBlock(BlockSlot slot) const {
+  ScopedSnapshot snap(impl_->db.get());
+  return ReadBlock(slot, snap.get());
+}
+
+Result<BlockInfo> Index::GetBlock(BlockSlot slot, const BlockPin& pin) const {
+  MNEMO_CHECK(pin.index_ == this);
+  return ReadBlock(slot, pin.snapshot_);
+}
+
+Result<std::unique_ptr<BlockPin>> Index::Pin(std::span<const BlockSlot> slots) {
+  Impl& x = *impl_;
+  std::lock_guard<std::mutex> wl(x.write_mu);  // the database and refs agree
+  std::lock_guard<std::mutex> l(x.mu);
+  for (BlockSlot s : slots)
+    if (!x.refs.count(s)) return Status::NotFound("block slot " + std::to_string(s) + " is not committed");
+  for (BlockSlot s : slots) ++x.pins[s];
+  return std::unique_ptr<BlockPin>(
+      new BlockPin(this, std::vector<BlockSlot>(slots.begin(), slots.end()), x.db->GetSnapshot()));
+}
+
+void Index::Unpin(const BlockPin& pin) {
+  Impl& x = *impl_;
+  x.db->ReleaseSnapshot(pin.snapshot_);
+  std::lock_guard<std::mutex> l(x.mu);
+  for (BlockSlot s : pin.slots_) {
+    auto it = x.pins.find(s);
+    MNEMO_CHECK_MSG(it != x.pins.end(), "slot unpinned more often than pinned");
+    if (--it->second > 0) continue;
+    x.pins.erase(it);
+    if (x.pinned_unreferenced.erase(s)) x.FreeSlot(s);
+  }
+}
+
+BlockPin::~BlockPin() { index_->Unpin(*this); }
+
+Result<BlockInfo> Index::ReadBlock(BlockSlot slot, const rocksdb::Snapshot* snapshot) const {
   const Impl& x = *impl_;
-  ScopedSnapshot snap(x.db.get());
   rocksdb::ReadOptions ro;
   ro.verify_checksums = true;
-  ro.snapshot = snap.get();
+  ro.snapshot = snapshot;
   const std::string bk = SlotKey(kBlockPrefix, slot), rk = SlotKey(kRefPrefix, slot);
   std::string bv, rv;
   const rocksdb::Status bs = x.db->Get(ro, bk, &bv);

@@ -46,6 +46,7 @@
 
 namespace rocksdb {
 class Env;
+class Snapshot;
 }  // namespace rocksdb
 
 namespace mnemo::tiering {
@@ -116,6 +117,31 @@ struct BlockInfo {
   std::vector<uint64_t> page_checksums;  // one per layer
 };
 
+class Index;
+
+// Committed blocks held for a reader (a session export) from the moment
+// Index::Pin took them: while the pin lives none of its slots is handed out
+// again, even after every manifest dropped it (its records are deleted as
+// usual; the slot becomes free when the pin goes), and GetBlock through
+// the pin reads the block records as they were when it was taken. Pins live
+// only in memory: after a crash the dropped slots are simply free.
+//
+// Thread-safe. Must not outlive its Index.
+class BlockPin {
+ public:
+  ~BlockPin();
+  BlockPin(const BlockPin&) = delete;
+  BlockPin& operator=(const BlockPin&) = delete;
+
+ private:
+  friend class Index;
+  BlockPin(Index* index, std::vector<BlockSlot> slots, const rocksdb::Snapshot* snapshot)
+      : index_(index), slots_(std::move(slots)), snapshot_(snapshot) {}
+  Index* const index_;
+  const std::vector<BlockSlot> slots_;
+  const rocksdb::Snapshot* const snapshot_;
+};
+
 // Thread-safe: every method may be called from any thread (see the file
 // comment for what runs concurrently).
 class Index {
@@ -179,8 +205,19 @@ class Index {
   Result<std::vector<Manifest>> LoadManifests() const;
   // The block's record; NotFound when the slot is not committed.
   Result<BlockInfo> GetBlock(BlockSlot slot) const;
+  // The same as it was when `pin` was taken. REQUIRES: `pin` came from this
+  // index.
+  Result<BlockInfo> GetBlock(BlockSlot slot, const BlockPin& pin) const;
+
+  // Pins committed `slots` (see BlockPin); NotFound naming the first one
+  // that is not committed (nothing is pinned then). Waits for a mutation in
+  // flight, so the pin sees none of it or all of it.
+  Result<std::unique_ptr<BlockPin>> Pin(std::span<const BlockSlot> slots);
 
  private:
+  friend class BlockPin;
+  void Unpin(const BlockPin& pin);
+  Result<BlockInfo> ReadBlock(BlockSlot slot, const rocksdb::Snapshot* snapshot) const;
   struct Impl;
   explicit Index(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;

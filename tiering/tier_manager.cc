@@ -283,14 +283,14 @@ void LoadIoDone(IoRequest* req) {
 }  // namespace
 
 Status TierManager::ReadVerified(const std::string& label, std::span<const BlockSlot> slots, uint8_t* staging,
-                                 std::vector<BlockInfo>* infos) {
+                                 std::vector<BlockInfo>* infos, const BlockPin* pin) {
   const size_t n = slots.size();
   infos->assign(n, BlockInfo{});
   std::vector<BlockSlot> to_read;
   std::vector<void*> bufs;
   std::vector<bool> from_t1(n);
   for (size_t i = 0; i < n; ++i) {
-    Result<BlockInfo> info = index_->GetBlock(slots[i]);
+    Result<BlockInfo> info = pin ? index_->GetBlock(slots[i], *pin) : index_->GetBlock(slots[i]);
     if (!info.ok()) return info.status().WithContext(label);
     (*infos)[i] = std::move(info).value();
     uint8_t* block = staging + i * layout_.block_bytes;
@@ -517,9 +517,15 @@ ExportModel TierManager::export_model() const {
 
 void TierManager::Export(std::string label, Manifest m, ExportSink sink, size_t chunk_bytes,
                          std::function<void(Result<ExportSummary>)> done) {
+  // Pinned now, on the caller's thread, where `m` is known to be committed.
+  Result<std::unique_ptr<BlockPin>> pinned = index_->Pin(m.blocks);
+  std::shared_ptr<BlockPin> pin;
+  if (pinned.ok()) pin = std::move(pinned).value();
+  Status pin_error = pinned.status().WithContext(label);
   Enqueue(&transfer_worker_, [this, label = std::move(label), m = std::move(m), sink = std::move(sink), chunk_bytes,
-                              done = std::move(done)]() mutable {
-    Result<ExportSummary> r = DoExport(label, m, sink, chunk_bytes);
+                              done = std::move(done), pin = std::move(pin), pin_error]() mutable {
+    Result<ExportSummary> r = pin ? DoExport(label, m, *pin, sink, chunk_bytes) : Result<ExportSummary>(pin_error);
+    pin.reset();  // the slots a later turn or delete dropped are free again
     ++exports_;
     if (!r.ok()) {
       ++export_errors_;
@@ -529,8 +535,8 @@ void TierManager::Export(std::string label, Manifest m, ExportSink sink, size_t 
   });
 }
 
-Result<ExportSummary> TierManager::DoExport(const std::string& label, const Manifest& m, const ExportSink& sink,
-                                            size_t chunk_bytes) {
+Result<ExportSummary> TierManager::DoExport(const std::string& label, const Manifest& m, const BlockPin& pin,
+                                            const ExportSink& sink, size_t chunk_bytes) {
   MNEMO_RETURN_IF_ERROR(CheckCompatible(m));
   const uint64_t spans = BlocksForTokens(m.kv_tokens, layout_.page_tokens);
   if (m.blocks.size() < spans) return Status::Corruption(label + ": manifest lists fewer blocks than its KV");
@@ -542,7 +548,7 @@ Result<ExportSummary> TierManager::DoExport(const std::string& label, const Mani
   for (uint64_t w0 = 0; w0 < spans; w0 += window) {
     const uint64_t n = std::min<uint64_t>(window, spans - w0);
     MNEMO_RETURN_IF_ERROR(
-        ReadVerified(label, std::span<const BlockSlot>(m.blocks.data() + w0, n), staging.data(), &infos));
+        ReadVerified(label, std::span<const BlockSlot>(m.blocks.data() + w0, n), staging.data(), &infos, &pin));
     for (uint64_t i = 0; i < n; ++i)
       MNEMO_RETURN_IF_ERROR(writer.AddBlock(staging.data() + i * layout_.block_bytes, infos[i].page_checksums));
   }

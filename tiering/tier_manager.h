@@ -221,8 +221,12 @@ class TierManager {
   // Streams committed session `m` (its kv_tokens and blocks as committed;
   // owner and turn_seq are not exported) to `sink`, reading its blocks from
   // T1 or T2 and verifying every page's checksum (Corruption naming `label`
-  // otherwise). The caller keeps the blocks committed until `done`. `sink`
-  // may block (flow control) and its error aborts the export.
+  // otherwise). The blocks are pinned before Export returns (Index::Pin):
+  // later turns, forks and deletes of the session may commit meanwhile
+  // without freeing or reusing them, and the export is the state `m`
+  // describes. A block of `m` that is not committed fails the export
+  // (NotFound). `sink` may block (flow control) and its error aborts the
+  // export.
   void Export(std::string label, Manifest m, ExportSink sink, size_t chunk_bytes,
               std::function<void(Result<ExportSummary>)> done);
   // Starts importing a session export.
@@ -268,13 +272,14 @@ class TierManager {
   Status DoPersist(PersistJob& job, CommittedKv* out);
   Status DoLoad(const std::string& label, const std::vector<BlockSlot>& blocks, uint64_t kv_tokens,
                 const std::vector<std::vector<void*>>& dst, const std::function<void(int32_t)>& on_layers);
-  Result<ExportSummary> DoExport(const std::string& label, const Manifest& m, const ExportSink& sink,
-                                 size_t chunk_bytes);
+  Result<ExportSummary> DoExport(const std::string& label, const Manifest& m, const BlockPin& pin,
+                                 const ExportSink& sink, size_t chunk_bytes);
   // Reads blocks `slots` into consecutive block_bytes of `staging` (from T1
   // where present) and verifies each layer page against the index; fills
-  // `infos`. Corruption naming `label` for a page that fails.
+  // `infos`. Corruption naming `label` for a page that fails. With `pin`,
+  // the block records are read as the pin saw them.
   Status ReadVerified(const std::string& label, std::span<const BlockSlot> slots, uint8_t* staging,
-                      std::vector<BlockInfo>* infos);
+                      std::vector<BlockInfo>* infos, const BlockPin* pin = nullptr);
   // Copies span `s` of `job` into `block` (block_bytes) and fills the
   // per-layer checksums.
   void StageBlock(const PersistJob& job, size_t s, uint8_t* block, uint64_t* checksums) const;

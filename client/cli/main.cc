@@ -572,6 +572,11 @@ int CmdStats(const GlobalOptions& g, bool prometheus) {
     }
     json errors = json::object();
     for (const auto& [code, count] : st->errors) errors[std::string(StatusCodeName(code))] = count;
+    auto transfer = [](const protocol::TransferCounts& t) {
+      json failed = json::object();
+      for (const auto& [code, count] : t.failed) failed[std::string(StatusCodeName(code))] = count;
+      return json{{"started", t.started}, {"completed", t.completed}, {"failed", failed}, {"bytes", t.bytes}};
+    };
     json j = {{"requests_running", st->requests_running},
               {"requests_waiting", st->requests_waiting},
               {"connections", st->connections},
@@ -584,7 +589,9 @@ int CmdStats(const GlobalOptions& g, bool prometheus) {
               {"inter_token_ms_p99", st->inter_token_ms_p99},
               {"uptime_s", st->uptime_s},
               {"tiers", tiers},
-              {"errors", errors}};
+              {"errors", errors},
+              {"exports", transfer(st->exports)},
+              {"imports", transfer(st->imports)}};
     if (prometheus) j["prometheus_text"] = st->prometheus_text;
     PrintJson(j);
     return 0;
@@ -618,6 +625,21 @@ int CmdStats(const GlobalOptions& g, bool prometheus) {
     if (t.prefetch_hits + t.prefetch_stalls > 0)
       std::printf("  prefetch         %" PRIu64 " pages ready, %" PRIu64 " waited for (%.1f ms stalled)\n",
                   t.prefetch_hits, t.prefetch_stalls, t.prefetch_stall_s * 1e3);
+  }
+  // exports: 3 started, 2 completed, 1 failed (1 Cancelled), 9.2 MiB sent
+  const std::pair<const char*, const protocol::TransferCounts*> transfers[] = {{"exports", &st->exports},
+                                                                               {"imports", &st->imports}};
+  for (const auto& [name, t] : transfers) {
+    if (t->started == 0) continue;
+    uint64_t failed = 0;
+    std::string codes;
+    for (const auto& [code, count] : t->failed) {
+      failed += count;
+      codes += (codes.empty() ? "" : ", ") + std::to_string(count) + " " + std::string(StatusCodeName(code));
+    }
+    std::printf("%-18s %" PRIu64 " started, %" PRIu64 " completed, %" PRIu64 " failed%s, %s %s\n", name,
+                t->started, t->completed, failed, codes.empty() ? "" : (" (" + codes + ")").c_str(),
+                FormatBytes(t->bytes).c_str(), t == &st->exports ? "sent" : "received");
   }
   for (const auto& [code, count] : st->errors) {
     std::printf("errors %-18s %" PRIu64 "\n", std::string(StatusCodeName(code)).c_str(), count);

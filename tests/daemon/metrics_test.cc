@@ -115,6 +115,54 @@ TEST(MetricsTest, CountsAppearInSnapshotAndText) {
   EXPECT_THAT(text, Not(HasSubstr("code=\"OK\"")));
 }
 
+TEST(MetricsTest, ExportAndImportCountersReachSnapshotAndText) {
+  Metrics m;
+  using T = Metrics::Transfer;
+  for (int i = 0; i < 3; ++i) m.TransferStarted(T::kExport);
+  m.TransferBytes(T::kExport, 1000);
+  m.TransferBytes(T::kExport, 24);
+  m.TransferEnded(T::kExport, StatusCode::kOk);
+  m.TransferEnded(T::kExport, StatusCode::kCancelled);
+  m.TransferEnded(T::kExport, StatusCode::kNotFound);
+  m.TransferStarted(T::kImport);
+  m.TransferBytes(T::kImport, 7);
+  m.TransferEnded(T::kImport, StatusCode::kCorruption);
+
+  protocol::StatsReply s = m.Snapshot();
+  EXPECT_EQ(s.exports.started, 3u);
+  EXPECT_EQ(s.exports.completed, 1u);
+  EXPECT_EQ(s.exports.bytes, 1024u);
+  const std::vector<std::pair<StatusCode, uint64_t>> export_failed = {{StatusCode::kNotFound, 1},
+                                                                      {StatusCode::kCancelled, 1}};
+  std::vector<std::pair<StatusCode, uint64_t>> got = s.exports.failed;
+  std::sort(got.begin(), got.end());
+  std::vector<std::pair<StatusCode, uint64_t>> want = export_failed;
+  std::sort(want.begin(), want.end());
+  EXPECT_EQ(got, want);
+  EXPECT_EQ(s.imports.started, 1u);
+  EXPECT_EQ(s.imports.completed, 0u);
+  EXPECT_EQ(s.imports.bytes, 7u);
+  EXPECT_EQ(s.imports.failed, (std::vector<std::pair<StatusCode, uint64_t>>{{StatusCode::kCorruption, 1}}));
+  EXPECT_TRUE(s.errors.empty()) << "transfer failures are not error replies by themselves";
+
+  const std::string text = m.PrometheusText();
+  for (const char* line : {
+           "mnemo_exports_started_total 3",
+           "mnemo_exports_completed_total 1",
+           "mnemo_export_bytes_total 1024",
+           "mnemo_exports_failed_total{code=\"Cancelled\"} 1",
+           "mnemo_exports_failed_total{code=\"NotFound\"} 1",
+           "mnemo_exports_failed_total{code=\"Corruption\"} 0",  // every code from the start
+           "mnemo_imports_started_total 1",
+           "mnemo_imports_completed_total 0",
+           "mnemo_import_bytes_total 7",
+           "mnemo_imports_failed_total{code=\"Corruption\"} 1",
+       }) {
+    EXPECT_THAT(text, HasSubstr(line));
+  }
+  EXPECT_THAT(text, Not(HasSubstr("code=\"OK\"")));
+}
+
 TEST(MetricsTest, TierCountersAndIoHistogramsReachSnapshotAndText) {
   Metrics m;
   tiering::LatencyHistogram reads;

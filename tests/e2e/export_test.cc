@@ -4,13 +4,18 @@
 // prefilling only the new message; a damaged or truncated file is refused
 // with Corruption and leaves nothing behind; a taken name is AlreadyExists;
 // a daemon without T2 storage refuses both; another client is served
-// meanwhile.
+// meanwhile. An export is a snapshot (the session takes turns and is
+// deleted while it streams), a client holds at most its bound of the export
+// unread, and Stats counts every export and import.
 #include <sys/wait.h>
 
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
+#include <condition_variable>
 #include <iterator>
+#include <map>
+#include <mutex>
 #include <thread>
 
 #include <gtest/gtest.h>
@@ -132,6 +137,106 @@ TEST_F(ExportTest, SessionMovesToAnotherDaemonAndContinuesExactly) {
     auto j = nlohmann::json::parse(out);
     EXPECT_EQ(j["bytes"].get<uint64_t>(), done->bytes);
     EXPECT_EQ(ReadFile(dir_ + "/cli.mnemo"), ReadFile(file));
+
+    // A client that buffers little: a sink that stalls on its first piece
+    // (long enough for mnemod to push out a whole flow window, and for an
+    // unbounded reader to take all of it) never finds more than its bound
+    // queued, and the export still arrives whole.
+    {
+      client::ConnectOptions o;
+      o.socket_path = a.socket_path();
+      o.max_export_buffered_bytes = 2 * protocol::kTransferChunkBytes;
+      auto small = Client::Connect(o);
+      ASSERT_TRUE(small.ok()) << small.status().ToString();
+      std::string got;
+      client::ExportStats stats;
+      auto e = small->ExportSession("s", [&](std::string_view piece) -> Status {
+        if (got.empty()) std::this_thread::sleep_for(1s);
+        got.append(piece);
+        return Status::Ok();
+      }, &stats);
+      ASSERT_TRUE(e.ok()) << e.status().ToString();
+      EXPECT_EQ(got, ReadFile(file));
+      EXPECT_GT(stats.peak_buffered_bytes, 0u);
+      EXPECT_LE(stats.peak_buffered_bytes, o.max_export_buffered_bytes);
+      EXPECT_GT(got.size(), 8 * o.max_export_buffered_bytes) << "the bound was never put to the test";
+    }
+
+    // Every export so far is counted: NotFound, then three whole ones.
+    auto st = c.Stats(/*prometheus=*/true);
+    ASSERT_TRUE(st.ok()) << st.status().ToString();
+    EXPECT_EQ(st->exports.started, 4u);
+    EXPECT_EQ(st->exports.completed, 3u);
+    EXPECT_EQ(st->exports.failed, (std::vector<std::pair<StatusCode, uint64_t>>{{StatusCode::kNotFound, 1}}));
+    EXPECT_EQ(st->exports.bytes, 3 * done->bytes);
+    EXPECT_EQ(st->imports.started, 0u);
+    EXPECT_NE(st->prometheus_text.find("mnemo_exports_completed_total 3"), std::string::npos);
+    EXPECT_NE(st->prometheus_text.find("mnemo_export_bytes_total " + std::to_string(3 * done->bytes)),
+              std::string::npos)
+        << st->prometheus_text;
+    auto [src, sout] = RunCli(a, "stats");
+    EXPECT_EQ(src, 0) << sout;
+    EXPECT_NE(sout.find("4 started, 3 completed, 1 failed (1 NotFound)"), std::string::npos) << sout;
+    auto [jrc, jout] = RunCli(a, "--json stats");
+    ASSERT_EQ(jrc, 0) << jout;
+    auto js = nlohmann::json::parse(jout);
+    EXPECT_EQ(js["exports"]["completed"].get<uint64_t>(), 3u);
+    EXPECT_EQ(js["exports"]["failed"]["NotFound"].get<uint64_t>(), 1u);
+
+    // An export is a snapshot of the committed session. While one is held
+    // up mid-stream by a client that stops taking pieces (mnemod has read
+    // only its first window of 32 blocks), the session takes a turn that
+    // rewrites its partial last block, it and its fork are deleted, and a
+    // new session as long as it takes free slots; the file is still the
+    // state at the export's start, byte for byte.
+    {
+      client::ConnectOptions o;
+      o.socket_path = a.socket_path();
+      o.max_export_buffered_bytes = protocol::kTransferChunkBytes;
+      auto slow = Client::Connect(o);
+      ASSERT_TRUE(slow.ok()) << slow.status().ToString();
+      std::mutex mu;
+      std::condition_variable cv;
+      bool started = false, go = false;
+      std::string got;
+      std::thread exporter([&] {
+        auto e = slow->ExportSession("s", [&](std::string_view piece) -> Status {
+          if (got.empty()) {
+            std::unique_lock<std::mutex> lock(mu);
+            started = true;
+            cv.notify_all();
+            cv.wait(lock, [&] { return go; });
+          }
+          got.append(piece);
+          return Status::Ok();
+        });
+        EXPECT_TRUE(e.ok()) << e.status().ToString();
+      });
+      {
+        std::unique_lock<std::mutex> lock(mu);
+        cv.wait(lock, [&] { return started; });
+      }
+      auto t = c.GenerateText(Turn("s", 2));
+      EXPECT_TRUE(t.ok()) << "a turn during an export: " << t.status().ToString();
+      EXPECT_TRUE(t.ok() && t->done.persisted);
+      auto del = c.DeleteSession("s");
+      EXPECT_TRUE(del.ok()) << "a delete during an export: " << del.ToString();
+      EXPECT_TRUE(c.DeleteSession("ref").ok());
+      // As long as "s": were the dropped blocks free, it would take the
+      // slots of the export's later windows, not yet read.
+      EXPECT_TRUE(c.CreateSession("scratch").ok());
+      client::GenerateRequest g = Turn("scratch", 1, 4);
+      g.messages[0].content = LongContext() + " " + kMessages[1];
+      auto u = c.GenerateText(g);
+      EXPECT_TRUE(u.ok() && u->done.persisted) << u.status().ToString();
+      {
+        std::lock_guard<std::mutex> lock(mu);
+        go = true;
+      }
+      cv.notify_all();
+      exporter.join();
+      EXPECT_TRUE(got == ReadFile(file)) << "the export is not the state at its start (" << got.size() << " bytes)";
+    }
     EXPECT_EQ(a.Stop(SIGTERM), 0);
   }
 
@@ -201,6 +306,18 @@ TEST_F(ExportTest, SessionMovesToAnotherDaemonAndContinuesExactly) {
   ASSERT_TRUE(r2.ok()) << r2.status().ToString();
   EXPECT_EQ(r2->token_ids, ref_ids);
   other.join();
+
+  // Imports: five damaged or truncated files, the client that quit (its
+  // connection closed: Cancelled), two imported and one name taken.
+  auto st = c.Stats();
+  ASSERT_TRUE(st.ok()) << st.status().ToString();
+  EXPECT_EQ(st->imports.started, 9u);
+  EXPECT_EQ(st->imports.completed, 2u);
+  std::map<StatusCode, uint64_t> failed(st->imports.failed.begin(), st->imports.failed.end());
+  EXPECT_EQ(failed, (std::map<StatusCode, uint64_t>{
+                        {StatusCode::kCorruption, 5}, {StatusCode::kAlreadyExists, 1}, {StatusCode::kCancelled, 1}}));
+  EXPECT_GE(st->imports.bytes, 3 * good.size());
+  EXPECT_EQ(st->exports.started, 0u);
 
   // The imported sessions survive a restart (the index verifies every
   // block reference at start-up) and the failed imports left nothing.

@@ -97,6 +97,8 @@ inline std::vector<ResponseBody> SampleResponses() {
   st.tiers = {t0, t2};
   st.errors = {{StatusCode::kInvalidArgument, 4}, {StatusCode::kNotFound, 2}};
   st.prometheus_text = "# HELP mnemo_requests_running ...\n";
+  st.exports = {7, 5, {{StatusCode::kCancelled, 1}, {StatusCode::kCorruption, 1}}, 1ull << 33};
+  st.imports = {2, 1, {{StatusCode::kFailedPrecondition, 1}}, 4096};
   return {HelloReply{kProtocolVersion, "0.1.0", "SmolLM2-135M-Instruct", 8192, 1u << 20},
           TokenChunk{"Hello", {9906, 11}},
           PrefillProgress{512, 8192},

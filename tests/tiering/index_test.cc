@@ -450,6 +450,51 @@ TEST_F(IndexTest, SlotsAreReusedAfterDelete) {
   CheckConsistent(*idx);
 }
 
+// An export pins a session's blocks: a later turn that rewrites one and a
+// delete that drops them all commit as usual, but no pinned slot is handed
+// out again until the last pin goes, and the pin still reads the records.
+TEST_F(IndexTest, PinnedSlotsOutliveTheirManifestsUntilUnpinned) {
+  auto idx = OpenOrDie(dir_, Options(8));
+  Manifest a = Empty(5, "a");
+  ASSERT_OK(Turn(*idx, a, rng_, 3 * kPageTokens + 5, 0));  // slots 0..3, the last partial
+  const std::vector<BlockSlot> pinned = a.blocks;
+  ASSERT_EQ(pinned, (std::vector<BlockSlot>{0, 1, 2, 3}));
+  Result<std::unique_ptr<BlockPin>> r = idx->Pin(pinned);
+  ASSERT_OK(r);
+  std::unique_ptr<BlockPin> pin = std::move(r).value();
+  Result<std::unique_ptr<BlockPin>> r0 = idx->Pin(std::vector<BlockSlot>{0});  // a second reader of slot 0
+  ASSERT_OK(r0);
+  std::unique_ptr<BlockPin> pin0 = std::move(r0).value();
+  EXPECT_EQ(idx->Pin(std::vector<BlockSlot>{1, 7}).status().code(), StatusCode::kNotFound);
+
+  ASSERT_OK(Turn(*idx, a, rng_, 2 * kPageTokens, 0));  // drops slot 3, writes 4..6
+  EXPECT_EQ(a.blocks, (std::vector<BlockSlot>{0, 1, 2, 4, 5, 6}));
+  ASSERT_OK(idx->DeleteSession(5, "a"));
+  SlotStats st = idx->slot_stats();
+  EXPECT_EQ(st.committed, 0u);
+  EXPECT_EQ(st.free, 4u) << "slots 0..3 are pinned";
+  Result<std::vector<BlockSlot>> rest = idx->AllocateSlots(4);
+  ASSERT_OK(rest);
+  EXPECT_EQ(*rest, (std::vector<BlockSlot>{4, 5, 6, 7}));
+  EXPECT_EQ(idx->AllocateSlots(1).status().code(), StatusCode::kResourceExhausted);
+  ASSERT_OK(idx->ReleaseSlots(*rest));
+  for (BlockSlot s : pinned) {
+    Result<BlockInfo> b = idx->GetBlock(s, *pin);
+    ASSERT_OK(b);
+    EXPECT_EQ(b->page_checksums, Sums(s)) << "slot " << s;
+    EXPECT_EQ(b->refcount, 1u);
+    EXPECT_EQ(idx->GetBlock(s).status().code(), StatusCode::kNotFound) << "slot " << s;
+  }
+  pin.reset();
+  EXPECT_EQ(idx->slot_stats().free, 7u) << "slot 0 is still pinned by the second reader";
+  pin0.reset();
+  EXPECT_EQ(idx->slot_stats().free, 8u);
+  idx.reset();
+  idx = OpenOrDie(dir_, Options(8));
+  EXPECT_EQ(idx->recovery().slots_free, 8u);
+  CheckConsistent(*idx);
+}
+
 TEST_F(IndexTest, UncommittedReservationsAreFreeAfterReopen) {
   {
     auto idx = OpenOrDie(dir_, Options(50));

@@ -64,6 +64,18 @@ struct ConnectOptions {
   // Unread chunk/progress events buffered per generation; a consumer that
   // falls further behind gets ResourceExhausted and the request is cancelled.
   size_t max_queued_events = size_t{1} << 16;
+  // Unread export bytes held per ExportSession, whatever the session's
+  // size: past it the client stops reading the socket until the sink has
+  // taken the pieces, and the daemon's flow control holds back the rest. One
+  // piece (at most protocol::kTransferChunkBytes) always fits.
+  size_t max_export_buffered_bytes = size_t{4} << 20;
+};
+
+// What an export held in the client (tests, tuning).
+struct ExportStats {
+  // The most ExportChunk bytes received and not yet handed to the sink at
+  // once; at most max(ConnectOptions::max_export_buffered_bytes, one piece).
+  uint64_t peak_buffered_bytes = 0;
 };
 
 namespace internal {
@@ -181,11 +193,19 @@ class Client {
   // export and is returned). The size and XXH3 of what arrived are checked
   // against the daemon's: Corruption on a mismatch. FailedPrecondition
   // while the session's latest turn is not persisted or a generation runs.
+  // Memory stays within ConnectOptions::max_export_buffered_bytes: a slow
+  // sink slows the daemon down. While the bound is reached the connection
+  // reads nothing else, so other calls on this Client wait for the sink;
+  // the sink must not wait for them. `stats` (optional) is filled in however
+  // the export ends.
   Result<ExportDone> ExportSession(std::string_view session,
-                                   const std::function<Status(std::string_view piece)>& sink);
-  // To a file: written to `path`.tmp, synced, then renamed to `path`; on
-  // any error the temporary file is removed and `path` is untouched.
-  Result<ExportDone> ExportSessionToFile(std::string_view session, const std::string& path);
+                                   const std::function<Status(std::string_view piece)>& sink,
+                                   ExportStats* stats = nullptr);
+  // To a file: written to `path`.tmp as pieces arrive, synced, then renamed
+  // to `path`; on any error the temporary file is removed and `path` is
+  // untouched.
+  Result<ExportDone> ExportSessionToFile(std::string_view session, const std::string& path,
+                                         ExportStats* stats = nullptr);
   // Imports an export file whose bytes `source` returns piece by piece (an
   // empty piece ends the file; an error aborts the import). The session is
   // named `new_name`, else as in the file. The daemon verifies the whole
