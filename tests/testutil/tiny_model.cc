@@ -7,6 +7,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
+#include <mutex>
 #include <random>
 
 namespace mnemo::testutil {
@@ -261,11 +263,43 @@ std::string MakeTinyModel(const TinyModelSpec& s) {
   return w.Serialize();
 }
 
+namespace {
+
+// The temp directories this process made, removed when it exits normally
+// (not by a forked child that exits: it shares the list, not the ownership).
+struct TempDirs {
+  std::mutex mu;
+  std::vector<std::string> dirs;
+  pid_t owner = getpid();
+};
+
+TempDirs& Made() {
+  static TempDirs* t = [] {
+    auto* d = new TempDirs;
+    std::atexit([] {
+      TempDirs& m = Made();
+      if (getpid() != m.owner) return;
+      std::lock_guard<std::mutex> l(m.mu);
+      for (const std::string& dir : m.dirs) {
+        std::error_code ec;
+        std::filesystem::remove_all(dir, ec);
+      }
+    });
+    return d;
+  }();
+  return *t;
+}
+
+}  // namespace
+
 std::string TempDir() {
   const char* base = std::getenv("TMPDIR");
   std::string tmpl = std::string(base ? base : "/tmp") + "/mnemo-test-XXXXXX";
   char* p = mkdtemp(tmpl.data());
   if (p == nullptr) std::abort();
+  TempDirs& made = Made();
+  std::lock_guard<std::mutex> l(made.mu);
+  made.dirs.push_back(tmpl);
   return tmpl;
 }
 

@@ -48,7 +48,8 @@ std::string Quantize(kernels::DType type, const std::vector<float>& values);
 uint16_t FloatToHalf(float f);
 float HalfToFloat(uint16_t h);
 
-// A fresh temp directory (removed by the OS, not by the test).
+// A fresh temp directory, removed with everything in it when the test
+// process exits normally.
 std::string TempDir();
 
 }  // namespace mnemo::testutil
