@@ -77,9 +77,9 @@ Status PagePool::AddChunk() {
 Status PagePool::Reserve(size_t bytes) {
   const size_t want = std::min(capacity_, (bytes + page_bytes_ - 1) / page_bytes_);
   while (chunks_.size() * pages_per_chunk_ < want) {
+    const size_t before = chunks_bytes_;
     MNEMO_RETURN_IF_ERROR(AddChunk());
-    const size_t pages = std::min(pages_per_chunk_, capacity_ - (chunks_.size() - 1) * pages_per_chunk_);
-    backend_->Prefault(chunks_.back(), pages * page_bytes_);
+    backend_->Prefault(chunks_.back(), chunks_bytes_ - before);
   }
   return Status::Ok();
 }

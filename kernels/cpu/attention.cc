@@ -825,23 +825,21 @@ void OneChunkRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, b
 
 // ---------------------------------------------------------------------------
 
-// Query rows the sequence of token t has in this call (its tokens are
-// consecutive).
-int64_t SeqRows(const AttentionArgs& a, int64_t t) {
-  int64_t b = t, e = t + 1;
-  while (b > 0 && a.seq[b - 1] == a.seq[t]) --b;
-  while (e < a.n_tokens && a.seq[e] == a.seq[t]) ++e;
-  return e - b;
-}
-
-// The longest context among the query tokens token t's sequence has in this
-// call (its tokens are consecutive).
-int64_t MaxKvLen(const AttentionArgs& a, int64_t t) {
+// The query rows the sequence of token t has in this call (its tokens are
+// consecutive) and the longest context among them.
+struct SeqRun {
+  int64_t rows = 0;
+  int64_t max_kv_len = 0;
+};
+SeqRun SeqRunOf(const AttentionArgs& a, int64_t t) {
   int64_t b = t;
   while (b > 0 && a.seq[b - 1] == a.seq[t]) --b;
-  int64_t m = 0;
-  for (int64_t e = b; e < a.n_tokens && a.seq[e] == a.seq[t]; ++e) m = std::max<int64_t>(m, a.kv_len[e]);
-  return m;
+  SeqRun r;
+  for (int64_t e = b; e < a.n_tokens && a.seq[e] == a.seq[t]; ++e) {
+    ++r.rows;
+    r.max_kv_len = std::max<int64_t>(r.max_kv_len, a.kv_len[e]);
+  }
+  return r;
 }
 
 void LibmExpRowImpl(const float* x, float* y, int64_t n) {
@@ -862,8 +860,9 @@ bool LibmExpVectorizedImpl() {
 
 void AttentionRowsImpl(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh,
                        float* scratch) {
-  const int64_t rows = SeqRows(a, t0);
-  if (rows > 1 && MaxKvLen(a, t0) >= kTile) {
+  const SeqRun run = SeqRunOf(a, t0);
+  const int64_t rows = run.rows;
+  if (rows > 1 && run.max_kv_len >= kTile) {
     TiledRows(a, t0, t1, kvh, scratch);
     return;
   }
