@@ -27,6 +27,7 @@
 
 #include "bench/bench_util.h"
 #include "model/engine.h"
+#include "model/sampler.h"
 
 namespace mnemo {
 namespace {
@@ -269,7 +270,7 @@ double BatchedDecodeTps(model::Engine& e, int n, int ctx, int steps) {
     seqs.push_back(e.kv().CreateSeq());
     auto lg = e.Prefill(seqs.back(), prompt);
     if (!lg.ok()) Die(lg.status().ToString());
-    last[i] = static_cast<int32_t>(std::max_element(lg->begin(), lg->end()) - lg->begin());
+    last[i] = model::ArgmaxLowestId(*lg);
   }
   const int V = e.model().config().vocab_size;
   std::vector<float> logits;
@@ -280,8 +281,8 @@ double BatchedDecodeTps(model::Engine& e, int n, int ctx, int steps) {
     Status st = e.model().Forward(batch, &e.kv(), &logits);
     if (!st.ok()) Die(st.ToString());
     for (int i = 0; i < n; ++i) {
-      const float* row = logits.data() + static_cast<size_t>(i) * V;
-      last[i] = static_cast<int32_t>(std::max_element(row, row + V) - row);
+      last[i] = model::ArgmaxLowestId(
+          std::span<const float>(logits).subspan(static_cast<size_t>(i) * V, static_cast<size_t>(V)));
     }
   }
   const double dt = Now() - t0;

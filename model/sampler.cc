@@ -10,6 +10,8 @@
 #include <limits>
 #include <string>
 
+#include "kernels/cpu/simd.h"
+
 // Reproducibility needs every multiply and add rounded on its own, yet
 // compilers fuse a * b + c into an FMA wherever the target has one (GCC even
 // across statements, and on aarch64 by default). Clang is told for the whole
@@ -212,16 +214,10 @@ uint64_t SplitMix64::Next() {
 
 int32_t ArgmaxLowestId(std::span<const float> values) {
   MNEMO_CHECK(!values.empty());
-  // NaN fails `>`, so it never wins; +inf wins as the largest value.
-  int32_t best_id = 0;
-  float best = kNegInf;
-  for (size_t i = 0; i < values.size(); ++i) {
-    if (values[i] > best) {
-      best = values[i];
-      best_id = static_cast<int32_t>(i);
-    }
-  }
-  return best_id;
+  // NaN fails `>`, so it never wins; +inf wins as the largest value. SIMD:
+  // greedy decode picks a token for every sequence of a step on one thread.
+  return static_cast<int32_t>(
+      kernels::cpu::ArgmaxF32(values.data(), static_cast<int64_t>(values.size())));
 }
 
 // --- Sampler ------------------------------------------------------------------

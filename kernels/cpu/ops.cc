@@ -144,6 +144,41 @@ void F16ToF32RowImpl(const uint16_t* HWY_RESTRICT x, float* HWY_RESTRICT y, int6
   HalfRowToF32(x, y, n);
 }
 
+// Each lane keeps the first index of its largest value (strict >, so NaN
+// never wins and ties keep the earlier index); then the lowest index among
+// the lanes holding the overall largest, then the tail in order.
+int64_t ArgmaxF32Impl(const float* HWY_RESTRICT x, int64_t n) {
+  const DF df;
+  const hn::RebindToSigned<DF> di;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  int64_t best_id = 0;
+  float best = -INFINITY;
+  int64_t i = 0;
+  if (n >= N && n <= INT32_MAX) {
+    VF vbest = hn::Set(df, -INFINITY);
+    auto vid = hn::Zero(di);
+    auto idx = hn::Iota(di, 0);
+    const auto step = hn::Set(di, static_cast<int32_t>(N));
+    for (; i + N <= n; i += N) {
+      const VF v = hn::LoadU(df, x + i);
+      const auto gt = hn::Gt(v, vbest);
+      vbest = hn::IfThenElse(gt, v, vbest);
+      vid = hn::IfThenElse(hn::RebindMask(di, gt), idx, vid);
+      idx = hn::Add(idx, step);
+    }
+    best = hn::GetLane(hn::MaxOfLanes(df, vbest));
+    const auto at_best = hn::RebindMask(di, hn::Eq(vbest, hn::Set(df, best)));
+    best_id = hn::GetLane(hn::MinOfLanes(di, hn::IfThenElse(at_best, vid, hn::Set(di, INT32_MAX))));
+  }
+  for (; i < n; ++i) {
+    if (x[i] > best) {
+      best = x[i];
+      best_id = i;
+    }
+  }
+  return best_id;
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace mnemo::kernels::cpu
 HWY_AFTER_NAMESPACE();
@@ -157,6 +192,7 @@ HWY_EXPORT(SiluMulImpl);
 HWY_EXPORT(AddInPlaceImpl);
 HWY_EXPORT(SoftmaxImpl);
 HWY_EXPORT(F16ToF32RowImpl);
+HWY_EXPORT(ArgmaxF32Impl);
 
 void RmsNormRow(const float* x, const float* gain, int64_t dim, float eps, float* y) {
   HWY_DYNAMIC_DISPATCH(RmsNormRowImpl)(x, gain, dim, eps, y);
@@ -175,6 +211,7 @@ void Softmax(float* x, int64_t n) { HWY_DYNAMIC_DISPATCH(SoftmaxImpl)(x, n); }
 void F16ToF32Row(const uint16_t* x, float* y, int64_t n) {
   HWY_DYNAMIC_DISPATCH(F16ToF32RowImpl)(x, y, n);
 }
+int64_t ArgmaxF32(const float* x, int64_t n) { return HWY_DYNAMIC_DISPATCH(ArgmaxF32Impl)(x, n); }
 
 std::vector<int64_t> SimdTargets() {
   // Evaluated in this file so it reflects the targets the kernels were

@@ -50,6 +50,9 @@ void AddInPlace(float* y, const float* x, int64_t count);
 void Softmax(float* x, int64_t n);
 void F32ToF16Row(const float* x, uint16_t* y, int64_t n);
 void F16ToF32Row(const uint16_t* x, float* y, int64_t n);
+// The index of the largest of x[0..n): the lowest such index on ties; NaN
+// never wins; 0 when nothing is larger than -inf (or n == 0).
+int64_t ArgmaxF32(const float* x, int64_t n);
 
 // --- Attention ----------------------------------------------------------------
 

@@ -227,6 +227,42 @@ TEST_P(SimdTest, HalfConversionMatchesScalar) {
   }
 }
 
+// The sampler's greedy pick: the lowest index of the largest value, NaN never
+// winning, -inf never beating the start; lengths around every vector width.
+TEST_P(SimdTest, ArgmaxMatchesScalarScan) {
+  auto scalar = [](const std::vector<float>& v) {
+    int64_t id = 0;
+    float best = -INFINITY;
+    for (size_t i = 0; i < v.size(); ++i) {
+      if (v[i] > best) {
+        best = v[i];
+        id = static_cast<int64_t>(i);
+      }
+    }
+    return id;
+  };
+  std::mt19937 rng(16);
+  std::uniform_int_distribution<int> small(-3, 3);  // many ties
+  for (int64_t n = 0; n <= 70; ++n) {
+    for (int trial = 0; trial < 20; ++trial) {
+      std::vector<float> v(static_cast<size_t>(n));
+      for (float& f : v) f = static_cast<float>(small(rng));
+      if (n > 0 && trial % 4 == 1) v[rng() % n] = NAN;
+      if (n > 0 && trial % 4 == 2) v[rng() % n] = INFINITY;
+      if (trial % 4 == 3) std::fill(v.begin(), v.end(), -INFINITY);
+      if (n > 1 && trial == 7) v[rng() % n] = NAN, v[rng() % n] = -INFINITY;
+      ASSERT_EQ(ArgmaxF32(v.data(), n), scalar(v)) << "n=" << n << " trial=" << trial;
+    }
+  }
+  // A vocabulary-sized row whose maximum sits in the middle and again at the end.
+  auto big = RandomFloats(rng, 49152, 10.0f);
+  big[30001] = 1e30f;
+  big[49151] = 1e30f;
+  EXPECT_EQ(ArgmaxF32(big.data(), static_cast<int64_t>(big.size())), 30001);
+  std::vector<float> nans(100, NAN);
+  EXPECT_EQ(ArgmaxF32(nans.data(), 100), 0);
+}
+
 INSTANTIATE_TEST_SUITE_P(AllTargets, SimdTest, ::testing::ValuesIn(SimdTargets()),
                          testing::TargetParamName);
 
