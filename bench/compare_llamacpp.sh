@@ -37,7 +37,7 @@ for i in $(seq "$REPS"); do
   "$BENCH" generate --model "$MODEL" --prompt-tokens 512 --max-tokens 128 --ignore-eos \
     --temperature 0 --threads "$THREADS" --json > "$tmp/mnemo.$i.json"
 done
-"$BENCH" batch --model "$MODEL" --seqs 16 --ctx 128 --steps 32 --threads "$THREADS" --json > "$tmp/batch.json"
+"$BENCH" batch --model "$MODEL" --seqs 16 --ctx 128 --steps 32 --reps "$REPS" --threads "$THREADS" --json > "$tmp/batch.json"
 "$BENCH" membw --json > "$tmp/membw.json"
 peer_args=(--model "$MODEL" --threads "$THREADS" --reps "$REPS")
 [[ -n "$LLAMA_BIN" ]] && peer_args+=(--llama-bin "$LLAMA_BIN")
