@@ -245,11 +245,16 @@ void Scheduler::Run() {
       mark(waiting_);
       for (auto& [key, window] : exports_)
         if (key.first == conn) window->Cancel(Status::Cancelled("connection closed"));
+      std::erase_if(deferred_exports_, [conn](const Job& j) { return j.conn == conn; });
     }
+    RunDeferredExports();
     for (Job& job : jobs) Handle(std::move(job));
     if (draining && !draining_local_) {
       draining_local_ = true;
       for (auto& [key, window] : exports_) window->Cancel(Status::Unavailable("mnemod is shutting down"));
+      for (Job& j : deferred_exports_)
+        j.reply(protocol::ErrorReply::FromStatus(Status::Unavailable("mnemod is shutting down")));
+      deferred_exports_.clear();
       // Queued requests have not started: refuse them now (those loading
       // KV end when their load completes).
       for (size_t i = 0; i < waiting_.size();) {
@@ -458,9 +463,32 @@ void Scheduler::Handle(Job job) {
   reply_error(Status::InvalidArgument("request type not handled by the scheduler"));
 }
 
+void Scheduler::RunDeferredExports() {
+  if (deferred_exports_.empty()) return;
+  std::vector<Job> ready;
+  std::erase_if(deferred_exports_, [&](Job& j) {
+    Result<Session*> s = sessions_.Find(j.uid, std::get<protocol::ExportSessionRequest>(j.body).session);
+    if (s.ok() && (*s)->active) return false;
+    ready.push_back(std::move(j));
+    return true;
+  });
+  for (Job& j : ready) HandleExport(std::move(j));
+}
+
 void Scheduler::HandleExport(Job job) {
   using namespace protocol;
   using Transfer = Metrics::Transfer;
+  if (options_.tier && !draining_local_) {
+    // A turn is running (or its pages are being persisted): export once it
+    // has ended, so the file holds it too. Its Done reports whether it was
+    // persisted; an export after a turn that was not is refused below.
+    Result<Session*> busy = sessions_.Find(job.uid, std::get<ExportSessionRequest>(job.body).session);
+    if (busy.ok() && (*busy)->active) {
+      spdlog::debug("export of session '{}' waits for its running turn", (*busy)->name);
+      deferred_exports_.push_back(std::move(job));
+      return;
+    }
+  }
   if (metrics_) metrics_->TransferStarted(Transfer::kExport);
   auto reply_error = [&](const Status& s) {
     if (metrics_) metrics_->TransferEnded(Transfer::kExport, s.code());

@@ -154,6 +154,8 @@ class Scheduler {
   void HandleGenerate(Job job);
   void HandleFork(Job& job, const protocol::ForkSessionRequest& req);
   void HandleExport(Job job);
+  // Starts the deferred exports whose session has no turn running any more.
+  void RunDeferredExports();
   void DoCommitImport(ImportCommit& c);
   void Admit();
   // Sets a turn's prompt token count once its session's KV is in T0.
@@ -202,6 +204,9 @@ class Scheduler {
   // Exports streaming, by (connection, request id): cancelled through
   // their window.
   std::map<std::pair<uint64_t, uint64_t>, std::shared_ptr<FlowWindow>> exports_;
+  // Exports of sessions with a turn running (or persisting): they start
+  // when it ends, so the file holds that turn too.
+  std::vector<Job> deferred_exports_;
   std::chrono::steady_clock::time_point tier_stats_at_{};
   bool draining_local_ = false;
   bool stream_turn_ = false;  // Step alternates streamed and other requests

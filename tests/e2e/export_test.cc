@@ -5,10 +5,12 @@
 // with Corruption and leaves nothing behind; a taken name is AlreadyExists;
 // a daemon without T2 storage refuses both; another client is served
 // meanwhile. An export is a snapshot (the session takes turns and is
-// deleted while it streams), a client holds at most its bound of the export
-// unread, and Stats counts every export and import.
+// deleted while it streams), an export asked for during a turn waits for it
+// and holds it, a client holds at most its bound of the export unread, and
+// Stats counts every export and import.
 #include <sys/wait.h>
 
+#include <atomic>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -348,6 +350,60 @@ TEST_F(ExportTest, RefusedWithoutStorageOrWhileUnpersisted) {
   EXPECT_NE(out.find("Unsupported"), std::string::npos) << out;
   // The connection still works.
   EXPECT_TRUE(c.GetSession("s").ok());
+}
+
+// An export asked for while the session's turn runs waits for that turn (and
+// its persist) and then holds it: the file imports to the session as it is
+// after the turn. Before, it was refused with FailedPrecondition.
+TEST_F(ExportTest, ExportDuringATurnWaitsForItAndHoldsIt) {
+  DaemonProcess d;
+  ASSERT_TRUE(d.Start(kArgs)) << d.error();
+  Client a = Connect(d);
+  Client b = Connect(d);
+  ASSERT_TRUE(a.CreateSession("s").ok());
+  ASSERT_TRUE(a.GenerateText(Turn("s", 1)).ok());  // a persisted turn first
+  // A raw-text turn that counts on for a while (no end of sequence in sight).
+  client::GenerateRequest g;
+  g.session = "s";
+  g.text = " Counting: 1, 2, 3, 4, 5, 6, 7, 8, 9, 10,";
+  g.max_tokens = 160;
+  g.sampling.temperature = 0;
+  std::mutex mu;
+  std::condition_variable cv;
+  bool streaming = false;
+  std::atomic<bool> export_sent{false};
+  std::atomic<int> chunks_after_export{0};
+  Result<client::Done> done = Status::Internal("not run");
+  std::thread turn([&] {
+    client::Callbacks cb;
+    cb.on_chunk = [&](const client::TokenChunk&) {
+      if (export_sent) ++chunks_after_export;
+      std::lock_guard<std::mutex> l(mu);
+      streaming = true;
+      cv.notify_all();
+      return true;
+    };
+    done = a.Generate(g, cb);
+  });
+  {
+    std::unique_lock<std::mutex> l(mu);
+    ASSERT_TRUE(cv.wait_for(l, 60s, [&] { return streaming; }));
+  }
+  export_sent = true;
+  auto e = b.ExportSessionToFile("s", dir_ + "/s.mnemo");
+  turn.join();
+  ASSERT_TRUE(done.ok()) << done.status().ToString();
+  EXPECT_TRUE(done->persisted);
+  ASSERT_TRUE(e.ok()) << e.status().ToString();
+  // The turn was still streaming after the export was asked for.
+  EXPECT_GT(chunks_after_export.load(), 0) << "the turn ended before the export was sent: nothing waited";
+  auto after = a.GetSession("s");
+  ASSERT_TRUE(after.ok()) << after.status().ToString();
+  auto copy = b.ImportSessionFromFile(dir_ + "/s.mnemo", std::string("s.copy"));
+  ASSERT_TRUE(copy.ok()) << copy.status().ToString();
+  EXPECT_EQ(copy->tokens, after->tokens);
+  EXPECT_EQ(copy->turns, after->turns);
+  EXPECT_EQ(d.Stop(SIGTERM), 0);
 }
 
 TEST_F(ExportTest, SmallFrameLimitStillTransfers) {
