@@ -8,9 +8,14 @@
 # single-page reads — one pattern at a time, back to back, alternating which
 # goes first, --reps times, and prints
 # the median of each side, every run, and mnemo/fio (target: >= 0.9).
+# fio's reads go to the page store's own slab files (--fio-reads store, the
+# default): the same blocks of the same disk, so where each file happened to
+# land (measured: up to 20% apart on a virtual disk) is out of the ratio;
+# --fio-reads own reads the file fio wrote.
 #
 #   bench/compare_fio.sh [--dir DIR] [--size 2G] [--block 1M] [--page 12K]
-#                        [--qd 16] [--rand-ops N] [--reps 2] [--json]
+#                        [--qd 16] [--rand-ops N] [--reps 2] [--fio-reads store|own]
+#                        [--json]
 #
 # MNEMO_BENCH overrides the binary (default build/bench/mnemo-bench).
 set -euo pipefail
@@ -23,6 +28,7 @@ PAGE=12K
 QD=16
 RAND_OPS=""
 REPS=2
+FIO_READS=store
 JSON=0
 BENCH=${MNEMO_BENCH:-build/bench/mnemo-bench}
 
@@ -36,11 +42,13 @@ while (($#)); do
     --qd) QD=$2; shift 2 ;;
     --rand-ops) RAND_OPS=$2; shift 2 ;;
     --reps) REPS=$2; shift 2 ;;
+    --fio-reads) FIO_READS=$2; shift 2 ;;
     --json) JSON=1; shift ;;
     -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) die "unknown option $1" ;;
   esac
 done
+[[ "$FIO_READS" == store || "$FIO_READS" == own ]] || die "--fio-reads is store or own"
 command -v fio >/dev/null || die "fio not found (scripts/setup installs it)"
 [ -x "$BENCH" ] || die "$BENCH not built (cmake --build build --target mnemo-bench)"
 mkdir -p "$DIR"
@@ -66,7 +74,7 @@ trap 'rm -rf "$OUT" "$DIR/mnemo-t2-bench" "$DIR/fio-t2.dat"' EXIT
 
 MNEMO_CMD=("$BENCH" t2 --dir "$DIR" --size "$SIZE" --block "$BLOCK" --page "$PAGE" --qd "$QD"
            --rand-ops "$RAND_OPS" --json)
-FIO_COMMON=(--filename="$DIR/fio-t2.dat" --ioengine=io_uring --direct=1 --fixedbufs=1 --registerfiles=1
+FIO_COMMON=(--ioengine=io_uring --direct=1 --fixedbufs=1 --registerfiles=1
             --iodepth="$QD" --lat_percentiles=1 --output-format=json --group_reporting)
 
 # One pattern at a time, mnemo and fio back to back (alternating which goes
@@ -76,13 +84,24 @@ fio_job() {
   local name=$1; shift
   fio --name="$name" "${FIO_COMMON[@]}" "$@"
 }
+# The files fio reads: the store's slabs (in slot order) or its own file.
+fio_read_files() {
+  if [ "$FIO_READS" = store ]; then
+    local slabs=("$DIR"/mnemo-t2-bench/slab-*)
+    [ -e "${slabs[0]}" ] || die "no slab files in $DIR/mnemo-t2-bench"
+    (IFS=:; echo "--filename=${slabs[*]}")
+  else
+    echo "--filename=$DIR/fio-t2.dat"
+  fi
+}
 fio_phase() {
   case "$1" in
     write) rm -f "$DIR/fio-t2.dat"
-           fio_job seqwrite --rw=write --bs="$BLOCK_B" --size="$DATA_B" ;;
-    read) fio_job seqread --rw=read --bs="$BLOCK_B" --size="$DATA_B" ;;
-    rand) fio_job randread --rw=randread --bs="$PAGE_B" --size="$DATA_B" --norandommap --randrepeat=1 \
-            --io_size=$((RAND_OPS * PAGE_B)) ;;
+           fio_job seqwrite --filename="$DIR/fio-t2.dat" --rw=write --bs="$BLOCK_B" --size="$DATA_B" ;;
+    read) fio_job seqread "$(fio_read_files)" --readonly --file_service_type=sequential --rw=read \
+            --bs="$BLOCK_B" --size="$DATA_B" ;;
+    rand) fio_job randread "$(fio_read_files)" --readonly --rw=randread --bs="$PAGE_B" --size="$DATA_B" \
+            --norandommap --randrepeat=1 --io_size=$((RAND_OPS * PAGE_B)) ;;
   esac
 }
 
@@ -98,9 +117,9 @@ for ((rep = 1; rep <= REPS; rep++)); do
   rm -rf "$DIR/mnemo-t2-bench" "$DIR/fio-t2.dat"
 done
 
-python3 - "$OUT" "$REPS" "$JSON" "$FSTYPE" "$DIR" "${MNEMO_CMD[*]}" "fio ${FIO_COMMON[*]}" <<'EOF'
+python3 - "$OUT" "$REPS" "$JSON" "$FSTYPE" "$DIR" "${MNEMO_CMD[*]}" "fio ${FIO_COMMON[*]}" "$FIO_READS" <<'EOF'
 import json, statistics, sys
-out, reps, as_json, fstype, d, mnemo_cmd, fio_cmd = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", *sys.argv[4:]
+out, reps, as_json, fstype, d, mnemo_cmd, fio_cmd, fio_reads = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", *sys.argv[4:]
 load = lambda name: json.load(open(f"{out}/{name}"))
 runs = lambda side, phase: [load(f"{side}_{phase}_{r}.json") for r in range(1, reps + 1)]
 mw, mr, mx = runs("mnemo", "write"), runs("mnemo", "read"), runs("mnemo", "rand")
@@ -124,7 +143,7 @@ ratio = lambda a, b, u: a / b if u == "B/s" else b / a
 g = m[0]
 if as_json:
     print(json.dumps({"fs": fstype, "dir": d, "size_bytes": g["size_bytes"], "block_bytes": g["block_bytes"],
-                      "page_bytes": g["page_bytes"], "qd": g["qd"], "reps": reps,
+                      "page_bytes": g["page_bytes"], "qd": g["qd"], "reps": reps, "fio_reads": fio_reads,
                       "rows": [{"pattern": p, "mnemo": med(a), "fio": med(b), "unit": u,
                                 "ratio": ratio(med(a), med(b), u), "mnemo_runs": a, "fio_runs": b}
                                for p, a, b, u in rows]}))
@@ -139,4 +158,5 @@ for p, a, b, u in rows:
 print("  ratio: mnemo/fio for throughput, fio/mnemo for latency (>= 1 favours mnemo)")
 print(f"  mnemo: {mnemo_cmd} --keep --phase write|read|rand")
 print(f"  fio:   {fio_cmd} (--rw=write|read --bs=block / --rw=randread --bs=page --norandommap)")
+print("  fio reads " + ("the store's slab files (same blocks as mnemo)" if fio_reads == "store" else "its own file"))
 EOF
