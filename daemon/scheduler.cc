@@ -536,8 +536,7 @@ void Scheduler::HandleExport(Job job) {
                             if (r.ok()) {
                               reply(ExportDone{r->bytes, r->checksum});
                             } else {
-                              if (metrics_) metrics_->CountError(r.status().code());
-                              reply(ErrorReply::FromStatus(r.status()));
+                              reply(ErrorReply::FromStatus(r.status()));  // counted as it is sent
                             }
                           });
                         });

@@ -406,6 +406,42 @@ TEST_F(ExportTest, ExportDuringATurnWaitsForItAndHoldsIt) {
   EXPECT_EQ(d.Stop(SIGTERM), 0);
 }
 
+// A page whose checksum fails fails the export with Corruption naming the
+// session, counted once in the error totals (not once by the scheduler and
+// again when the reply is sent); the daemon serves on.
+TEST_F(ExportTest, ExportOfACorruptPageFailsAndCountsOnce) {
+  DaemonProcess d;
+  ASSERT_TRUE(d.Start(kArgs)) << d.error();
+  Client c = Connect(d);
+  ASSERT_TRUE(c.CreateSession("s").ok());
+  ASSERT_TRUE(c.GenerateText(Turn("s", 1)).ok());
+  std::string slab;
+  for (const auto& e : std::filesystem::recursive_directory_iterator(d.data_dir()))
+    if (e.path().filename() == "slab-000000") slab = e.path();
+  ASSERT_FALSE(slab.empty()) << "no slab file under " << d.data_dir();
+  {
+    std::fstream f(slab, std::ios::in | std::ios::out | std::ios::binary);
+    f.seekg(100);
+    char b = 0;
+    f.read(&b, 1);
+    b = static_cast<char>(b ^ 0x5a);
+    f.seekp(100);
+    f.write(&b, 1);
+  }
+  auto e = c.ExportSessionToFile("s", dir_ + "/s.mnemo");
+  ASSERT_EQ(e.status().code(), StatusCode::kCorruption) << e.status().ToString();
+  EXPECT_NE(e.status().message().find("session 's'"), std::string_view::npos) << e.status().ToString();
+  EXPECT_FALSE(std::filesystem::exists(dir_ + "/s.mnemo"));
+  auto st = c.Stats(/*prometheus=*/false);
+  ASSERT_TRUE(st.ok()) << st.status().ToString();
+  std::map<StatusCode, uint64_t> errors(st->errors.begin(), st->errors.end());
+  EXPECT_EQ(errors[StatusCode::kCorruption], 1u);
+  EXPECT_EQ(st->exports.failed, (std::vector<std::pair<StatusCode, uint64_t>>{{StatusCode::kCorruption, 1}}));
+  ASSERT_TRUE(c.CreateSession("t").ok());
+  EXPECT_TRUE(c.GenerateText(Turn("t", 2)).ok());
+  EXPECT_EQ(d.Stop(SIGTERM), 0);
+}
+
 TEST_F(ExportTest, SmallFrameLimitStillTransfers) {
   std::vector<std::string> args = kArgs;
   args.insert(args.end(), {"--max-frame-bytes", "8K"});
