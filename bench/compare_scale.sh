@@ -11,11 +11,15 @@
 # mnemod (VmHWM) against T0 + T1 + model file + 256 MiB, and the decode step
 # time against the I/O bound (the session's KV bytes at the bandwidth fio
 # reaches reading random 12 KiB pages of the session's own slab files,
-# io_uring, O_DIRECT, depth 32, sampled over --fio-size bytes). Everything
-# it writes is removed at the end. Prints JSON.
+# io_uring, O_DIRECT, depth 32, sampled over --fio-size bytes). With
+# --export, the session is first exported to a file (`mnemo export`, before
+# the resume, so mnemod's VmHWM then is the export's): its time against the
+# KV bytes at fio's sequential 1 MiB read bandwidth of the same slab files,
+# and the peak RSS of mnemod and of the CLI (both bounded whatever the
+# session's size). Everything it writes is removed at the end. Prints JSON.
 #
 #   bench/compare_scale.sh [--model M] [--tokens 1000000] [--max-tokens 4]
-#       [--t0-budget 1G] [--t1-budget 256M] [--fio-size 2G] [--dir DIR]
+#       [--t0-budget 1G] [--t1-budget 256M] [--fio-size 2G] [--dir DIR] [--export]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=models/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -27,6 +31,7 @@ FIO_SIZE=2G
 THREADS=2
 DIR=${TMPDIR:-/var/tmp}
 QD=32
+EXPORT=0
 die() { echo "compare_scale: $*" >&2; exit 2; }
 while (($#)); do
   case "$1" in
@@ -37,6 +42,7 @@ while (($#)); do
     --t1-budget) T1=$2; shift 2 ;;
     --fio-size) FIO_SIZE=$2; shift 2 ;;
     --dir) DIR=$2; shift 2 ;;
+    --export) EXPORT=1; shift ;;
     -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
     *) die "unknown argument $1" ;;
   esac
@@ -44,7 +50,7 @@ done
 source "$(dirname "$0")/lib.sh"
 KV_BYTES=$((TOKENS / 16 * 368640 + 368640))
 avail=$(df --output=avail -B1 "$DIR" | tail -1)
-((avail > KV_BYTES * 11 / 10 + (4 << 30))) || die "$DIR has $((avail >> 30)) GiB free; the session needs $((KV_BYTES >> 30)) GiB"
+((avail > KV_BYTES * (11 + 10 * EXPORT) / 10 + (4 << 30))) || die "$DIR has $((avail >> 30)) GiB free; the session needs $((KV_BYTES >> 30)) GiB"
 
 sock=$work/mnemod.sock
 T2_BUDGET=$(( (KV_BYTES + (1 << 30)) >> 20 ))M
@@ -61,6 +67,25 @@ echo "compare_scale: start mnemod (T0 $T0, T1 $T1)" >&2
 start_daemon "${common[@]}" --t0-budget "$T0" --t1-budget "$T1"
 start_s=$START_S
 "$CLI" --socket "$sock" --json show big > "$work/show.json"
+echo '{}' > "$work/export.json"
+if ((EXPORT)); then
+  echo "compare_scale: export the session" >&2
+  hwm0=$(awk '/VmHWM/ {print $2}' "/proc/$daemon_pid/status")
+  /usr/bin/time -f "%M %e" -o "$work/export.time" "$CLI" --socket "$sock" --json export big "$work/big.mnemo" \
+    > "$work/export.out"
+  hwm1=$(awk '/VmHWM/ {print $2}' "/proc/$daemon_pid/status")
+  export_bytes=$(stat -c %s "$work/big.mnemo")
+  rm -f "$work/big.mnemo"
+  fio --name=seq --filename="$(ls "$work"/data/pages/slab-* | head -n 64 | tr '\n' ':' | sed 's/:$//')" --readonly \
+    --rw=read --bs=1M --io_size="$FIO_SIZE" --file_service_type=sequential --ioengine=io_uring --direct=1 \
+    --iodepth=16 --output-format=json > "$work/fio_seq.json"
+  read -r client_kb export_s < "$work/export.time"
+  python3 -c "import json,sys; print(json.dumps({'bytes': $export_bytes, 'seconds': $export_s,
+    'client_peak_rss_bytes': $client_kb * 1024, 'mnemod_vmhwm_before_bytes': $hwm0 * 1024,
+    'mnemod_vmhwm_after_bytes': $hwm1 * 1024,
+    'fio_seq_1m_bytes_per_s': json.load(open('$work/fio_seq.json'))['jobs'][0]['read']['bw_bytes']}))" \
+    > "$work/export.json"
+fi
 echo "compare_scale: resume and decode $MAX_TOKENS tokens" >&2
 t0=$(bench_now)
 "$CLI" --socket "$sock" gen big "Continue." --max-tokens "$MAX_TOKENS" --temperature 0 --json > "$work/gen.json"
@@ -84,7 +109,7 @@ python3 - "$work" "$MODEL" "$T0" "$T1" "$create_s" "$start_s" "$turn_s" "$hwm_kb
 import json, os, sys
 work, model, t0, t1, create_s, start_s, turn_s, hwm_kb, l0, l1 = sys.argv[1:]
 size = lambda v: int(float(v[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[v[-1].upper()]) if v[-1].isalpha() else int(v)
-synth, gen, show = (json.load(open(f"{work}/{n}.json")) for n in ("synth", "gen", "show"))
+synth, gen, show, export = (json.load(open(f"{work}/{n}.json")) for n in ("synth", "gen", "show", "export"))
 bw = json.load(open(f"{work}/fio.json"))["jobs"][0]["read"]["bw_bytes"]
 kv = synth["kv_bytes"]
 limit = size(t0) + size(t1) + os.path.getsize(model) + (256 << 20)
@@ -102,5 +127,8 @@ print(json.dumps({
     "decode_step_s": step_s, "io_bound_step_s": io_s, "fio_random_12k_bytes_per_s": bw,
     "step_over_io_bound": step_s / io_s if step_s else None,
     "load_average_1m": [float(l0), float(l1)],
+    **({"export": {**export, "kv_bytes_at_fio_seq_s": kv / export["fio_seq_1m_bytes_per_s"],
+                   "export_over_fio_seq": export["seconds"] / (kv / export["fio_seq_1m_bytes_per_s"])}}
+       if export else {}),
 }, indent=2))
 PY
