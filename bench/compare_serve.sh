@@ -9,9 +9,14 @@
 #                                             inter-token p50/p99 side by side)
 # The machine is shared and noisy: compare only figures from one invocation.
 #
+# With --reps R each of the three runs is repeated R times (mnemo's 1- and
+# N-client runs alternating) and the best tokens/s of each is reported, with
+# every run's figure: the host's load comes in bursts.
+#
 # Usage: bench/compare_serve.sh [--model M] [--threads T] [--clients N]
 #          [--turns T] [--max-tokens M] [--prompt-tokens P]
 #          [--long-prompt-tokens L] [--ctx C] [--llama-bin DIR] [--skip-llama]
+#          [--reps R]
 # Environment: MNEMOD (default build/daemon/mnemod), MNEMO_BENCH
 # (build/bench/mnemo-bench), MNEMO_CLI (build/client/mnemo), LLAMA_SERVER_ARGS
 # (extra llama-server flags, e.g. "--poll 0").
@@ -31,6 +36,7 @@ LONG_PROMPT_TOKENS=0
 CTX=2048  # per llama-server slot: enough for TURNS x (prompt + reply + template)
 LLAMA_BIN=/work/ref/build/bin
 SKIP_LLAMA=0
+REPS=1
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --model) MODEL=$2; shift 2 ;;
@@ -43,6 +49,7 @@ while [[ $# -gt 0 ]]; do
     --ctx) CTX=$2; shift 2 ;;
     --llama-bin) LLAMA_BIN=$2; shift 2 ;;
     --skip-llama) SKIP_LLAMA=1; shift ;;
+    --reps) REPS=$2; shift 2 ;;
     *) echo "compare_serve: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -92,10 +99,12 @@ if ! wait_for mnemod_up 180; then
   tail -20 "$tmp/mnemod.log" >&2
   exit 1
 fi
-echo "compare_serve: mnemo, 1 client" >&2
-"$BENCH" serve --socket "$sock" --clients 1 "${serve_args[@]}" --json > "$tmp/mnemo1.json"
-echo "compare_serve: mnemo, $CLIENTS clients" >&2
-"$BENCH" serve --socket "$sock" --clients "$CLIENTS" "${serve_args[@]}" --json > "$tmp/mnemo16.json"
+for ((rep = 1; rep <= REPS; rep++)); do
+  echo "compare_serve: mnemo, 1 client (run $rep of $REPS)" >&2
+  "$BENCH" serve --socket "$sock" --clients 1 "${serve_args[@]}" --json > "$tmp/mnemo1_$rep.json"
+  echo "compare_serve: mnemo, $CLIENTS clients (run $rep of $REPS)" >&2
+  "$BENCH" serve --socket "$sock" --clients "$CLIENTS" "${serve_args[@]}" --json > "$tmp/mnemo16_$rep.json"
+done
 kill -TERM "$daemon_pid"
 wait "$daemon_pid" 2>/dev/null || true
 daemon_pid=""
@@ -120,27 +129,38 @@ PY
     tail -20 "$tmp/llama-server.log" >&2
     exit 1
   fi
-  echo "compare_serve: llama-server, $CLIENTS clients" >&2
   load_args=(--port "$port" --clients "$CLIENTS" --turns "$TURNS" --max-tokens "$MAX_TOKENS"
              --prompt-tokens "$PROMPT_TOKENS" --temperature 0)
   [[ "$LONG_PROMPT_TOKENS" -gt 0 ]] && load_args+=(--long-prompt-tokens "$LONG_PROMPT_TOKENS")
-  python3 bench/llama_server_load.py "${load_args[@]}" > "$tmp/llama16.json"
+  for ((rep = 1; rep <= REPS; rep++)); do
+    echo "compare_serve: llama-server, $CLIENTS clients (run $rep of $REPS)" >&2
+    python3 bench/llama_server_load.py "${load_args[@]}" > "$tmp/llama16_$rep.json"
+  done
   kill -TERM "$server_pid"
   wait "$server_pid" 2>/dev/null || true
   server_pid=""
-else
-  echo '{}' > "$tmp/llama16.json"
 fi
 
-python3 - "$tmp" "$CLIENTS" "$THREADS" <<'PY'
+python3 - "$tmp" "$CLIENTS" "$THREADS" "$REPS" "$SKIP_LLAMA" <<'PY'
 import json, sys
-tmp, clients, threads = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-m1 = json.load(open(f"{tmp}/mnemo1.json"))
-mn = json.load(open(f"{tmp}/mnemo16.json"))
-ln = json.load(open(f"{tmp}/llama16.json"))
+tmp, clients, threads, reps, skip_llama = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+
+all_errors = 0
+
+def best(name):
+    global all_errors
+    runs = [json.load(open(f"{tmp}/{name}_{r}.json")) for r in range(1, reps + 1)]
+    all_errors += sum(r.get("errors", 0) for r in runs)
+    top = max(runs, key=lambda r: r["tokens_per_s"])
+    top["runs_tokens_per_s"] = [r["tokens_per_s"] for r in runs]
+    return top
+
+m1 = best("mnemo1")
+mn = best("mnemo16")
+ln = {} if skip_llama else best("llama16")
 
 def brief(r):
-    keep = ("clients", "wall_s", "errors", "generated_tokens", "prompt_tokens", "tokens_per_s",
+    keep = ("clients", "wall_s", "errors", "generated_tokens", "prompt_tokens", "tokens_per_s", "runs_tokens_per_s",
             "finish_reasons", "ttft_ms", "inter_token_ms", "long_prompt", "first_error")
     return {k: r[k] for k in keep if k in r}
 
@@ -149,6 +169,7 @@ def ratio(a, b):
 
 out = {
     "threads": threads,
+    "reps": reps,
     "load_average_1m": __import__("os").getloadavg()[0],
     "mnemo_1": brief(m1),
     f"mnemo_{clients}": brief(mn),
@@ -165,6 +186,5 @@ if ln:
         "inter_token_p99": ratio(mn["inter_token_ms"]["p99"], ln["inter_token_ms"]["p99"]),
     }
 print(json.dumps(out, indent=2))
-errors = m1.get("errors", 0) + mn.get("errors", 0) + ln.get("errors", 0)
-sys.exit(1 if errors else 0)
+sys.exit(1 if all_errors else 0)  # any run of any side
 PY
