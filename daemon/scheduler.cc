@@ -697,6 +697,21 @@ void Scheduler::HandleGenerate(Job job) {
   r->tokens0 = s->tokens.size();
   r->close_text0 = s->close_text;
   r->chat_open0 = s->chat_open;
+  auto kv_all_on_t2 = [&] {
+    Result<int64_t> len = engine_->kv().Length(s->seq);
+    return s->persisted && s->t2.kv_tokens > 0 && len.ok() && static_cast<uint64_t>(*len) <= s->t2.kv_tokens;
+  };
+  if (options_.tier && options_.max_stream_window > 0 && s->seq != 0 && kv_all_on_t2() &&
+      ExceedsT0(s->tokens.size() + fresh.size() + r->max_tokens)) {
+    // Its KV and this turn's cannot all be in T0 at once, even with every
+    // idle session evicted, and its KV in T0 is all on T2 too: this turn
+    // streams it from there, as after a restart, rather than fail for want
+    // of pages.
+    spdlog::info("session '{}' has outgrown T0 ({} tokens with this turn): its KV streams from T2", s->name,
+                 s->tokens.size() + fresh.size() + r->max_tokens);
+    (void)engine_->kv().FreeSeq(s->seq);
+    s->seq = 0;
+  }
   r->kv0 = 0;
   if (s->seq != 0) {
     Result<int64_t> len = engine_->kv().Length(s->seq);
@@ -754,18 +769,27 @@ void Scheduler::FinalizePrompt(ActiveRequest* r) {
   if (metrics_) metrics_->AddPromptTokens(r->prompt_tokens);
 }
 
+bool Scheduler::ExceedsT0(uint64_t tokens) const {
+  const attention::PagePool& pool = engine_->pool();
+  const uint64_t pages = tiering::BlocksForTokens(tokens, pool.layout().page_tokens) *
+                         static_cast<uint64_t>(engine_->model().config().n_layers);
+  return pages > pool.capacity_pages();
+}
+
 Status Scheduler::StartLoad(ActiveRequest* r) {
   Session* s = r->session;
   attention::PagePool& pool = engine_->pool();
   const int32_t n_layers = engine_->model().config().n_layers;
   const uint64_t per_layer = tiering::BlocksForTokens(s->t2.kv_tokens, pool.layout().page_tokens);
   const uint64_t need = per_layer * static_cast<uint64_t>(n_layers);
-  while (pool.free_pages() < need && EvictIdle()) {
+  // Its new pages this turn: the prompt's tokens and at most max_tokens
+  // replies. If those cannot fit T0 beside its KV, it streams even when the
+  // KV alone would load.
+  const uint64_t growth = s->tokens.size() - s->t2.kv_tokens + r->max_tokens;
+  const bool outgrown = options_.max_stream_window > 0 && ExceedsT0(s->t2.kv_tokens + growth);
+  while (!outgrown && pool.free_pages() < need && EvictIdle()) {
   }
-  if (pool.free_pages() < need && options_.max_stream_window > 0 && per_layer > 1) {
-    // Larger than T0: stream it. Its new pages this turn: the prompt's
-    // tokens and at most max_tokens replies.
-    const uint64_t growth = s->tokens.size() - s->t2.kv_tokens + r->max_tokens;
+  if ((outgrown || pool.free_pages() < need) && options_.max_stream_window > 0 && per_layer > 1) {
     return StartStream(r, growth);
   }
   if (pool.free_pages() < need)

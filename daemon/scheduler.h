@@ -154,6 +154,10 @@ class Scheduler {
   void HandleGenerate(Job job);
   void HandleFork(Job& job, const protocol::ForkSessionRequest& req);
   void HandleExport(Job job);
+  // Whether the KV of `tokens` tokens is more than T0 holds in all (with
+  // every idle session evicted): a turn that needs it streams the session's
+  // committed KV from T2 instead.
+  bool ExceedsT0(uint64_t tokens) const;
   // Starts the deferred exports whose session has no turn running any more.
   void RunDeferredExports();
   void DoCommitImport(ImportCommit& c);

@@ -351,6 +351,51 @@ TEST_F(DurabilityTest, SessionLargerThanT0StreamsWithTheSameOutput) {
   EXPECT_EQ(other.tokens, ref_other);
 }
 
+// A session that outgrows T0 while the daemon runs (its KV fit before this
+// turn; with this turn's prompt and reply it cannot) streams its committed
+// KV from T2 from that turn on, without a restart, with the continuation of
+// a daemon that holds it whole. Before, the turn failed for want of pages.
+TEST_F(DurabilityTest, SessionOutgrowingT0StreamsFromThatTurnOn) {
+  const std::string model = testutil::DefaultModelPath();
+  auto turn = [](const std::string& session, const std::string& text) { return Turn(session, text, 16); };
+  std::string first, second;
+  for (int i = 0; i < 12; ++i) first += "The quick brown fox jumps over the lazy dog, again and again. ";
+  for (int i = 0; i < 12; ++i) second += "A slow green turtle walks under the busy bridge, over and over. ";
+  std::vector<int32_t> ref1, ref2, ref3;
+  {
+    Node big(model, Dir());
+    ASSERT_TRUE(big.open_status.ok()) << big.open_status.ToString();
+    As<protocol::SessionInfo>(big.Call(protocol::CreateSessionRequest{"s"}).last);
+    ref1 = big.Call(turn("s", first)).tokens;
+    ref2 = big.Call(turn("s", second)).tokens;
+    ref3 = big.Call(turn("s", "third")).tokens;
+  }
+  const size_t page_bytes = 12288;
+  Node small(model, dir_, 32u << 20, nullptr, 600 * page_bytes);
+  ASSERT_TRUE(small.open_status.ok()) << small.open_status.ToString();
+  const uint64_t capacity = small.engine->pool().capacity_pages();
+  As<protocol::SessionInfo>(small.Call(protocol::CreateSessionRequest{"s"}).last);
+  Reply r1 = small.Call(turn("s", first));
+  As<protocol::Done>(r1.last);
+  EXPECT_EQ(r1.tokens, ref1);
+  auto info1 = As<protocol::SessionInfo>(small.Call(protocol::GetSessionRequest{"s"}).last);
+  ASSERT_GT(info1.t0_pages, 0u) << "the session should be in T0 after its first turn";
+  // The second turn about doubles the session: more than T0 holds.
+  ASSERT_LT(info1.t0_pages, capacity);
+  ASSERT_GT(2 * info1.t0_pages, capacity) << "turn 2 would fit T0: the test proves nothing";
+  Reply r2 = small.Call(turn("s", second));
+  auto d2 = As<protocol::Done>(r2.last);
+  EXPECT_LT(d2.prompt_tokens, 220u) << "the history was recomputed";
+  EXPECT_TRUE(d2.persisted) << d2.persist_error;
+  EXPECT_EQ(r2.tokens, ref2) << "streamed continuation differs";
+  auto info2 = As<protocol::SessionInfo>(small.Call(protocol::GetSessionRequest{"s"}).last);
+  EXPECT_EQ(info2.t0_pages, 0u) << "a streamed session leaves T0 after its turn";
+  EXPECT_GT(info2.t2_pages, capacity) << "the session is larger than T0 now";
+  Reply r3 = small.Call(turn("s", "third"));
+  As<protocol::Done>(r3.last);
+  EXPECT_EQ(r3.tokens, ref3);
+}
+
 TEST_F(DurabilityTest, ForkAndDeleteSurviveRestartAndFreeSpace) {
   {
     Node a(model_, dir_);
