@@ -685,33 +685,45 @@ void Scheduler::HandleGenerate(Job job) {
         " in session '" + s->name + "' leaves no room in the context limit of " + std::to_string(limit) +
         " tokens"));
 
+  const uint32_t max_tokens = req.max_tokens ? req.max_tokens : options_.default_max_tokens;
+  auto kv_all_on_t2 = [&] {
+    Result<int64_t> len = engine_->kv().Length(s->seq);
+    return s->persisted && s->t2.kv_tokens > 0 && len.ok() && static_cast<uint64_t>(*len) <= s->t2.kv_tokens;
+  };
+  if (options_.tier && options_.max_stream_window > 0 && s->seq != 0 && kv_all_on_t2() &&
+      ExceedsT0(s->tokens.size() + fresh.size() + max_tokens)) {
+    // Its KV and this turn's cannot all be in T0 at once, even with every
+    // idle session evicted, and its KV in T0 is all on T2 too: this turn
+    // streams it from there, as after a restart, rather than fail for want
+    // of pages.
+    spdlog::info("session '{}' has outgrown T0 ({} tokens with this turn): its KV streams from T2", s->name,
+                 s->tokens.size() + fresh.size() + max_tokens);
+    (void)engine_->kv().FreeSeq(s->seq);
+    s->seq = 0;
+  }
+  const bool streamable = options_.tier && options_.max_stream_window > 0 && s->seq == 0 && s->t2.kv_tokens > 0;
+  if (!streamable && ExceedsT0(s->tokens.size() + fresh.size())) {
+    // Its whole history goes through T0 this turn (new, resident, or to be
+    // recomputed): refused now rather than after prefilling what fits.
+    const attention::PagePool& pool = engine_->pool();
+    return reply_error(Status::ResourceExhausted(
+        "session '" + s->name + "': this turn brings it to " + std::to_string(s->tokens.size() + fresh.size()) +
+        " tokens, whose KV is more than T0 holds in all (" + std::to_string(pool.capacity_pages()) + " pages of " +
+        std::to_string(pool.page_bytes()) + " bytes, --t0-budget); a session larger than T0 can only stream " +
+        "committed turns from T2"));
+  }
   auto r = std::make_unique<ActiveRequest>(std::move(sampler).value(), std::move(stop).value());
   r->conn = job.conn;
   r->id = job.id;
   r->uid = job.uid;
   r->session = s;
   r->reply = std::move(job.reply);
-  r->max_tokens = req.max_tokens ? req.max_tokens : options_.default_max_tokens;
+  r->max_tokens = max_tokens;
   r->chat = chat;
   r->t_arrive = NowSeconds();
   r->tokens0 = s->tokens.size();
   r->close_text0 = s->close_text;
   r->chat_open0 = s->chat_open;
-  auto kv_all_on_t2 = [&] {
-    Result<int64_t> len = engine_->kv().Length(s->seq);
-    return s->persisted && s->t2.kv_tokens > 0 && len.ok() && static_cast<uint64_t>(*len) <= s->t2.kv_tokens;
-  };
-  if (options_.tier && options_.max_stream_window > 0 && s->seq != 0 && kv_all_on_t2() &&
-      ExceedsT0(s->tokens.size() + fresh.size() + r->max_tokens)) {
-    // Its KV and this turn's cannot all be in T0 at once, even with every
-    // idle session evicted, and its KV in T0 is all on T2 too: this turn
-    // streams it from there, as after a restart, rather than fail for want
-    // of pages.
-    spdlog::info("session '{}' has outgrown T0 ({} tokens with this turn): its KV streams from T2", s->name,
-                 s->tokens.size() + fresh.size() + r->max_tokens);
-    (void)engine_->kv().FreeSeq(s->seq);
-    s->seq = 0;
-  }
   r->kv0 = 0;
   if (s->seq != 0) {
     Result<int64_t> len = engine_->kv().Length(s->seq);

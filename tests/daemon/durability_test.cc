@@ -394,6 +394,16 @@ TEST_F(DurabilityTest, SessionOutgrowingT0StreamsFromThatTurnOn) {
   Reply r3 = small.Call(turn("s", "third"));
   As<protocol::Done>(r3.last);
   EXPECT_EQ(r3.tokens, ref3);
+  // A first prompt that alone is more than T0 holds is refused up front,
+  // with what it needs and what T0 holds; the daemon serves on.
+  As<protocol::SessionInfo>(small.Call(protocol::CreateSessionRequest{"huge"}).last);
+  Reply huge = small.Call(turn("huge", first + second + first));
+  ASSERT_EQ(CodeOf(huge.last), StatusCode::kResourceExhausted);
+  const std::string msg = std::get<protocol::ErrorReply>(huge.last).message;
+  EXPECT_NE(msg.find("more than T0 holds in all (" + std::to_string(capacity) + " pages"), std::string::npos) << msg;
+  EXPECT_TRUE(huge.tokens.empty());
+  EXPECT_EQ(As<protocol::SessionInfo>(small.Call(protocol::GetSessionRequest{"huge"}).last).tokens, 0u);
+  As<protocol::Done>(small.Call(turn("s", "fourth")).last);
 }
 
 TEST_F(DurabilityTest, ForkAndDeleteSurviveRestartAndFreeSpace) {
