@@ -734,8 +734,8 @@ Status Index::Impl::Probe(bool* tolerant) {
 void Index::Impl::FlushForCleanClose() {
   {
     std::lock_guard<std::mutex> l(mu);
-    // After a failed write RocksDB refuses writes of its own, and the log is
-    // what the next Open reads the truth from anyway.
+    // After a failed write RocksDB has stopped writing (a background error),
+    // and the next Open reads the outcome back from the log.
     if (!write_error.ok()) return;
   }
   rocksdb::FlushOptions fo;
@@ -751,10 +751,10 @@ Index::Index(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 // Every Open replays the log twice (the read-only check, then the writable
 // open), and the writable open then writes what it replayed to a table:
 // with everything written since the last memtable flush in the log (up to
-// the 16 MiB write buffer and more), that was most of a start-up's time. So a clean close flushes first and leaves an
-// empty log (RocksDB's own shutdown flush, avoid_flush_during_shutdown,
-// covers only writes made without a log). A crash still leaves the synced
-// log, which Open replays as before.
+// two 16 MiB write buffers), that was most of a start-up's time. So a clean
+// close flushes first and leaves an empty log (RocksDB's own shutdown
+// flush, avoid_flush_during_shutdown, covers only writes made without a
+// log). A crash still leaves the synced log, which Open replays as before.
 Index::~Index() { impl_->FlushForCleanClose(); }
 
 Result<std::unique_ptr<Index>> Index::Open(const std::string& dir, const IndexOptions& options) {
