@@ -159,7 +159,10 @@ class Index {
   // after any of these errors the directory is byte for byte as it was. A
   // torn log tail is dropped and reported (IndexOptions).
   static Result<std::unique_ptr<Index>> Open(const std::string& dir, const IndexOptions& options);
-  // Closes the database. REQUIRES: no call in flight.
+  // Writes what only the log holds to tables (unless a write failed), so the
+  // next Open has no log to replay, and closes the database. A flush error
+  // is logged, not fatal: the synced log still holds every commit.
+  // REQUIRES: no call in flight.
   ~Index();
   Index(const Index&) = delete;
   Index& operator=(const Index&) = delete;

@@ -1,7 +1,9 @@
 // tiering::Index: roundtrips, the slot allocator, refcounts across turns,
 // forks and deletes, start-up reclamation, format versions, damaged records
-// and byte flips in RocksDB's files, concurrency, and crash consistency under
-// real kill -9 (a child process re-executing this binary in a helper mode).
+// and byte flips in RocksDB's files, concurrency, a clean close that leaves
+// nothing in the log, and crash consistency under real kill -9 (a child
+// process re-executing this binary in a helper mode; logs that still hold
+// commits are made the same way).
 #include "tiering/index.h"
 
 #include <fcntl.h>
@@ -207,6 +209,297 @@ std::string BigEndianSlotKey(char prefix, BlockSlot s) {
   return k;
 }
 
+struct Expected {
+  std::map<Key, Manifest> sessions;
+  std::map<BlockSlot, BlockInfo> blocks;
+};
+
+// What an index holds, read entirely; an error if any read fails.
+Result<Expected> ReadAll(Index& idx) {
+  Expected e;
+  MNEMO_ASSIGN_OR_RETURN(std::vector<Manifest> ms, idx.LoadManifests());
+  for (Manifest& m : ms) {
+    for (BlockSlot s : m.blocks) {
+      if (e.blocks.count(s)) continue;
+      MNEMO_ASSIGN_OR_RETURN(BlockInfo b, idx.GetBlock(s));
+      e.blocks.emplace(s, std::move(b));
+    }
+    Key k{m.owner_uid, m.name};
+    e.sessions.emplace(std::move(k), std::move(m));
+  }
+  return e;
+}
+
+// --- Child processes ------------------------------------------------------------------
+//
+// Helper modes re-execute this binary with one DISABLED_ test selected and
+// talk to the parent through a pipe on fd 3, one line per message.
+
+void Emit(int fd, const std::string& line) {
+  size_t off = 0;
+  while (off < line.size()) {
+    const ssize_t n = ::write(fd, line.data() + off, line.size() - off);
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) _exit(4);
+    off += static_cast<size_t>(n);
+  }
+}
+
+std::string Hex64(uint64_t v) {
+  char b[17];
+  std::snprintf(b, sizeof(b), "%016llx", static_cast<unsigned long long>(v));
+  return b;
+}
+
+struct Child {
+  pid_t pid = -1;
+  int fd = -1;
+};
+
+// Runs test `test` (a DISABLED_ helper) of this binary in a child process
+// with `extra_env` added to the environment and the write end of a pipe on
+// fd 3.
+Child SpawnChild(const std::string& test, const std::vector<std::string>& extra_env) {
+  char exe[4096];
+  const ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
+  MNEMO_CHECK(n > 0);
+  exe[n] = '\0';
+  int p[2];
+  MNEMO_CHECK(pipe2(p, O_CLOEXEC) == 0);
+  // Everything the child needs is built before fork: after it, only
+  // async-signal-safe calls until exec.
+  std::vector<std::string> args = {exe, "--gtest_filter=" + test, "--gtest_also_run_disabled_tests"};
+  std::vector<std::string> env;
+  for (char** e = environ; *e; ++e) env.emplace_back(*e);
+  env.insert(env.end(), extra_env.begin(), extra_env.end());
+  std::vector<char*> argv, envp;
+  for (auto& a : args) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  for (auto& e : env) envp.push_back(e.data());
+  envp.push_back(nullptr);
+  const int devnull = open("/dev/null", O_WRONLY | O_CLOEXEC);
+  MNEMO_CHECK(devnull >= 0);
+  const pid_t pid = fork();
+  MNEMO_CHECK(pid >= 0);
+  if (pid == 0) {
+    if (p[1] == 3) {
+      fcntl(3, F_SETFD, 0);
+    } else if (dup2(p[1], 3) < 0) {
+      _exit(126);
+    }
+    dup2(devnull, 1);  // gtest's own output
+    execve(argv[0], argv.data(), envp.data());
+    _exit(127);
+  }
+  close(devnull);
+  close(p[1]);
+  return Child{pid, p[0]};
+}
+
+// Reads whole lines from `fd` until `deadline` (or EOF when `drain`).
+bool ReadLines(int fd, std::string* buf, std::vector<std::string>* lines,
+               std::chrono::steady_clock::time_point deadline, bool drain) {
+  for (;;) {
+    int timeout_ms = -1;
+    if (!drain) {
+      const auto left =
+          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
+      if (left.count() <= 0) return true;
+      timeout_ms = static_cast<int>(left.count());
+    }
+    pollfd pfd{fd, POLLIN, 0};
+    const int pr = poll(&pfd, 1, timeout_ms);
+    if (pr < 0 && errno == EINTR) continue;
+    if (pr == 0) return true;
+    char chunk[4096];
+    const ssize_t n = read(fd, chunk, sizeof(chunk));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return false;  // EOF
+    buf->append(chunk, static_cast<size_t>(n));
+    size_t nl;
+    while ((nl = buf->find('\n')) != std::string::npos) {
+      lines->push_back(buf->substr(0, nl));
+      buf->erase(0, nl + 1);
+    }
+  }
+}
+
+// --- Logs that still hold commits -------------------------------------------------------
+//
+// A clean close flushes the log into tables (Index::~Index), so a log that
+// holds commits is what a crash leaves. Tests of the log (a torn tail, flipped
+// bytes, refusals that must not replay it into a table) make one by running a
+// scenario in a child process that is killed with SIGKILL once it has
+// reported what it committed.
+
+std::string HexBytes(std::string_view b) {
+  static constexpr char kHex[] = "0123456789abcdef";
+  std::string s;
+  for (unsigned char c : b) {
+    s += kHex[c >> 4];
+    s += kHex[c & 15];
+  }
+  return s;
+}
+
+std::string UnhexBytes(std::string_view h) {
+  std::string b;
+  for (size_t i = 0; i + 1 < h.size(); i += 2)
+    b.push_back(static_cast<char>(std::stoi(std::string(h.substr(i, 2)), nullptr, 16)));
+  return b;
+}
+
+// Reports state `e` in full: "M <head> <chunk>..." per session (hex of its
+// encoding), "K <slot> <refcount> <page checksum>..." per block, then "S".
+void EmitState(int fd, const Expected& e) {
+  for (const auto& [k, m] : e.sessions) {
+    Result<EncodedManifest> enc = EncodeManifest(m);
+    MNEMO_CHECK(enc.ok());
+    std::string line = "M " + HexBytes(enc->head);
+    for (const std::string& c : enc->chunks) line += " " + HexBytes(c);
+    Emit(fd, line + "\n");
+  }
+  for (const auto& [slot, b] : e.blocks) {
+    std::string line = "K " + std::to_string(slot) + " " + std::to_string(b.refcount);
+    for (uint64_t sum : b.page_checksums) line += " " + Hex64(sum);
+    Emit(fd, line + "\n");
+  }
+  Emit(fd, "S\n");
+}
+
+// The states EmitState reported, in order.
+void ParseStates(const std::vector<std::string>& lines, std::vector<Expected>* states) {
+  Expected cur;
+  for (const std::string& line : lines) {
+    std::istringstream in(line);
+    std::string tag;
+    in >> tag;
+    if (tag == "M") {
+      std::string head, chunk;
+      in >> head;
+      std::vector<std::string> chunks;
+      while (in >> chunk) chunks.push_back(UnhexBytes(chunk));
+      Result<Manifest> m = DecodeManifest(UnhexBytes(head), chunks, "reported manifest");
+      ASSERT_TRUE(m.ok()) << m.status().ToString();
+      Key k{m->owner_uid, m->name};
+      cur.sessions.emplace(std::move(k), std::move(*m));
+    } else if (tag == "K") {
+      BlockSlot slot = 0;
+      BlockInfo b;
+      std::string sum;
+      in >> slot >> b.refcount;
+      while (in >> sum) b.page_checksums.push_back(std::stoull(sum, nullptr, 16));
+      cur.blocks.emplace(slot, std::move(b));
+    } else if (tag == "S") {
+      states->push_back(std::move(cur));
+      cur = Expected();
+    }
+  }
+}
+
+// What the child of RunAndKill does; `state` reports what the index holds
+// now (everything committed so far is acknowledged).
+using Scenario = std::function<Status(Index& idx, std::mt19937_64& rng, const std::function<void()>& state)>;
+
+const std::map<std::string, Scenario>& Scenarios() {
+  static const auto* scenarios = new std::map<std::string, Scenario>{
+      // Session (2, "b"), one turn.
+      {"second-session",
+       [](Index& idx, std::mt19937_64& rng, const std::function<void()>& state) {
+         Manifest b = Empty(2, "b");
+         MNEMO_RETURN_IF_ERROR(Turn(idx, b, rng, 40));
+         state();
+         return Status::Ok();
+       }},
+      // Two turns of session (1, "a"): the second is the log's last record.
+      {"two-turns",
+       [](Index& idx, std::mt19937_64& rng, const std::function<void()>& state) {
+         Manifest a = Empty(1, "a");
+         MNEMO_RETURN_IF_ERROR(Turn(idx, a, rng, 40));
+         state();
+         MNEMO_RETURN_IF_ERROR(Turn(idx, a, rng, 40));
+         state();
+         return Status::Ok();
+       }},
+      // A turn of (1000, "s0"), then (1001, "s1") deleted (IndexFlipTest).
+      {"turn-and-delete",
+       [](Index& idx, std::mt19937_64& rng, const std::function<void()>& state) {
+         MNEMO_ASSIGN_OR_RETURN(Manifest m, idx.GetManifest(1000, "s0"));
+         MNEMO_RETURN_IF_ERROR(Turn(idx, m, rng, 30));
+         MNEMO_RETURN_IF_ERROR(idx.DeleteSession(1001, "s1"));
+         state();
+         return Status::Ok();
+       }},
+  };
+  return *scenarios;
+}
+
+// The child of RunAndKill: opens the index, runs the scenario, reporting each
+// state (after checking it is consistent), then says "R" and waits to be
+// killed. It runs only when the parent re-executes this binary with
+// MNEMO_INDEX_UNCLEAN_DIR set.
+TEST(IndexUncleanChild, DISABLED_Run) {
+  const char* dir = std::getenv("MNEMO_INDEX_UNCLEAN_DIR");
+  const char* scenario = std::getenv("MNEMO_INDEX_UNCLEAN_SCENARIO");
+  const char* capacity = std::getenv("MNEMO_INDEX_UNCLEAN_CAPACITY");
+  if (!dir || !scenario || !capacity) GTEST_SKIP() << "helper mode of RunAndKill";
+  const int fd = 3;
+  auto fail = [](const Status& st) {
+    std::fprintf(stderr, "unclean child: %s\n", st.ToString().c_str());
+    _exit(3);
+  };
+  Result<std::unique_ptr<Index>> opened = Index::Open(dir, Options(std::strtoull(capacity, nullptr, 10)));
+  if (!opened.ok()) fail(opened.status());
+  Index& idx = **opened;
+  std::mt19937_64 rng(12345);
+  auto state = [&] {
+    CheckConsistent(idx);
+    if (::testing::Test::HasFailure()) fail(Status::Internal("inconsistent index"));
+    Result<Expected> e = ReadAll(idx);
+    if (!e.ok()) fail(e.status());
+    EmitState(fd, *e);
+  };
+  if (Status st = Scenarios().at(scenario)(idx, rng, state); !st.ok()) fail(st);
+  Emit(fd, "R\n");
+  for (;;) pause();  // never closes the index
+}
+
+// Runs `scenario` on the index in `dir` (created if absent, with
+// `capacity`) in a child process, kills it with SIGKILL once it is done, and
+// returns the states it reported: the log holds all of them.
+void RunAndKill(const std::string& dir, const std::string& scenario, uint64_t capacity, std::vector<Expected>* states) {
+  Child child = SpawnChild("IndexUncleanChild.DISABLED_Run",
+                           {"MNEMO_INDEX_UNCLEAN_DIR=" + dir, "MNEMO_INDEX_UNCLEAN_SCENARIO=" + scenario,
+                            "MNEMO_INDEX_UNCLEAN_CAPACITY=" + std::to_string(capacity)});
+  std::string buf;
+  std::vector<std::string> lines;
+  const auto start = std::chrono::steady_clock::now();
+  bool alive = true;
+  while (alive && std::find(lines.begin(), lines.end(), "R") == lines.end() &&
+         std::chrono::steady_clock::now() - start < std::chrono::seconds(60)) {
+    alive = ReadLines(child.fd, &buf, &lines, std::chrono::steady_clock::now() + std::chrono::milliseconds(20), false);
+  }
+  kill(child.pid, SIGKILL);
+  close(child.fd);
+  int wstatus = 0;
+  ASSERT_EQ(waitpid(child.pid, &wstatus, 0), child.pid);
+  ASSERT_NE(std::find(lines.begin(), lines.end(), "R"), lines.end())
+      << "the child did not finish scenario " << scenario << " (status " << wstatus << ")";
+  ASSERT_TRUE(WIFSIGNALED(wstatus) && WTERMSIG(wstatus) == SIGKILL) << "child status " << wstatus;
+  ASSERT_NO_FATAL_FAILURE(ParseStates(lines, states));
+  ASSERT_FALSE(states->empty());
+}
+
+// Every file of `dir`: name -> bytes.
+std::map<std::string, std::string> Files(const std::string& dir) {
+  std::map<std::string, std::string> out;
+  for (const auto& e : fs::directory_iterator(dir)) {
+    std::ifstream f(e.path(), std::ios::binary);
+    out[e.path().filename().string()] = std::string(std::istreambuf_iterator<char>(f), {});
+  }
+  return out;
+}
+
 class IndexTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -238,6 +531,43 @@ TEST_F(IndexTest, CreatesFreshIndexAndReopens) {
   EXPECT_EQ(idx->recovery().slots_free, 97u);
   EXPECT_EQ(idx->recovery().block_references, 3u);
   CheckConsistent(*idx);
+}
+
+// Every Open replays the log twice (the read-only check, then the writable
+// open): a clean close flushes it into tables, so that the next start has
+// nothing to replay, while a process that dies keeps every acknowledged
+// commit in its log, which the next Open replays.
+TEST_F(IndexTest, CleanCloseLeavesNothingInTheLog) {
+  auto log_bytes = [&] {
+    uintmax_t n = 0;
+    for (const auto& [name, bytes] : Files(dir_))
+      if (name.ends_with(".log")) n += bytes.size();
+    return n;
+  };
+  std::map<Key, Manifest> all;
+  {
+    auto idx = OpenOrDie(dir_, Options());
+    Manifest a = Empty(1, "a"), b = Empty(2, "b");
+    ASSERT_OK(Turn(*idx, a, rng_, 40));
+    ASSERT_OK(Turn(*idx, b, rng_, 300));
+    ASSERT_OK(idx->ForkSession(2, "b", ForkOf(b, 3, "c")));
+    ASSERT_OK(idx->DeleteSession(1, "a"));
+    all = CheckConsistent(*idx);
+    EXPECT_GT(log_bytes(), 0u);
+  }
+  EXPECT_EQ(log_bytes(), 0u) << "a clean close left records in the log";
+  {
+    auto idx = OpenOrDie(dir_, Options());
+    EXPECT_EQ(CheckConsistent(*idx), all);
+  }
+  EXPECT_EQ(log_bytes(), 0u);
+
+  std::vector<Expected> states;
+  ASSERT_NO_FATAL_FAILURE(RunAndKill(dir_, "two-turns", 1024, &states));
+  EXPECT_GT(log_bytes(), 0u);
+  ASSERT_EQ(states.back().sessions.size(), 3u);
+  auto idx = OpenOrDie(dir_, Options());
+  EXPECT_EQ(CheckConsistent(*idx), states.back().sessions);
 }
 
 TEST_F(IndexTest, RejectsBadOptions) {
@@ -613,36 +943,23 @@ TEST_F(IndexTest, NewerFormatVersionIsFailedPreconditionAndUntouched) {
   });
 }
 
-// Every file of `dir`: name -> bytes.
-std::map<std::string, std::string> Files(const std::string& dir) {
-  std::map<std::string, std::string> out;
-  for (const auto& e : fs::directory_iterator(dir)) {
-    std::ifstream f(e.path(), std::ios::binary);
-    out[e.path().filename().string()] = std::string(std::istreambuf_iterator<char>(f), {});
-  }
-  return out;
-}
-
 // RocksDB's read-write open writes at once (a new MANIFEST, log, OPTIONS
-// file, a rotated info LOG), and on an index whose CURRENT is lost it even
-// fails after writing a fresh CURRENT and MANIFEST, so that the next open
-// succeeds on an empty database and deletes the old tables. Open checks an
-// existing index read-only first: every refusal leaves the directory byte for
-// byte as it was, refuses again the next time, and undoing the damage gives
-// back every session.
+// file, a rotated info LOG, a table of what it replayed from the log), and
+// on an index whose CURRENT is lost it even fails after writing a fresh
+// CURRENT and MANIFEST, so that the next open succeeds on an empty database
+// and deletes the old tables. Open checks an existing index read-only first:
+// every refusal leaves the directory byte for byte as it was, its log
+// included, refuses again the next time, and undoing the damage gives back
+// every session.
 TEST_F(IndexTest, RefusedOpensLeaveTheDirectoryByteForByte) {
-  std::map<Key, Manifest> all;
   {
     auto idx = OpenOrDie(dir_, Options());
     Manifest a = Empty(1, "a");
     ASSERT_OK(Turn(*idx, a, rng_, 40));
-  }
-  {
-    auto idx = OpenOrDie(dir_, Options());  // recovery flushes the log into a table
-    Manifest b = Empty(2, "b");
-    ASSERT_OK(Turn(*idx, b, rng_, 40));  // and this stays in the log
-    all = CheckConsistent(*idx);
-  }
+  }  // a clean close: a is in a table
+  std::vector<Expected> states;
+  ASSERT_NO_FATAL_FAILURE(RunAndKill(dir_, "second-session", 1024, &states));  // b is only in the log
+  const std::map<Key, Manifest> all = states.back().sessions;
   ASSERT_EQ(all.size(), 2u);
   bool has_table = false, has_log = false;
   for (const auto& [name, bytes] : Files(dir_)) {
@@ -832,14 +1149,14 @@ fs::path NewestLog(const std::string& dir) {
 }
 
 TEST_F(IndexTest, TornLogTailDropsOnlyTheUnacknowledgedWriteAndSaysSo) {
-  Manifest a = Empty(1, "a");
-  Manifest acked;
-  {
-    auto idx = OpenOrDie(dir_, Options());
-    ASSERT_OK(Turn(*idx, a, rng_, 40));
-    acked = a;
-    ASSERT_OK(Turn(*idx, a, rng_, 40));  // the last record of the log
-  }
+  // A process killed after two acknowledged turns of session a: the second
+  // is the last record of the log.
+  std::vector<Expected> states;
+  ASSERT_NO_FATAL_FAILURE(RunAndKill(dir_, "two-turns", 1024, &states));
+  ASSERT_EQ(states.size(), 2u);
+  const Manifest acked = states[0].sessions.at(Key{1, "a"});
+  const Manifest a = states[1].sessions.at(Key{1, "a"});
+  ASSERT_NE(acked, a);
   const fs::path log = NewestLog(dir_);
   ASSERT_FALSE(log.empty());
   const std::string scratch = dir_ + ".torn";
@@ -938,27 +1255,6 @@ TEST_F(IndexTest, FailedSyncMakesTheIndexReadOnlyAndFreesNothing) {
 
 // --- Byte flips in RocksDB's own files ------------------------------------------
 
-struct Expected {
-  std::map<Key, Manifest> sessions;
-  std::map<BlockSlot, BlockInfo> blocks;
-};
-
-// What an index holds, read entirely; an error if any read fails.
-Result<Expected> ReadAll(Index& idx) {
-  Expected e;
-  MNEMO_ASSIGN_OR_RETURN(std::vector<Manifest> ms, idx.LoadManifests());
-  for (Manifest& m : ms) {
-    for (BlockSlot s : m.blocks) {
-      if (e.blocks.count(s)) continue;
-      MNEMO_ASSIGN_OR_RETURN(BlockInfo b, idx.GetBlock(s));
-      e.blocks.emplace(s, std::move(b));
-    }
-    Key k{m.owner_uid, m.name};
-    e.sessions.emplace(std::move(k), std::move(m));
-  }
-  return e;
-}
-
 bool SameBlocks(const std::map<BlockSlot, BlockInfo>& a, const std::map<BlockSlot, BlockInfo>& b) {
   if (a.size() != b.size()) return false;
   for (auto ia = a.begin(), ib = b.begin(); ia != a.end(); ++ia, ++ib) {
@@ -971,8 +1267,9 @@ bool SameBlocks(const std::map<BlockSlot, BlockInfo>& a, const std::map<BlockSlo
 
 class IndexFlipTest : public IndexTest {
  protected:
-  // A database whose data sits in tables (flushed at a reopen), in the
-  // MANIFEST, and in the live write-ahead log (the last turns).
+  // A database whose data sits in tables (flushed at a clean close), in the
+  // MANIFEST, and in the live write-ahead log (the last mutations, by a
+  // process killed after they were acknowledged).
   void BuildPristine() {
     {
       auto idx = OpenOrDie(dir_, Options(2048));
@@ -983,16 +1280,9 @@ class IndexFlipTest : public IndexTest {
         if (i == 2) ASSERT_OK(idx->ForkSession(m.owner_uid, m.name, ForkOf(m, 1000, "fork")));
       }
     }
-    {
-      auto idx = OpenOrDie(dir_, Options(2048));  // recovery flushes the log into a table
-      Result<Manifest> m = idx->GetManifest(1000, "s0");
-      ASSERT_OK(m);
-      ASSERT_OK(Turn(*idx, *m, rng_, 30));
-      ASSERT_OK(idx->DeleteSession(1001, "s1"));
-      Result<Expected> e = ReadAll(*idx);
-      ASSERT_OK(e);
-      pristine_ = std::move(*e);
-    }
+    std::vector<Expected> states;
+    ASSERT_NO_FATAL_FAILURE(RunAndKill(dir_, "turn-and-delete", 2048, &states));
+    pristine_ = std::move(states.back());
   }
 
   // Flips bytes of every file whose name contains `pattern`, one trial per
@@ -1089,22 +1379,6 @@ constexpr int kCrashNames = 10;
 
 IndexOptions CrashOptions() { return Options(kCrashCapacity); }
 
-void Emit(int fd, const std::string& line) {
-  size_t off = 0;
-  while (off < line.size()) {
-    const ssize_t n = ::write(fd, line.data() + off, line.size() - off);
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) _exit(4);
-    off += static_cast<size_t>(n);
-  }
-}
-
-std::string Hex64(uint64_t v) {
-  char b[17];
-  std::snprintf(b, sizeof(b), "%016llx", static_cast<unsigned long long>(v));
-  return b;
-}
-
 uint32_t UidOf(int name) { return 1000 + name % 2; }
 
 // The child: commits turns, forks and deletes in a loop until killed. Before
@@ -1177,79 +1451,6 @@ TEST(IndexCrashChild, DISABLED_Run) {
   }
 }
 
-struct Child {
-  pid_t pid = -1;
-  int fd = -1;
-};
-
-Child SpawnChild(const std::string& dir, uint64_t seed) {
-  char exe[4096];
-  const ssize_t n = readlink("/proc/self/exe", exe, sizeof(exe) - 1);
-  MNEMO_CHECK(n > 0);
-  exe[n] = '\0';
-  int p[2];
-  MNEMO_CHECK(pipe2(p, O_CLOEXEC) == 0);
-  // Everything the child needs is built before fork: after it, only
-  // async-signal-safe calls until exec.
-  std::vector<std::string> args = {exe, "--gtest_filter=IndexCrashChild.DISABLED_Run",
-                                   "--gtest_also_run_disabled_tests"};
-  std::vector<std::string> env;
-  for (char** e = environ; *e; ++e) env.emplace_back(*e);
-  env.push_back("MNEMO_INDEX_CRASH_DIR=" + dir);
-  env.push_back("MNEMO_INDEX_CRASH_SEED=" + std::to_string(seed));
-  env.push_back("MNEMO_INDEX_CRASH_FD=3");
-  std::vector<char*> argv, envp;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  for (auto& e : env) envp.push_back(e.data());
-  envp.push_back(nullptr);
-  const int devnull = open("/dev/null", O_WRONLY | O_CLOEXEC);
-  MNEMO_CHECK(devnull >= 0);
-  const pid_t pid = fork();
-  MNEMO_CHECK(pid >= 0);
-  if (pid == 0) {
-    if (p[1] == 3) {
-      fcntl(3, F_SETFD, 0);
-    } else if (dup2(p[1], 3) < 0) {
-      _exit(126);
-    }
-    dup2(devnull, 1);  // gtest's own output
-    execve(argv[0], argv.data(), envp.data());
-    _exit(127);
-  }
-  close(devnull);
-  close(p[1]);
-  return Child{pid, p[0]};
-}
-
-// Reads whole lines from `fd` until `deadline` (or EOF when `drain`).
-bool ReadLines(int fd, std::string* buf, std::vector<std::string>* lines,
-               std::chrono::steady_clock::time_point deadline, bool drain) {
-  for (;;) {
-    int timeout_ms = -1;
-    if (!drain) {
-      const auto left =
-          std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-      if (left.count() <= 0) return true;
-      timeout_ms = static_cast<int>(left.count());
-    }
-    pollfd pfd{fd, POLLIN, 0};
-    const int pr = poll(&pfd, 1, timeout_ms);
-    if (pr < 0 && errno == EINTR) continue;
-    if (pr == 0) return true;
-    char chunk[4096];
-    const ssize_t n = read(fd, chunk, sizeof(chunk));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return false;  // EOF
-    buf->append(chunk, static_cast<size_t>(n));
-    size_t nl;
-    while ((nl = buf->find('\n')) != std::string::npos) {
-      lines->push_back(buf->substr(0, nl));
-      buf->erase(0, nl + 1);
-    }
-  }
-}
-
 TEST_F(IndexTest, CrashConsistencyUnderKill9) {
   constexpr int kRounds = 60;
   std::map<Key, uint64_t> acked;  // what must survive: the last acknowledged state
@@ -1260,7 +1461,9 @@ TEST_F(IndexTest, CrashConsistencyUnderKill9) {
   int killed_before_ready = 0, mutations = 0, pending_landed = 0, torn_tails = 0;
   for (int round = 0; round < kRounds; ++round) {
     SCOPED_TRACE("round " + std::to_string(round));
-    Child child = SpawnChild(dir_, rng());
+    Child child = SpawnChild("IndexCrashChild.DISABLED_Run", {"MNEMO_INDEX_CRASH_DIR=" + dir_,
+                                                              "MNEMO_INDEX_CRASH_SEED=" + std::to_string(rng()),
+                                                              "MNEMO_INDEX_CRASH_FD=3"});
     std::string buf;
     std::vector<std::string> lines;
     const auto start = std::chrono::steady_clock::now();
