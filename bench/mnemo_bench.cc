@@ -302,15 +302,13 @@ int CmdBatch(Args& args) {
   // One sequence, then n, alternately, reps times and once more alone: the
   // best of each, so that a burst of load from a neighbour on a shared host
   // lands on one run, not on the ratio.
-  double single = BatchedDecodeTps(*e, 1, ctx, steps);
-  double many = 0;
-  std::vector<double> singles{single}, manys;
+  std::vector<double> singles{BatchedDecodeTps(*e, 1, ctx, steps)}, manys;
   for (int r = 0; r < reps; ++r) {
     manys.push_back(BatchedDecodeTps(*e, n, ctx, steps));
     singles.push_back(BatchedDecodeTps(*e, 1, ctx, steps));
   }
-  single = *std::max_element(singles.begin(), singles.end());
-  many = *std::max_element(manys.begin(), manys.end());
+  const double single = *std::max_element(singles.begin(), singles.end());
+  const double many = *std::max_element(manys.begin(), manys.end());
   json j{{"seqs", n},
          {"ctx", ctx},
          {"reps", reps},

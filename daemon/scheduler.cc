@@ -686,11 +686,7 @@ void Scheduler::HandleGenerate(Job job) {
         " tokens"));
 
   const uint32_t max_tokens = req.max_tokens ? req.max_tokens : options_.default_max_tokens;
-  auto kv_all_on_t2 = [&] {
-    Result<int64_t> len = engine_->kv().Length(s->seq);
-    return s->persisted && s->t2.kv_tokens > 0 && len.ok() && static_cast<uint64_t>(*len) <= s->t2.kv_tokens;
-  };
-  if (options_.tier && options_.max_stream_window > 0 && s->seq != 0 && kv_all_on_t2() &&
+  if (options_.tier && options_.max_stream_window > 0 && s->seq != 0 && s->t2.kv_tokens > 0 && KvWholeOnT2(*s) &&
       ExceedsT0(s->tokens.size() + fresh.size() + max_tokens)) {
     // Its KV and this turn's cannot all be in T0 at once, even with every
     // idle session evicted, and its KV in T0 is all on T2 too: this turn
@@ -779,6 +775,11 @@ void Scheduler::FinalizePrompt(ActiveRequest* r) {
   if (s->seq != 0) kv_now = *engine_->kv().Length(s->seq);
   r->prompt_tokens = static_cast<uint32_t>(s->tokens.size() - kv_now);
   if (metrics_) metrics_->AddPromptTokens(r->prompt_tokens);
+}
+
+bool Scheduler::KvWholeOnT2(const Session& s) const {
+  Result<int64_t> len = engine_->kv().Length(s.seq);
+  return s.persisted && len.ok() && static_cast<uint64_t>(*len) <= s.t2.kv_tokens;
 }
 
 bool Scheduler::ExceedsT0(uint64_t tokens) const {
@@ -1110,8 +1111,7 @@ bool Scheduler::EvictIdle() {
   bool victim_safe = false;
   for (Session* s : sessions_.All()) {
     if (s->active || s->seq == 0) continue;
-    Result<int64_t> len = engine_->kv().Length(s->seq);
-    const bool safe = s->persisted && len.ok() && static_cast<uint64_t>(*len) <= s->t2.kv_tokens;
+    const bool safe = KvWholeOnT2(*s);
     if (!victim || (safe && !victim_safe) ||
         (safe == victim_safe && s->last_used_unix_ms < victim->last_used_unix_ms)) {
       victim = s;

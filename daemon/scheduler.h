@@ -158,6 +158,9 @@ class Scheduler {
   // every idle session evicted): a turn that needs it streams the session's
   // committed KV from T2 instead.
   bool ExceedsT0(uint64_t tokens) const;
+  // Whether the KV `s` holds in T0 is all committed on T2 (dropping it
+  // from T0 loses nothing).
+  bool KvWholeOnT2(const Session& s) const;
   // Starts the deferred exports whose session has no turn running any more.
   void RunDeferredExports();
   void DoCommitImport(ImportCommit& c);
