@@ -50,6 +50,8 @@ namespace {
 // GGML_FA_TILE_Q and GGML_FA_TILE_KV: a sequence with at least kTile query
 // rows takes the tiled path, whose key tiles are kTile wide.
 constexpr int64_t kTile = 64;
+// Query rows the tiled path computes together (sharing each K and V load).
+constexpr int kPairRows = 3;
 // Decode (one query row) splits the keys into this many ranges when
 // llama.cpp's padded cache length reaches kSplitKeys: llama.cpp uses one
 // range per thread, so this reproduces llama.cpp run with 2 threads, as the
@@ -159,8 +161,9 @@ HWY_INLINE void TileScores(const float* HWY_RESTRICT q, const float* HWY_RESTRIC
 // acc[0..D) = acc + sum over j < n, in order, of p[j] * v[j][0..D): one FMA
 // chain per output (simd_gemm), with the keys past n contributing exact
 // zeros in llama.cpp.
+// v's rows are `stride` floats apart; acc and v's rows are D wide.
 HWY_INLINE void TilePv(float* HWY_RESTRICT acc, const float* HWY_RESTRICT p,
-                       const float* HWY_RESTRICT v, int64_t n, int64_t D) {
+                       const float* HWY_RESTRICT v, int64_t n, int64_t D, int64_t stride) {
   const DF df;
   const int64_t N = static_cast<int64_t>(hn::Lanes(df));
   int64_t d = 0;
@@ -169,7 +172,7 @@ HWY_INLINE void TilePv(float* HWY_RESTRICT acc, const float* HWY_RESTRICT p,
     VF o2 = hn::LoadU(df, acc + d + 2 * N), o3 = hn::LoadU(df, acc + d + 3 * N);
     for (int64_t j = 0; j < n; ++j) {
       const VF pj = hn::Set(df, p[j]);
-      const float* vj = v + j * D + d;
+      const float* vj = v + j * stride + d;
       o0 = hn::MulAdd(pj, hn::LoadU(df, vj), o0);
       o1 = hn::MulAdd(pj, hn::LoadU(df, vj + N), o1);
       o2 = hn::MulAdd(pj, hn::LoadU(df, vj + 2 * N), o2);
@@ -182,14 +185,72 @@ HWY_INLINE void TilePv(float* HWY_RESTRICT acc, const float* HWY_RESTRICT p,
   }
   for (; d + N <= D; d += N) {
     VF o = hn::LoadU(df, acc + d);
-    for (int64_t j = 0; j < n; ++j) o = hn::MulAdd(hn::Set(df, p[j]), hn::LoadU(df, v + j * D + d), o);
+    for (int64_t j = 0; j < n; ++j) o = hn::MulAdd(hn::Set(df, p[j]), hn::LoadU(df, v + j * stride + d), o);
     hn::StoreU(o, df, acc + d);
   }
   for (; d < D; ++d) {
     float o = acc[d];
-    for (int64_t j = 0; j < n; ++j) o = std::fma(p[j], v[j * D + d], o);
+    for (int64_t j = 0; j < n; ++j) o = std::fma(p[j], v[j * stride + d], o);
     acc[d] = o;
   }
+}
+
+// TileScores for R query rows at once (R <= 3 keeps the accumulators in
+// registers), four vectors of keys at a time.
+template <int R>
+HWY_INLINE void TileScoresR(const float* const* HWY_RESTRICT q, const float* HWY_RESTRICT kt, int64_t D,
+                            float scale, float* const* HWY_RESTRICT s) {
+  const DF df;
+  const size_t N = hn::Lanes(df);
+  const size_t nv = static_cast<size_t>(kTile) / N;
+  const VF vs = hn::Set(df, scale);
+  size_t c = 0;
+  for (; c + 4 <= nv; c += 4) {
+    VF a[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) a[r][i] = hn::Zero(df);
+    const float* k = kt + c * N;
+    for (int64_t d = 0; d < D; ++d, k += kTile) {
+      VF x[R];
+      for (int r = 0; r < R; ++r) x[r] = hn::Set(df, q[r][d]);
+      for (int i = 0; i < 4; ++i) {
+        const VF kv = hn::LoadU(df, k + i * N);
+        for (int r = 0; r < R; ++r) a[r][i] = hn::MulAdd(x[r], kv, a[r][i]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) hn::StoreU(hn::Mul(a[r][i], vs), df, s[r] + (c + i) * N);
+  }
+  if (c < nv) {  // vectors so wide that a tile is not a multiple of four
+    for (int r = 0; r < R; ++r) TileScores(q[r], kt, D, scale, s[r]);
+  }
+}
+
+// TilePv for R query rows at once over the first n keys.
+template <int R>
+HWY_INLINE void TilePvR(float* const* HWY_RESTRICT acc, const float* const* HWY_RESTRICT p,
+                        const float* HWY_RESTRICT v, int64_t n, int64_t D) {
+  const DF df;
+  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
+  int64_t d = 0;
+  for (; d + 4 * N <= D; d += 4 * N) {
+    VF a[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) a[r][i] = hn::LoadU(df, acc[r] + d + i * N);
+    const float* vj = v + d;
+    for (int64_t j = 0; j < n; ++j, vj += D) {
+      VF x[R];
+      for (int r = 0; r < R; ++r) x[r] = hn::Set(df, p[r][j]);
+      for (int i = 0; i < 4; ++i) {
+        const VF vv = hn::LoadU(df, vj + i * N);
+        for (int r = 0; r < R; ++r) a[r][i] = hn::MulAdd(x[r], vv, a[r][i]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < 4; ++i) hn::StoreU(a[r][i], df, acc[r] + d + i * N);
+  }
+  if (d < D)
+    for (int r = 0; r < R; ++r) TilePv(acc[r] + d, p[r], v + d, n, D - d, D);
 }
 
 // Sum of e[0..kTile) as ggml_vec_soft_max_f32 (AVX2) forms it: each group
@@ -215,11 +276,14 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
   const int64_t rows = (t1 - t0) * group;
   float* kt = scratch;        // [D][kTile], K tile transposed
   float* vf = kt + D * kTile;  // [kTile][D]
-  float* s = vf + kTile * D;   // [kTile]
-  float* kf = s + kTile;       // [kTile][D]
-  float* acc = kf + kTile * D;  // [rows][D]
+  float* kf = vf + kTile * D;  // [kTile][D]
+  float* s = kf + kTile * D;   // [kPairRows][kTile]
+  float* acc = s + kPairRows * kTile;  // [rows][D]
   float* m = acc + rows * D;   // [rows]
   float* l = m + rows;         // [rows]
+  // [rows], at an even float offset (8-byte aligned).
+  int64_t* live = reinterpret_cast<int64_t*>(scratch + ((l + rows - scratch + 1) & ~int64_t{1}));
+  int64_t* live_valid = live + rows;                        // [rows]
   for (int64_t r = 0; r < rows; ++r) {
     m[r] = -INFINITY;
     l[r] = 0.0f;
@@ -232,8 +296,29 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
   for (int64_t t = t0; t < t1; ++t) max_len = std::max<int64_t>(max_len, a.kv_len[t]);
   MNEMO_CHECK(max_len <= static_cast<int64_t>(seq.n_pages) * L.page_tokens);
 
+  // The K and V rows of kv head kvh for keys [j0, j0 + n) into the cache:
+  // a page's rows are 2*D*page_tokens bytes, beyond what the hardware
+  // prefetcher follows across pages.
+  auto prefetch_keys = [&](int64_t j0, int64_t n) {
+    const int64_t P = L.page_tokens;
+    for (int64_t j = j0; j < j0 + n;) {
+      const int64_t slot = j % P;
+      const int64_t m = std::min(j0 + n - j, P - slot);
+      const auto* page = static_cast<const uint16_t*>(seq.pages[j / P]);
+      const auto* k = reinterpret_cast<const uint8_t*>(page + L.k_offset(kvh, static_cast<int>(slot)));
+      const auto* v = reinterpret_cast<const uint8_t*>(page + L.v_offset(kvh, static_cast<int>(slot)));
+      const int64_t bytes = m * D * static_cast<int64_t>(sizeof(uint16_t));
+      for (int64_t o = 0; o < bytes; o += 64) {
+        __builtin_prefetch(k + o, 0, 2);
+        __builtin_prefetch(v + o, 0, 2);
+      }
+      j += m;
+    }
+  };
   for (int64_t c0 = 0; c0 < max_len; c0 += kTile) {
     const int64_t n = std::min(kTile, max_len - c0);
+    if (c0 == 0) prefetch_keys(kTile, std::min(kTile, std::max<int64_t>(0, max_len - kTile)));
+    if (c0 + 2 * kTile < max_len) prefetch_keys(c0 + 2 * kTile, std::min(kTile, max_len - c0 - 2 * kTile));
     KeysToF32(seq, L, kvh, /*values=*/false, c0, n, kf);
     KeysToF32(seq, L, kvh, /*values=*/true, c0, n, vf);
     for (int64_t j = 0; j < n; ++j) {
@@ -243,15 +328,27 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
     for (int64_t d = 0; d < D && n < kTile; ++d) {
       std::fill(kt + d * kTile + n, kt + (d + 1) * kTile, 0.0f);
     }
+    // The rows with keys in this tile, two at a time (a row's arithmetic is
+    // the same alone or paired).
+    int64_t n_live = 0;
     for (int64_t r = 0; r < rows; ++r) {
-      const int64_t t = t0 + r / group;
-      const int64_t valid = std::min(kTile, a.kv_len[t] - c0);
+      const int64_t valid = std::min(kTile, a.kv_len[t0 + r / group] - c0);
       if (valid <= 0) continue;  // a fully masked tile: skipped in llama.cpp too
-      const float* q = a.q + t * q_stride + (static_cast<int64_t>(kvh) * group + r % group) * D;
-      TileScores(q, kt, D, a.scale, s);
-      for (int64_t j = valid; j < kTile; ++j) s[j] = -INFINITY;
-      float tile_max = -INFINITY;
-      for (int64_t j = 0; j < valid; ++j) tile_max = std::max(tile_max, s[j]);
+      live[n_live] = r;
+      live_valid[n_live++] = valid;
+    }
+    auto query = [&](int64_t r) {
+      return a.q + (t0 + r / group) * q_stride + (static_cast<int64_t>(kvh) * group + r % group) * D;
+    };
+    // Masks, softmax-updates row r's state for its scores sr; leaves the
+    // exponentials in sr.
+    auto softmax = [&](int64_t r, int64_t valid, float* sr) {
+      for (int64_t j = valid; j < kTile; ++j) sr[j] = -INFINITY;
+      // The scores are finite (masked ones -inf): the maximum is the same in
+      // any order.
+      VF vmx = hn::Set(df, -INFINITY);
+      for (int64_t j = 0; j < kTile; j += N) vmx = hn::Max(vmx, hn::LoadU(df, sr + j));
+      const float tile_max = hn::GetLane(hn::MaxOfLanes(df, vmx));
       const float m_new = std::fmax(m[r], tile_max);
       float* o = acc + r * D;
       if (m_new > m[r]) {
@@ -265,11 +362,28 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
       m[r] = m_new;
       const VF vmax = hn::Set(df, m_new);
       for (int64_t j = 0; j < kTile; j += N) {
-        hn::StoreU(GgmlExp(df, hn::Sub(hn::LoadU(df, s + j), vmax)), df, s + j);
+        hn::StoreU(GgmlExp(df, hn::Sub(hn::LoadU(df, sr + j), vmax)), df, sr + j);
       }
-      l[r] = static_cast<float>(static_cast<double>(l[r]) + TileExpSum(s));
-      TilePv(o, s, vf, valid, D);
-    }
+      l[r] = static_cast<float>(static_cast<double>(l[r]) + TileExpSum(sr));
+    };
+    auto rows_of = [&]<int R>(int64_t i) {
+      const float* qs[R];
+      float* ss[R];
+      float* os[R];
+      int64_t n_max = 0;
+      for (int k = 0; k < R; ++k) {
+        qs[k] = query(live[i + k]);
+        ss[k] = s + k * kTile;
+        os[k] = acc + live[i + k] * D;
+        n_max = std::max(n_max, live_valid[i + k]);
+      }
+      TileScoresR<R>(qs, kt, D, a.scale, ss);
+      for (int k = 0; k < R; ++k) softmax(live[i + k], live_valid[i + k], ss[k]);
+      TilePvR<R>(os, ss, vf, n_max, D);
+    };
+    int64_t i = 0;
+    for (; i + kPairRows <= n_live; i += kPairRows) rows_of.template operator()<kPairRows>(i);
+    for (; i < n_live; ++i) rows_of.template operator()<1>(i);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = t0 + r / group;
@@ -892,7 +1006,8 @@ size_t AttentionScratchFloats(const AttentionArgs& args) {
   const size_t D = static_cast<size_t>(args.layout.head_dim);
   const size_t T = static_cast<size_t>(kTile);
   const size_t rows = group * kAttentionBlockTokens;
-  const size_t tiled = 3 * D * T + T + rows * D + 2 * rows;
+  // K^T, V, K tiles; two score rows; acc, m, l; two int64 index lists.
+  const size_t tiled = 3 * D * T + kPairRows * T + rows * D + 3 * rows + 4 * rows;
   const size_t one_chunk = 3 * rows * D + 4 * rows + 3 * T + 2 * T * D;
   return std::max(tiled, one_chunk) + 16;
 }

@@ -300,15 +300,32 @@ void CpuBackend::Attention(const AttentionArgs& a) {
   }
   // Runs of consecutive tokens of one sequence (prefill) share K/V page
   // conversions; a lone token (decode) takes the per-token path.
+  // A run of R tokens splits into equal blocks of at most
+  // kAttentionBlockTokens, enough of them that with the kv heads they share
+  // out evenly over the threads when the call is that one run (a turn over a
+  // long history: 44 tokens, 3 kv heads, 2 threads make 2 blocks of 22, six
+  // items, rather than 16 + 16 + 12, nine). Each block converts the
+  // sequence's K and V pages once, so fewer, larger blocks also convert less.
+  const int32_t kv_heads = a.layout.n_kv_heads;
   blocks_.clear();
   for (int64_t t = 0; t < a.n_tokens;) {
     MNEMO_CHECK(a.seq[t] >= 0 && a.seq[t] < a.n_seqs);
     int64_t e = t + 1;
-    while (e < a.n_tokens && e - t < kAttentionBlockTokens && a.seq[e] == a.seq[t]) ++e;
-    blocks_.push_back({t, e});
+    while (e < a.n_tokens && a.seq[e] == a.seq[t]) ++e;
+    const int64_t run = e - t;
+    int64_t nb = (run + kAttentionBlockTokens - 1) / kAttentionBlockTokens;
+    if (run == a.n_tokens) {
+      const int64_t threads = pool_.size();
+      for (int64_t k = nb; k < nb + threads && k <= run; ++k) {
+        if ((k * kv_heads) % threads == 0) {
+          nb = k;
+          break;
+        }
+      }
+    }
+    for (int64_t b = 0; b < nb; ++b) blocks_.push_back({t + run * b / nb, t + run * (b + 1) / nb});
     t = e;
   }
-  const int32_t kv_heads = a.layout.n_kv_heads;
   pool_.ParallelFor(static_cast<int64_t>(blocks_.size()) * kv_heads, [&](int64_t item, int worker) {
     const auto [t0, t1] = blocks_[static_cast<size_t>(item / kv_heads)];
     const int32_t kvh = static_cast<int32_t>(item % kv_heads);

@@ -71,7 +71,7 @@ size_t AttentionScratchFloats(const AttentionArgs& args);
 void AttentionItem(const AttentionArgs& args, int64_t t, int32_t kv_head, float* scratch);
 
 // Most query tokens one AttentionBlock call takes.
-inline constexpr int64_t kAttentionBlockTokens = 16;
+inline constexpr int64_t kAttentionBlockTokens = 32;
 
 // Attention of query tokens [t0, t1), all of one sequence, for the query
 // heads of kv head kv_head: the K and V pages are converted once for all.
