@@ -268,6 +268,8 @@ struct LoadRing {
 
 struct LoadIo {
   IoRequest req;
+  std::vector<iovec> iov;       // a direct load's T0 pages
+  std::vector<void*> pages;
   LoadRing* ring = nullptr;
   bool done = false;  // guarded by ring->mu
   bool submitted = false;
@@ -372,10 +374,24 @@ Status TierManager::DoLoad(const std::string& label, const std::vector<BlockSlot
   const uint64_t items = static_cast<uint64_t>(groups) * spans;
   const size_t extent_max = static_cast<size_t>(per_group) * layout_.layer_stride;
   const size_t ring_n = std::min<uint64_t>(std::max<uint32_t>(options_.load_inflight, 1), items);
-  Result<AlignedBuffer> staging = AlignedBuffer::Allocate(ring_n * extent_max);
+  // Reads land straight in the T0 pages (scatter reads: no staging copy,
+  // which on a busy host takes CPU from the computation waiting for them)
+  // when a block's layers are whole pages apart and every page is aligned
+  // for O_DIRECT. Whole-block extents stage, to fill T1 with the block.
+  bool direct = groups > 1 && layout_.page_bytes == layout_.layer_stride &&
+                layout_.page_bytes % kDirectIoAlignment == 0 && static_cast<uint32_t>(per_group) <= kMaxIov;
+  for (const auto& layer : dst)
+    for (void* p : layer) direct = direct && reinterpret_cast<uintptr_t>(p) % kDirectIoAlignment == 0;
+  Result<AlignedBuffer> staging = AlignedBuffer::Allocate(direct ? extent_max : ring_n * extent_max);
   if (!staging.ok()) return staging.status();
   LoadRing ring;
   std::vector<LoadIo> ios(ring_n);
+  if (direct) {
+    for (LoadIo& io : ios) {
+      io.iov.resize(static_cast<size_t>(per_group));
+      io.pages.resize(static_cast<size_t>(per_group));
+    }
+  }
   auto group_layers = [&](uint64_t item, int32_t* l0, int32_t* l1) {
     const int32_t g = static_cast<int32_t>(item / spans);
     *l0 = bounds[g];
@@ -387,7 +403,7 @@ Status TierManager::DoLoad(const std::string& label, const std::vector<BlockSlot
     int32_t l0, l1;
     group_layers(k, &l0, &l1);
     const BlockSlot slot = blocks[k % spans];
-    uint8_t* buf = staging->data() + (k % ring_n) * extent_max;
+    uint8_t* buf = direct ? nullptr : staging->data() + (k % ring_n) * extent_max;
     const size_t off = layout_.LayerOffset(l0);
     const size_t len = static_cast<size_t>(l1 - l0) * layout_.layer_stride;
     io.req = IoRequest{};
@@ -400,7 +416,19 @@ Status TierManager::DoLoad(const std::string& label, const std::vector<BlockSlot
     io.req.user = &io;
     io.ring = &ring;
     io.submitted = false;
-    if (T1GetRange(slot, off, len, buf)) {
+    if (direct) {
+      for (int32_t l = l0; l < l1; ++l) {
+        io.pages[l - l0] = dst[l][k % spans];
+        io.iov[l - l0] = iovec{dst[l][k % spans], layout_.page_bytes};
+      }
+      if (l1 - l0 == 1) {
+        io.req.buf = io.pages[0];
+      } else {
+        io.req.iov = io.iov.data();
+        io.req.iov_count = static_cast<uint32_t>(l1 - l0);
+      }
+    }
+    if (direct ? T1GetLayers(slot, l0, l1, io.pages.data()) : T1GetRange(slot, off, len, buf)) {
       std::lock_guard<std::mutex> lock(ring.mu);
       io.done = true;
       return Status::Ok();
@@ -440,20 +468,27 @@ Status TierManager::DoLoad(const std::string& label, const std::vector<BlockSlot
     int32_t l0, l1;
     group_layers(k, &l0, &l1);
     Status s = io.req.status;
-    uint8_t* buf = static_cast<uint8_t*>(io.req.buf);
+    uint8_t* buf = static_cast<uint8_t*>(io.req.buf);  // null when direct
+    bool in_dst = direct;                               // the bytes are in dst already
+    auto page_of = [&](int32_t l) -> const uint8_t* {
+      return in_dst ? static_cast<const uint8_t*>(dst[l][i]) : buf + static_cast<size_t>(l - l0) * layout_.layer_stride;
+    };
     // The first layer of the extent whose page fails its checksum, or -1.
     auto bad_layer_of = [&] {
       for (int32_t l = l0; l < l1; ++l)
-        if (PageChecksum(buf + static_cast<size_t>(l - l0) * layout_.layer_stride, layout_.page_bytes) !=
-            infos[i].page_checksums[l])
-          return l;
+        if (PageChecksum(page_of(l), layout_.page_bytes) != infos[i].page_checksums[l]) return l;
       return -1;
     };
     int32_t bad_layer = s.ok() ? bad_layer_of() : -1;
     if (bad_layer >= 0) {
       // A stale T1 entry (its slot was reused) or a bad read: drop the cache
-      // entry and check the disk once more.
+      // entry and check the disk once more (a direct load through the
+      // staging buffer).
       T1Drop(slot);
+      if (direct) {
+        buf = staging->data();
+        in_dst = false;
+      }
       s = store_->Read(slot, io.req.offset, io.req.length, buf);
       bad_layer = s.ok() ? bad_layer_of() : -1;
     }
@@ -466,8 +501,8 @@ Status TierManager::DoLoad(const std::string& label, const std::vector<BlockSlot
       return Status::Corruption(label + ": KV page of layer " + std::to_string(bad_layer) + " in block " +
                                 std::to_string(slot) + " fails its checksum");
     }
-    for (int32_t l = l0; l < l1; ++l)
-      memcpy(dst[l][i], buf + static_cast<size_t>(l - l0) * layout_.layer_stride, layout_.page_bytes);
+    if (!in_dst)
+      for (int32_t l = l0; l < l1; ++l) memcpy(dst[l][i], page_of(l), layout_.page_bytes);
     t0_bytes_written_.fetch_add(uint64_t{layout_.page_bytes} * static_cast<uint64_t>(l1 - l0),
                                 std::memory_order_relaxed);
     if (groups == 1 && !T1Has(slot)) T1Put(slot, buf);  // a whole block read from T2
@@ -758,6 +793,21 @@ bool TierManager::T1GetRange(BlockSlot slot, size_t offset, size_t length, uint8
   ++t1_hits_;
   memcpy(out, it->second.data.data() + offset, length);
   t1_bytes_read_.fetch_add(length, std::memory_order_relaxed);
+  t1_lru_.splice(t1_lru_.begin(), t1_lru_, it->second.lru);
+  return true;
+}
+
+bool TierManager::T1GetLayers(BlockSlot slot, int32_t l0, int32_t l1, void* const* pages) {
+  std::lock_guard<std::mutex> lock(t1_mu_);
+  auto it = t1_.find(slot);
+  if (it == t1_.end()) {
+    ++t1_misses_;
+    return false;
+  }
+  ++t1_hits_;
+  for (int32_t l = l0; l < l1; ++l)
+    memcpy(pages[l - l0], it->second.data.data() + layout_.LayerOffset(l), layout_.page_bytes);
+  t1_bytes_read_.fetch_add(uint64_t{layout_.page_bytes} * static_cast<uint64_t>(l1 - l0), std::memory_order_relaxed);
   t1_lru_.splice(t1_lru_.begin(), t1_lru_, it->second.lru);
   return true;
 }
