@@ -1235,8 +1235,10 @@ void Scheduler::Step() {
                                   static_cast<uint64_t>(gate->stall_seconds() * 1e9));
     const Status load = EndPipelined(pipelined);
     if (!load.ok()) st = load;
-    spdlog::debug("resumed '{}' pipelined: {} layers ready when needed, {} waited for ({:.1f} ms)",
-                  pipelined->session->name, gate->hits(), gate->stalls(), gate->stall_seconds() * 1e3);
+    spdlog::debug("resumed '{}' pipelined: {} layers ready when needed, {} waited for ({:.1f} ms); "
+                  "request to step {:.1f} ms, step {:.1f} ms, load end {:.1f} ms after the step",
+                  pipelined->session->name, gate->hits(), gate->stalls(), gate->stall_seconds() * 1e3,
+                  (t_step0 - pipelined->t_arrive) * 1e3, step_ms, (NowSeconds() - t_step0) * 1e3 - step_ms);
   }
   if (any_decoder && st.ok() && !stream_step) {
     if (prefill_rows == 0) {

@@ -261,9 +261,11 @@ namespace {
 
 // One extent read of a load: the request, and whether it completed. The
 // completion runs on the store's I/O thread and only flags it.
+struct LoadIo;
 struct LoadRing {
   std::mutex mu;
   std::condition_variable cv;
+  LoadIo* awaited = nullptr;  // the read the load thread sleeps for (guarded by mu)
 };
 
 struct LoadIo {
@@ -279,8 +281,14 @@ void LoadIoDone(IoRequest* req) {
   auto* io = static_cast<LoadIo*>(req->user);
   std::lock_guard<std::mutex> lock(io->ring->mu);
   io->done = true;
-  io->ring->cv.notify_all();
+  // Only the awaited read wakes the load thread: on two vCPUs every wake-up
+  // takes a core from the computation the load feeds.
+  if (io->ring->awaited == io) io->ring->cv.notify_one();
 }
+
+// Reads a load thread handles per wake-up (fewer within a layer group's
+// last reads): it sleeps for the last of them, then verifies them all.
+constexpr uint64_t kLoadWakeBatch = 16;
 
 }  // namespace
 
@@ -397,8 +405,12 @@ Status TierManager::DoLoad(const std::string& label, const std::vector<BlockSlot
     *l0 = bounds[g];
     *l1 = bounds[g + 1];
   };
-  // Starts item k in ring slot k % ring_n: from T1 when cached, else a read.
-  auto start = [&](uint64_t k) -> Status {
+  // Reads prepared by start, submitted together by flush.
+  std::vector<IoRequest*> pending;
+  pending.reserve(ring_n);
+  // Prepares item k in ring slot k % ring_n: from T1 when cached, else a
+  // read for the next flush.
+  auto start = [&](uint64_t k) {
     LoadIo& io = ios[k % ring_n];
     int32_t l0, l1;
     group_layers(k, &l0, &l1);
@@ -428,40 +440,51 @@ Status TierManager::DoLoad(const std::string& label, const std::vector<BlockSlot
         io.req.iov_count = static_cast<uint32_t>(l1 - l0);
       }
     }
-    if (direct ? T1GetLayers(slot, l0, l1, io.pages.data()) : T1GetRange(slot, off, len, buf)) {
-      std::lock_guard<std::mutex> lock(ring.mu);
-      io.done = true;
-      return Status::Ok();
-    }
+    const bool cached = direct ? T1GetLayers(slot, l0, l1, io.pages.data()) : T1GetRange(slot, off, len, buf);
     {
       std::lock_guard<std::mutex> lock(ring.mu);
-      io.done = false;
+      io.done = cached;
     }
-    IoRequest* r = &io.req;
-    Status s = store_->Submit(std::span<IoRequest* const>(&r, 1));
-    if (s.ok()) io.submitted = true;
+    if (!cached) pending.push_back(&io.req);
+  };
+  // Submits the prepared reads in one batch (all or none).
+  auto flush = [&]() -> Status {
+    if (pending.empty()) return Status::Ok();
+    Status s = store_->Submit(std::span<IoRequest* const>(pending.data(), pending.size()));
+    if (s.ok())
+      for (IoRequest* r : pending) static_cast<LoadIo*>(r->user)->submitted = true;
+    pending.clear();
     return s;
+  };
+  auto wait_done = [&](LoadIo& io) {
+    std::unique_lock<std::mutex> lock(ring.mu);
+    if (io.done) return;
+    ring.awaited = &io;
+    ring.cv.wait(lock, [&] { return io.done; });
+    ring.awaited = nullptr;
   };
   // Waits until every submitted read is back (their buffers are ours again).
   auto drain = [&] {
-    std::unique_lock<std::mutex> lock(ring.mu);
     for (LoadIo& io : ios)
-      if (io.submitted) ring.cv.wait(lock, [&] { return io.done; });
+      if (io.submitted) wait_done(io);
   };
 
   uint64_t next = 0;
-  for (; next < ring_n; ++next) {
-    if (Status s = start(next); !s.ok()) {
-      drain();
-      return s.WithContext(label + ": reading KV blocks");
-    }
-  }
+  for (; next < ring_n; ++next) start(next);
+  uint64_t batch_end = 0;
   for (uint64_t k = 0; k < items; ++k) {
-    LoadIo& io = ios[k % ring_n];
-    {
-      std::unique_lock<std::mutex> lock(ring.mu);
-      ring.cv.wait(lock, [&] { return io.done; });
+    if (k == batch_end) {
+      // Submit the reads prepared since the last batch, then sleep once for
+      // this batch's last read.
+      if (Status st = flush(); !st.ok()) {
+        drain();
+        return st.WithContext(label + ": reading KV blocks");
+      }
+      batch_end = std::min({k + kLoadWakeBatch, (k / spans + 1) * spans, next});
+      wait_done(ios[(batch_end - 1) % ring_n]);
     }
+    LoadIo& io = ios[k % ring_n];
+    wait_done(io);
     io.submitted = false;
     const uint64_t i = k % spans;
     const BlockSlot slot = blocks[i];
@@ -506,12 +529,7 @@ Status TierManager::DoLoad(const std::string& label, const std::vector<BlockSlot
     t0_bytes_written_.fetch_add(uint64_t{layout_.page_bytes} * static_cast<uint64_t>(l1 - l0),
                                 std::memory_order_relaxed);
     if (groups == 1 && !T1Has(slot)) T1Put(slot, buf);  // a whole block read from T2
-    if (next < items) {
-      if (Status st = start(next++); !st.ok()) {
-        drain();
-        return st.WithContext(label + ": reading KV blocks");
-      }
-    }
+    if (next < items) start(next++);
     if (i + 1 == spans && on_layers) on_layers(l1);
   }
   return Status::Ok();
