@@ -108,6 +108,59 @@ HWY_INLINE void KeysToF32(const AttentionSeq& seq, const KvLayout& L, int32_t kv
   }
 }
 
+// kt[d * kTile + j] = K[j0 + j][d] (f32) of kv head kvh for j < n: the K
+// tile transposed, keys along the vector lanes.
+HWY_INLINE void KeysTransposedF32(const AttentionSeq& seq, const KvLayout& L, int32_t kvh, int64_t j0, int64_t n,
+                                  float* HWY_RESTRICT kt) {
+  const int64_t P = L.page_tokens;
+  const int64_t D = L.head_dim;
+  auto key = [&](int64_t j) {
+    const auto* page = static_cast<const uint16_t*>(seq.pages[(j0 + j) / P]);
+    return page + L.k_offset(kvh, static_cast<int>((j0 + j) % P));
+  };
+  int64_t j = 0;
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2 && MNEMO_HAVE_F16C
+  // Eight keys by eight dimensions at a time: converted, transposed in
+  // registers, stored as eight rows of kt.
+  if (D % 8 == 0) {
+    for (; j + 8 <= n; j += 8) {
+      const uint16_t* src[8];
+      for (int k = 0; k < 8; ++k) src[k] = key(j + k);
+      for (int64_t d = 0; d < D; d += 8) {
+        __m256 r[8];
+        for (int k = 0; k < 8; ++k)
+          r[k] = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src[k] + d)));
+        const __m256 t0 = _mm256_unpacklo_ps(r[0], r[1]), t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        const __m256 t2 = _mm256_unpacklo_ps(r[2], r[3]), t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        const __m256 t4 = _mm256_unpacklo_ps(r[4], r[5]), t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        const __m256 t6 = _mm256_unpacklo_ps(r[6], r[7]), t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        const __m256 u0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 u1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 u2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 u3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 u4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 u5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 u6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 u7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+        float* out = kt + d * kTile + j;
+        _mm256_storeu_ps(out + 0 * kTile, _mm256_permute2f128_ps(u0, u4, 0x20));
+        _mm256_storeu_ps(out + 1 * kTile, _mm256_permute2f128_ps(u1, u5, 0x20));
+        _mm256_storeu_ps(out + 2 * kTile, _mm256_permute2f128_ps(u2, u6, 0x20));
+        _mm256_storeu_ps(out + 3 * kTile, _mm256_permute2f128_ps(u3, u7, 0x20));
+        _mm256_storeu_ps(out + 4 * kTile, _mm256_permute2f128_ps(u0, u4, 0x31));
+        _mm256_storeu_ps(out + 5 * kTile, _mm256_permute2f128_ps(u1, u5, 0x31));
+        _mm256_storeu_ps(out + 6 * kTile, _mm256_permute2f128_ps(u2, u6, 0x31));
+        _mm256_storeu_ps(out + 7 * kTile, _mm256_permute2f128_ps(u3, u7, 0x31));
+      }
+    }
+  }
+#endif
+  for (; j < n; ++j) {
+    const uint16_t* src = key(j);
+    for (int64_t d = 0; d < D; ++d) kt[d * kTile + j] = F16ToF32(src[d]);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Tiled path (ggml_compute_forward_flash_attn_ext_tiled).
 
@@ -276,8 +329,7 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
   const int64_t rows = (t1 - t0) * group;
   float* kt = scratch;        // [D][kTile], K tile transposed
   float* vf = kt + D * kTile;  // [kTile][D]
-  float* kf = vf + kTile * D;  // [kTile][D]
-  float* s = kf + kTile * D;   // [kPairRows][kTile]
+  float* s = vf + kTile * D;   // [kPairRows][kTile]
   float* acc = s + kPairRows * kTile;  // [rows][D]
   float* m = acc + rows * D;   // [rows]
   float* l = m + rows;         // [rows]
@@ -296,34 +348,10 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
   for (int64_t t = t0; t < t1; ++t) max_len = std::max<int64_t>(max_len, a.kv_len[t]);
   MNEMO_CHECK(max_len <= static_cast<int64_t>(seq.n_pages) * L.page_tokens);
 
-  // The K and V rows of kv head kvh for keys [j0, j0 + n) into the cache:
-  // a page's rows are 2*D*page_tokens bytes, beyond what the hardware
-  // prefetcher follows across pages.
-  auto prefetch_keys = [&](int64_t j0, int64_t n) {
-    const int64_t P = L.page_tokens;
-    for (int64_t j = j0; j < j0 + n;) {
-      const int64_t slot = j % P;
-      const int64_t m = std::min(j0 + n - j, P - slot);
-      const auto* page = static_cast<const uint16_t*>(seq.pages[j / P]);
-      const auto* k = reinterpret_cast<const uint8_t*>(page + L.k_offset(kvh, static_cast<int>(slot)));
-      const auto* v = reinterpret_cast<const uint8_t*>(page + L.v_offset(kvh, static_cast<int>(slot)));
-      const int64_t bytes = m * D * static_cast<int64_t>(sizeof(uint16_t));
-      for (int64_t o = 0; o < bytes; o += 64) {
-        __builtin_prefetch(k + o, 0, 2);
-        __builtin_prefetch(v + o, 0, 2);
-      }
-      j += m;
-    }
-  };
   for (int64_t c0 = 0; c0 < max_len; c0 += kTile) {
     const int64_t n = std::min(kTile, max_len - c0);
-    if (c0 == 0) prefetch_keys(kTile, std::min(kTile, std::max<int64_t>(0, max_len - kTile)));
-    if (c0 + 2 * kTile < max_len) prefetch_keys(c0 + 2 * kTile, std::min(kTile, max_len - c0 - 2 * kTile));
-    KeysToF32(seq, L, kvh, /*values=*/false, c0, n, kf);
+    KeysTransposedF32(seq, L, kvh, c0, n, kt);
     KeysToF32(seq, L, kvh, /*values=*/true, c0, n, vf);
-    for (int64_t j = 0; j < n; ++j) {
-      for (int64_t d = 0; d < D; ++d) kt[d * kTile + j] = kf[j * D + d];
-    }
     // Columns past the keys of any row: finite, and masked below.
     for (int64_t d = 0; d < D && n < kTile; ++d) {
       std::fill(kt + d * kTile + n, kt + (d + 1) * kTile, 0.0f);
@@ -1006,8 +1034,8 @@ size_t AttentionScratchFloats(const AttentionArgs& args) {
   const size_t D = static_cast<size_t>(args.layout.head_dim);
   const size_t T = static_cast<size_t>(kTile);
   const size_t rows = group * kAttentionBlockTokens;
-  // K^T, V, K tiles; two score rows; acc, m, l; two int64 index lists.
-  const size_t tiled = 3 * D * T + kPairRows * T + rows * D + 3 * rows + 4 * rows;
+  // K^T and V tiles; kPairRows score rows; acc, m, l; two int64 index lists.
+  const size_t tiled = 2 * D * T + kPairRows * T + rows * D + 3 * rows + 4 * rows;
   const size_t one_chunk = 3 * rows * D + 4 * rows + 3 * T + 2 * T * D;
   return std::max(tiled, one_chunk) + 16;
 }
