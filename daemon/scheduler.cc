@@ -12,6 +12,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "common/thread_name.h"
 #include "model/sampler.h"
 #include "model/stop.h"
 
@@ -173,7 +174,10 @@ Status Scheduler::Recover() {
 
 void Scheduler::Start() {
   heartbeat_.store(Clock::now().time_since_epoch().count());
-  thread_ = std::thread([this] { Run(); });
+  thread_ = std::thread([this] {
+    SetThreadName("mnemo-sched");
+    Run();
+  });
 }
 
 void Scheduler::Submit(Job job) {

@@ -8,6 +8,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/thread_name.h"
 #include "tiering/page_store.h"
 #include "tiering/page_store_internal.h"
 
@@ -71,7 +72,10 @@ Result<std::unique_ptr<PageStore>> PreadPageStore::Open(const PageStoreOptions& 
   MNEMO_ASSIGN_OR_RETURN(s->slabs_, SlabFiles::Open(o));
   const uint32_t n = std::max<uint32_t>(1, std::min(o.pread_threads, o.queue_depth));
   try {
-    for (uint32_t i = 0; i < n; ++i) s->workers_.emplace_back([p = s.get()] { p->Worker(); });
+    for (uint32_t i = 0; i < n; ++i) s->workers_.emplace_back([p = s.get()] {
+      SetThreadName("mnemo-pread");
+      p->Worker();
+    });
   } catch (const std::system_error& e) {
     // The destructor stops the workers that did start.
     return Status::ResourceExhausted(std::string("page store: cannot start I/O threads: ") + e.what());

@@ -2,6 +2,8 @@
 // with checksum verification, and the T1 block cache.
 #include "tiering/tier_manager.h"
 
+#include "common/thread_name.h"
+
 #include <algorithm>
 #include <cstring>
 #include <filesystem>
@@ -80,6 +82,9 @@ TierManager::TierManager(TierOptions options, BlockLayout layout, std::unique_pt
       store_(std::move(store)),
       index_(std::move(index)),
       t1_capacity_blocks_(options_.t1_budget_bytes / layout_.block_bytes) {
+  persist_worker_.name = "mnemo-persist";
+  load_worker_.name = "mnemo-load";
+  transfer_worker_.name = "mnemo-transfer";
   StartWorker(&persist_worker_);
   StartWorker(&load_worker_);
   StartWorker(&transfer_worker_);
@@ -93,6 +98,7 @@ TierManager::~TierManager() {
 
 void TierManager::StartWorker(Worker* w) {
   w->thread = std::thread([w] {
+    SetThreadName(w->name);
     for (;;) {
       std::function<void()> job;
       {

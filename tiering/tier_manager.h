@@ -265,6 +265,7 @@ class TierManager {
     std::deque<std::function<void()>> jobs;  // guarded by mu
     bool stop = false;                       // guarded by mu
     std::thread thread;
+    const char* name = "mnemo-tier";         // the thread's name
   };
   void StartWorker(Worker* w);
   void StopWorker(Worker* w);

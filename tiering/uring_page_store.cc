@@ -18,6 +18,7 @@
 #include <liburing.h>
 #include <spdlog/spdlog.h>
 
+#include "common/thread_name.h"
 #include "tiering/page_store.h"
 #include "tiering/page_store_internal.h"
 
@@ -175,7 +176,10 @@ Status UringPageStore::Init(const PageStoreOptions& o) {
     spdlog::debug("page store {}: no sparse fixed-buffer table: {}", o.dir, std::strerror(-rc));
 
   try {
-    thread_ = std::thread([this] { Loop(); });
+    thread_ = std::thread([this] {
+      SetThreadName("mnemo-uring");
+      Loop();
+    });
   } catch (const std::system_error& e) {
     return Status::ResourceExhausted(std::string("page store: cannot start its I/O thread: ") + e.what());
   }

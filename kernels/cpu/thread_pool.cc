@@ -3,8 +3,10 @@
 #include "kernels/cpu/thread_pool.h"
 
 #include <chrono>
+#include <string>
 
 #include "common/check.h"
+#include "common/thread_name.h"
 
 namespace mnemo::kernels::cpu {
 namespace {
@@ -31,7 +33,12 @@ inline uint32_t GenOf(uint64_t s) { return static_cast<uint32_t>(s >> 32); }
 ThreadPool::ThreadPool(int threads) : segments_(new Segment[static_cast<size_t>(threads)]) {
   MNEMO_CHECK(threads >= 1);
   workers_.reserve(static_cast<size_t>(threads - 1));
-  for (int i = 1; i < threads; ++i) workers_.emplace_back([this, i] { WorkerLoop(i); });
+  for (int i = 1; i < threads; ++i) {
+    workers_.emplace_back([this, i] {
+      SetThreadName(("mnemo-cpu-" + std::to_string(i)).c_str());
+      WorkerLoop(i);
+    });
+  }
 }
 
 ThreadPool::~ThreadPool() {

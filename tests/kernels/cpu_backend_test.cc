@@ -6,7 +6,10 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
 #include <random>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -452,6 +455,32 @@ TEST(ThreadPoolTest, EveryTaskRunsOnce) {
       }
     }
   }
+}
+
+// Workers carry names an operator can see (top -H, perf): mnemo-cpu-N.
+TEST(ThreadPoolTest, WorkersAreNamed) {
+  ThreadPool pool(3);
+  auto names = [] {
+    std::vector<std::string> out;
+    for (const auto& e : std::filesystem::directory_iterator("/proc/self/task")) {
+      std::ifstream comm(e.path() / "comm");
+      std::string name;
+      std::getline(comm, name);
+      out.push_back(name);
+    }
+    return out;
+  };
+  // A worker names itself when it starts running: give them time to.
+  std::vector<std::string> seen;
+  for (int i = 0; i < 500; ++i) {
+    seen = names();
+    if (std::count(seen.begin(), seen.end(), "mnemo-cpu-2") > 0 &&
+        std::count(seen.begin(), seen.end(), "mnemo-cpu-1") > 0)
+      break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(std::count(seen.begin(), seen.end(), "mnemo-cpu-1"), 1);
+  EXPECT_EQ(std::count(seen.begin(), seen.end(), "mnemo-cpu-2"), 1);
 }
 
 TEST(ThreadPoolTest, WakesAfterSleeping) {
