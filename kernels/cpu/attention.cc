@@ -211,43 +211,6 @@ HWY_INLINE void TileScores(const float* HWY_RESTRICT q, const float* HWY_RESTRIC
   }
 }
 
-// acc[0..D) = acc + sum over j < n, in order, of p[j] * v[j][0..D): one FMA
-// chain per output (simd_gemm), with the keys past n contributing exact
-// zeros in llama.cpp.
-// v's rows are `stride` floats apart; acc and v's rows are D wide.
-HWY_INLINE void TilePv(float* HWY_RESTRICT acc, const float* HWY_RESTRICT p,
-                       const float* HWY_RESTRICT v, int64_t n, int64_t D, int64_t stride) {
-  const DF df;
-  const int64_t N = static_cast<int64_t>(hn::Lanes(df));
-  int64_t d = 0;
-  for (; d + 4 * N <= D; d += 4 * N) {
-    VF o0 = hn::LoadU(df, acc + d), o1 = hn::LoadU(df, acc + d + N);
-    VF o2 = hn::LoadU(df, acc + d + 2 * N), o3 = hn::LoadU(df, acc + d + 3 * N);
-    for (int64_t j = 0; j < n; ++j) {
-      const VF pj = hn::Set(df, p[j]);
-      const float* vj = v + j * stride + d;
-      o0 = hn::MulAdd(pj, hn::LoadU(df, vj), o0);
-      o1 = hn::MulAdd(pj, hn::LoadU(df, vj + N), o1);
-      o2 = hn::MulAdd(pj, hn::LoadU(df, vj + 2 * N), o2);
-      o3 = hn::MulAdd(pj, hn::LoadU(df, vj + 3 * N), o3);
-    }
-    hn::StoreU(o0, df, acc + d);
-    hn::StoreU(o1, df, acc + d + N);
-    hn::StoreU(o2, df, acc + d + 2 * N);
-    hn::StoreU(o3, df, acc + d + 3 * N);
-  }
-  for (; d + N <= D; d += N) {
-    VF o = hn::LoadU(df, acc + d);
-    for (int64_t j = 0; j < n; ++j) o = hn::MulAdd(hn::Set(df, p[j]), hn::LoadU(df, v + j * stride + d), o);
-    hn::StoreU(o, df, acc + d);
-  }
-  for (; d < D; ++d) {
-    float o = acc[d];
-    for (int64_t j = 0; j < n; ++j) o = std::fma(p[j], v[j * stride + d], o);
-    acc[d] = o;
-  }
-}
-
 // TileScores for R query rows at once (R <= 3 keeps the accumulators in
 // registers), four vectors of keys at a time.
 template <int R>
@@ -279,10 +242,14 @@ HWY_INLINE void TileScoresR(const float* const* HWY_RESTRICT q, const float* HWY
   }
 }
 
-// TilePv for R query rows at once over the first n keys.
+// TilePv for R query rows at once over the first n keys, reading V straight
+// from the fp16 pages (vrow[j]: key j's V row) as it converts it: each V
+// vector loaded once for the R rows, 4R independent FMA chains in flight. A
+// row's keys past its own count have p = 0 exactly, and fma(0, v, o) = o,
+// as in llama.cpp's masked tile.
 template <int R>
-HWY_INLINE void TilePvR(float* const* HWY_RESTRICT acc, const float* const* HWY_RESTRICT p,
-                        const float* HWY_RESTRICT v, int64_t n, int64_t D) {
+HWY_INLINE void TilePvF16R(float* const* HWY_RESTRICT acc, const float* const* HWY_RESTRICT p,
+                           const uint16_t* const* HWY_RESTRICT vrow, int64_t n, int64_t D) {
   const DF df;
   const int64_t N = static_cast<int64_t>(hn::Lanes(df));
   int64_t d = 0;
@@ -290,20 +257,25 @@ HWY_INLINE void TilePvR(float* const* HWY_RESTRICT acc, const float* const* HWY_
     VF a[R][4];
     for (int r = 0; r < R; ++r)
       for (int i = 0; i < 4; ++i) a[r][i] = hn::LoadU(df, acc[r] + d + i * N);
-    const float* vj = v + d;
-    for (int64_t j = 0; j < n; ++j, vj += D) {
+    for (int64_t j = 0; j < n; ++j) {
       VF x[R];
       for (int r = 0; r < R; ++r) x[r] = hn::Set(df, p[r][j]);
+      const uint16_t* vj = vrow[j] + d;
       for (int i = 0; i < 4; ++i) {
-        const VF vv = hn::LoadU(df, vj + i * N);
+        const VF vv = LoadF16(df, vj + i * N);
         for (int r = 0; r < R; ++r) a[r][i] = hn::MulAdd(x[r], vv, a[r][i]);
       }
     }
     for (int r = 0; r < R; ++r)
       for (int i = 0; i < 4; ++i) hn::StoreU(a[r][i], df, acc[r] + d + i * N);
   }
-  if (d < D)
-    for (int r = 0; r < R; ++r) TilePv(acc[r] + d, p[r], v + d, n, D - d, D);
+  for (; d < D; ++d) {
+    for (int r = 0; r < R; ++r) {
+      float o = acc[r][d];
+      for (int64_t j = 0; j < n; ++j) o = std::fma(p[r][j], F16ToF32(vrow[j][d]), o);
+      acc[r][d] = o;
+    }
+  }
 }
 
 // Sum of e[0..kTile) as ggml_vec_soft_max_f32 (AVX2) forms it: each group
@@ -327,9 +299,8 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
   const int32_t group = a.n_heads / L.n_kv_heads;
   const int64_t D = L.head_dim;
   const int64_t rows = (t1 - t0) * group;
-  float* kt = scratch;        // [D][kTile], K tile transposed
-  float* vf = kt + D * kTile;  // [kTile][D]
-  float* s = vf + kTile * D;   // [kPairRows][kTile]
+  float* kt = scratch;         // [D][kTile], K tile transposed
+  float* s = kt + D * kTile;   // [kPairRows][kTile]
   float* acc = s + kPairRows * kTile;  // [rows][D]
   float* m = acc + rows * D;   // [rows]
   float* l = m + rows;         // [rows]
@@ -351,7 +322,11 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
   for (int64_t c0 = 0; c0 < max_len; c0 += kTile) {
     const int64_t n = std::min(kTile, max_len - c0);
     KeysTransposedF32(seq, L, kvh, c0, n, kt);
-    KeysToF32(seq, L, kvh, /*values=*/true, c0, n, vf);
+    const uint16_t* vrow[kTile];
+    for (int64_t j = 0; j < n; ++j) {
+      const auto* page = static_cast<const uint16_t*>(seq.pages[(c0 + j) / L.page_tokens]);
+      vrow[j] = page + L.v_offset(kvh, static_cast<int>((c0 + j) % L.page_tokens));
+    }
     // Columns past the keys of any row: finite, and masked below.
     for (int64_t d = 0; d < D && n < kTile; ++d) {
       std::fill(kt + d * kTile + n, kt + (d + 1) * kTile, 0.0f);
@@ -407,7 +382,7 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
       }
       TileScoresR<R>(qs, kt, D, a.scale, ss);
       for (int k = 0; k < R; ++k) softmax(live[i + k], live_valid[i + k], ss[k]);
-      TilePvR<R>(os, ss, vf, n_max, D);
+      TilePvF16R<R>(os, ss, vrow, n_max, D);
     };
     int64_t i = 0;
     for (; i + kPairRows <= n_live; i += kPairRows) rows_of.template operator()<kPairRows>(i);
@@ -1034,8 +1009,8 @@ size_t AttentionScratchFloats(const AttentionArgs& args) {
   const size_t D = static_cast<size_t>(args.layout.head_dim);
   const size_t T = static_cast<size_t>(kTile);
   const size_t rows = group * kAttentionBlockTokens;
-  // K^T and V tiles; kPairRows score rows; acc, m, l; two int64 index lists.
-  const size_t tiled = 2 * D * T + kPairRows * T + rows * D + 3 * rows + 4 * rows;
+  // The K^T tile; kPairRows score rows; acc, m, l; two int64 index lists.
+  const size_t tiled = D * T + kPairRows * T + rows * D + 3 * rows + 4 * rows;
   const size_t one_chunk = 3 * rows * D + 4 * rows + 3 * T + 2 * T * D;
   return std::max(tiled, one_chunk) + 16;
 }
