@@ -24,6 +24,11 @@ inline void CpuRelax() {
 // while the engine waits for requests.
 constexpr auto kSpin = std::chrono::microseconds(300);
 
+// How long the caller spins at a join before it sleeps (~100 us): longer
+// than the imbalance of a step's ops, shorter than a preempted worker's
+// absence.
+constexpr uint32_t kJoinSpins = 4096;
+
 constexpr uint64_t kOpen = uint64_t{1} << 31;
 constexpr uint64_t kJoinedMask = kOpen - 1;
 inline uint32_t GenOf(uint64_t s) { return static_cast<uint32_t>(s >> 32); }
@@ -82,10 +87,22 @@ void ThreadPool::Run(int64_t n_tasks, TaskFn fn, void* ctx) {
   const uint64_t closed = state_.fetch_and(~kOpen, std::memory_order_acq_rel);
   const uint32_t joined = static_cast<uint32_t>(closed & kJoinedMask);
   uint32_t spins = 0;
-  while (finished_.load(std::memory_order_acquire) != joined) {
-    CpuRelax();
-    // A worker preempted mid-task: stop competing with it for the core.
-    if (++spins > 4096) std::this_thread::yield();
+  for (;;) {
+    uint32_t f = finished_.load(std::memory_order_acquire);
+    if (f == joined) break;
+    if (++spins <= kJoinSpins) {
+      CpuRelax();
+      continue;
+    }
+    // A worker is off its core mid-task (preempted, say by an I/O thread):
+    // sleep rather than spin or yield, so that this core goes idle and the
+    // kernel moves the late worker onto it. seq_cst pairs with the
+    // worker's finished_ increment: either it sees joiner_sleeps_ and
+    // wakes us, or we see its increment.
+    joiner_sleeps_.store(true);
+    f = finished_.load();
+    if (f != joined) finished_.wait(f);
+    joiner_sleeps_.store(false, std::memory_order_relaxed);
   }
 }
 
@@ -123,7 +140,8 @@ void ThreadPool::WorkerLoop(int worker) {
     if (!joined) continue;  // closed already: wait for the next generation
     seen = GenOf(s);
     DrainTasks(worker);
-    finished_.fetch_add(1, std::memory_order_release);
+    finished_.fetch_add(1);
+    if (joiner_sleeps_.load()) finished_.notify_all();
   }
 }
 

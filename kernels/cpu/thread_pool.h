@@ -71,6 +71,7 @@ class ThreadPool {
   };
   std::unique_ptr<Segment[]> segments_;  // one per worker, constant count
   alignas(64) std::atomic<uint32_t> finished_{0};  // joined workers done
+  std::atomic<bool> joiner_sleeps_{false};          // the caller blocked on finished_
   alignas(64) std::atomic<int> sleepers_{0};       // workers blocked in wait()
 };
 
