@@ -807,7 +807,7 @@ void TierManager::T1Put(BlockSlot slot, const uint8_t* block) {
 
 bool TierManager::T1Get(BlockSlot slot, uint8_t* block) { return T1GetRange(slot, 0, layout_.block_bytes, block); }
 
-bool TierManager::T1GetRange(BlockSlot slot, size_t offset, size_t length, uint8_t* out) {
+bool TierManager::T1Copy(BlockSlot slot, const std::function<uint64_t(const uint8_t* block)>& copy) {
   std::lock_guard<std::mutex> lock(t1_mu_);
   auto it = t1_.find(slot);
   if (it == t1_.end()) {
@@ -815,25 +815,23 @@ bool TierManager::T1GetRange(BlockSlot slot, size_t offset, size_t length, uint8
     return false;
   }
   ++t1_hits_;
-  memcpy(out, it->second.data.data() + offset, length);
-  t1_bytes_read_.fetch_add(length, std::memory_order_relaxed);
+  t1_bytes_read_.fetch_add(copy(it->second.data.data()), std::memory_order_relaxed);
   t1_lru_.splice(t1_lru_.begin(), t1_lru_, it->second.lru);
   return true;
 }
 
+bool TierManager::T1GetRange(BlockSlot slot, size_t offset, size_t length, uint8_t* out) {
+  return T1Copy(slot, [&](const uint8_t* block) {
+    memcpy(out, block + offset, length);
+    return uint64_t{length};
+  });
+}
+
 bool TierManager::T1GetLayers(BlockSlot slot, int32_t l0, int32_t l1, void* const* pages) {
-  std::lock_guard<std::mutex> lock(t1_mu_);
-  auto it = t1_.find(slot);
-  if (it == t1_.end()) {
-    ++t1_misses_;
-    return false;
-  }
-  ++t1_hits_;
-  for (int32_t l = l0; l < l1; ++l)
-    memcpy(pages[l - l0], it->second.data.data() + layout_.LayerOffset(l), layout_.page_bytes);
-  t1_bytes_read_.fetch_add(uint64_t{layout_.page_bytes} * static_cast<uint64_t>(l1 - l0), std::memory_order_relaxed);
-  t1_lru_.splice(t1_lru_.begin(), t1_lru_, it->second.lru);
-  return true;
+  return T1Copy(slot, [&](const uint8_t* block) {
+    for (int32_t l = l0; l < l1; ++l) memcpy(pages[l - l0], block + layout_.LayerOffset(l), layout_.page_bytes);
+    return uint64_t{layout_.page_bytes} * static_cast<uint64_t>(l1 - l0);
+  });
 }
 
 bool TierManager::T1Has(BlockSlot slot) const {

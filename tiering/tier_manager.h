@@ -289,6 +289,9 @@ class TierManager {
   bool T1Get(BlockSlot slot, uint8_t* block);
   // Bytes [offset, offset + length) of a cached block.
   bool T1GetRange(BlockSlot slot, size_t offset, size_t length, uint8_t* out);
+  // Runs copy(block) on a cached block under the T1 lock (it returns the
+  // bytes it copied out), counting the hit or miss and refreshing recency.
+  bool T1Copy(BlockSlot slot, const std::function<uint64_t(const uint8_t* block)>& copy);
   // Layers [l0, l1) of a cached block into pages[0 .. l1 - l0): one lookup.
   bool T1GetLayers(BlockSlot slot, int32_t l0, int32_t l1, void* const* pages);
   bool T1Has(BlockSlot slot) const;
