@@ -51,7 +51,7 @@ namespace {
 // rows takes the tiled path, whose key tiles are kTile wide.
 constexpr int64_t kTile = 64;
 // Query rows the tiled path computes together (sharing each K and V load).
-constexpr int kPairRows = 3;
+constexpr int kRowsTogether = 3;
 // Decode (one query row) splits the keys into this many ranges when
 // llama.cpp's padded cache length reaches kSplitKeys: llama.cpp uses one
 // range per thread, so this reproduces llama.cpp run with 2 threads, as the
@@ -300,8 +300,8 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
   const int64_t D = L.head_dim;
   const int64_t rows = (t1 - t0) * group;
   float* kt = scratch;         // [D][kTile], K tile transposed
-  float* s = kt + D * kTile;   // [kPairRows][kTile]
-  float* acc = s + kPairRows * kTile;  // [rows][D]
+  float* s = kt + D * kTile;   // [kRowsTogether][kTile]
+  float* acc = s + kRowsTogether * kTile;  // [rows][D]
   float* m = acc + rows * D;   // [rows]
   float* l = m + rows;         // [rows]
   // [rows], at an even float offset (8-byte aligned).
@@ -331,8 +331,8 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
     for (int64_t d = 0; d < D && n < kTile; ++d) {
       std::fill(kt + d * kTile + n, kt + (d + 1) * kTile, 0.0f);
     }
-    // The rows with keys in this tile, two at a time (a row's arithmetic is
-    // the same alone or paired).
+    // The rows with keys in this tile, kRowsTogether at a time (a row's
+    // arithmetic is the same alone or grouped).
     int64_t n_live = 0;
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t valid = std::min(kTile, a.kv_len[t0 + r / group] - c0);
@@ -385,7 +385,7 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
       TilePvF16R<R>(os, ss, vrow, n_max, D);
     };
     int64_t i = 0;
-    for (; i + kPairRows <= n_live; i += kPairRows) rows_of.template operator()<kPairRows>(i);
+    for (; i + kRowsTogether <= n_live; i += kRowsTogether) rows_of.template operator()<kRowsTogether>(i);
     for (; i < n_live; ++i) rows_of.template operator()<1>(i);
   }
   for (int64_t r = 0; r < rows; ++r) {
@@ -1009,8 +1009,8 @@ size_t AttentionScratchFloats(const AttentionArgs& args) {
   const size_t D = static_cast<size_t>(args.layout.head_dim);
   const size_t T = static_cast<size_t>(kTile);
   const size_t rows = group * kAttentionBlockTokens;
-  // The K^T tile; kPairRows score rows; acc, m, l; two int64 index lists.
-  const size_t tiled = D * T + kPairRows * T + rows * D + 3 * rows + 4 * rows;
+  // The K^T tile; kRowsTogether score rows; acc, m, l; two int64 index lists.
+  const size_t tiled = D * T + kRowsTogether * T + rows * D + 3 * rows + 4 * rows;
   const size_t one_chunk = 3 * rows * D + 4 * rows + 3 * T + 2 * T * D;
   return std::max(tiled, one_chunk) + 16;
 }
