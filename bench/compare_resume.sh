@@ -158,6 +158,10 @@ out = {
     "reprefill_over_resume": a_ms / ttft if a_ms and ttft else None,
     "reprefill_target": ">= 20",
     "resume_over_fio_read": ttft / b_ms if ttft and b_ms else None,
+    # The compute share alone (KV already in T0) against the same read time:
+    # what resume / (b) would be with a load that cost nothing.
+    "warm_over_fio_read": (lambda w: w / b_ms if w and b_ms else None)(
+        med([t["warm_turn"]["client_ttft_ms"] for t in ok if "warm_turn" in t])),
     "fio_target": "<= 1.5",
 }
 print(json.dumps(out, indent=2))
