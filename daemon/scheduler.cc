@@ -467,12 +467,16 @@ void Scheduler::Handle(Job job) {
   reply_error(Status::InvalidArgument("request type not handled by the scheduler"));
 }
 
+const Session* Scheduler::ExportWaits(const Job& job) {
+  Result<Session*> s = sessions_.Find(job.uid, std::get<protocol::ExportSessionRequest>(job.body).session);
+  return s.ok() && (*s)->active ? *s : nullptr;
+}
+
 void Scheduler::RunDeferredExports() {
   if (deferred_exports_.empty()) return;
   std::vector<Job> ready;
   std::erase_if(deferred_exports_, [&](Job& j) {
-    Result<Session*> s = sessions_.Find(j.uid, std::get<protocol::ExportSessionRequest>(j.body).session);
-    if (s.ok() && (*s)->active) return false;
+    if (ExportWaits(j)) return false;
     ready.push_back(std::move(j));
     return true;
   });
@@ -486,9 +490,8 @@ void Scheduler::HandleExport(Job job) {
     // A turn is running (or its pages are being persisted): export once it
     // has ended, so the file holds it too. Its Done reports whether it was
     // persisted; an export after a turn that was not is refused below.
-    Result<Session*> busy = sessions_.Find(job.uid, std::get<ExportSessionRequest>(job.body).session);
-    if (busy.ok() && (*busy)->active) {
-      spdlog::debug("export of session '{}' waits for its running turn", (*busy)->name);
+    if (const Session* busy = ExportWaits(job)) {
+      spdlog::debug("export of session '{}' waits for its running turn", busy->name);
       deferred_exports_.push_back(std::move(job));
       return;
     }

@@ -161,6 +161,9 @@ class Scheduler {
   // Whether the KV `s` holds in T0 is all committed on T2 (dropping it
   // from T0 loses nothing).
   bool KvWholeOnT2(const Session& s) const;
+  // The session of an ExportSession job when a turn of it is running (or
+  // persisting), so that the export waits for it; else null.
+  const Session* ExportWaits(const Job& job);
   // Starts the deferred exports whose session has no turn running any more.
   void RunDeferredExports();
   void DoCommitImport(ImportCommit& c);

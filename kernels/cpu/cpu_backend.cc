@@ -298,14 +298,14 @@ void CpuBackend::Attention(const AttentionArgs& a) {
   for (auto& s : scratch_) {
     if (s.size() < floats) s.resize(floats);
   }
-  // Runs of consecutive tokens of one sequence (prefill) share K/V page
-  // conversions; a lone token (decode) takes the per-token path.
-  // A run of R tokens splits into equal blocks of at most
-  // kAttentionBlockTokens, enough of them that with the kv heads they share
-  // out evenly over the threads when the call is that one run (a turn over a
-  // long history: 44 tokens, 3 kv heads, 2 threads make 2 blocks of 22, six
-  // items, rather than 16 + 16 + 12, nine). Each block converts the
-  // sequence's K and V pages once, so fewer, larger blocks also convert less.
+  // Runs of consecutive tokens of one sequence (prefill) share each pass over
+  // the K/V pages; a lone token (decode) takes the per-token path. A run of
+  // R tokens splits into equal blocks of at most kAttentionBlockTokens,
+  // enough of them that with the kv heads they share out evenly over the
+  // threads when the call is that one run (a turn over a long history: 44
+  // tokens, 3 kv heads, 2 threads make 2 blocks of 22, six items, rather
+  // than 16 + 16 + 12, nine). Each block reads the sequence's K and V pages
+  // once, so fewer, larger blocks also read less.
   const int32_t kv_heads = a.layout.n_kv_heads;
   blocks_.clear();
   for (int64_t t = 0; t < a.n_tokens;) {
