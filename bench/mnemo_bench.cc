@@ -98,7 +98,7 @@ std::unique_ptr<model::Engine> OpenEngine(Args& args, size_t kv_budget = size_t{
   model::EngineOptions o;
   o.model_path = args.Str("model", "models/SmolLM2-135M-Instruct.Q4_1.gguf");
   o.threads = static_cast<int>(args.Num("threads", 0));
-  o.page_tokens = static_cast<int32_t>(args.Num("page-tokens", 16));
+  o.page_tokens = static_cast<int32_t>(args.Num("page-tokens", kernels::kDefaultPageTokens));
   o.prefill_chunk = static_cast<int32_t>(args.Num("chunk", 512));
   o.kv_budget_bytes = static_cast<size_t>(args.Num("kv-budget-mib", kv_budget >> 20)) << 20;
   auto e = model::Engine::Open(o);

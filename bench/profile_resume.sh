@@ -12,7 +12,8 @@
 # the work directory, kept with --keep.
 #
 #   bench/profile_resume.sh [--model M] [--tokens 8118] [--turns 3]
-#       [--message-tokens 32] [--threads 2] [--perf] [--keep] [--dir DIR]
+#       [--message-tokens 32] [--threads 2] [--page-tokens N] [--perf] [--keep]
+#       [--dir DIR]
 #
 # Not a benchmark against a peer: compare_resume.sh is. Compare figures of
 # one invocation only.
@@ -24,6 +25,7 @@ TOKENS=8118
 TURNS=3
 MESSAGE=32
 THREADS=2
+PAGE_TOKENS=""
 PERF=0
 KEEP=0
 DIR=${TMPDIR:-/var/tmp}
@@ -35,10 +37,11 @@ while (($#)); do
     --turns) TURNS=$2; shift 2 ;;
     --message-tokens) MESSAGE=$2; shift 2 ;;
     --threads) THREADS=$2; shift 2 ;;
+    --page-tokens) PAGE_TOKENS=$2; shift 2 ;;
     --perf) PERF=1; shift ;;
     --keep) KEEP=1; shift ;;
     --dir) DIR=$2; shift 2 ;;
-    -h|--help) sed -n '2,17p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) die "unknown option $1" ;;
   esac
 done
@@ -52,6 +55,7 @@ data=$work/data
 sock=$work/mnemod.sock
 args=(--model "$MODEL" --socket "$sock" --data-dir "$data" --threads "$THREADS"
       --t2-budget $((TOKENS * 45 / 1024 + 1024))M --max-context $((TOKENS + 4096)) --t0-reserve 256M)
+[[ -n "$PAGE_TOKENS" ]] && args+=(--page-tokens "$PAGE_TOKENS")
 "$BENCH" synth --session resume --tokens "$TOKENS" "${args[@]}" --json > "$work/synth.json"
 start_daemon "${args[@]}" --log-level warn
 "$BENCH" resume fork --socket "$sock" --model "$MODEL" --session resume --forks "$TURNS" --json > "$work/forks.json"

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/status.h"
+#include "kernels/backend.h"
 
 namespace mnemo::daemon {
 
@@ -22,7 +23,7 @@ struct DaemonConfig {
 
   // --- engine ----------------------------------------------------------------
   int threads = 0;                     // --threads; 0: all cores
-  int32_t page_tokens = 16;            // --page-tokens
+  int32_t page_tokens = kernels::kDefaultPageTokens;  // --page-tokens
   uint64_t t0_budget_bytes = 1ull << 30;   // --t0-budget (KV pages compute reads)
   uint64_t t0_reserve_bytes = 0;           // --t0-reserve (of it, backed by memory at start-up)
   uint64_t t1_budget_bytes = 4ull << 30;   // --t1-budget (host pool, tiering)

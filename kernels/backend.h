@@ -38,10 +38,18 @@ enum class RopeStyle : uint8_t {
   kHalves,    // neox/qwen2: rotate pairs (x[i], x[i + rot_dims/2])
 };
 
+// Tokens per KV page unless configured (mnemod --page-tokens): 64 tokens
+// of the default model are 48 KiB a layer. Pages of 16 tokens made a resume
+// from T2 handle four times as many pages (checksums, page-table entries,
+// scatter-read segments) for the same bytes, ~0.1 s more for 8k tokens
+// (docs/benchmarks.md); the cost of larger pages is the partly filled last
+// page of each sequence and the last block a turn rewrites on T2.
+inline constexpr int32_t kDefaultPageTokens = 64;
+
 // Geometry of one KV page: `page_tokens` consecutive tokens of one sequence
 // for one layer, K then V, each [n_kv_heads][page_tokens][head_dim] fp16.
 struct KvLayout {
-  int32_t page_tokens = 16;
+  int32_t page_tokens = kDefaultPageTokens;
   int32_t n_kv_heads = 0;
   int32_t head_dim = 0;
   size_t page_bytes() const {

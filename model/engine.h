@@ -28,7 +28,7 @@ namespace mnemo::model {
 struct EngineOptions {
   std::string model_path;
   int threads = 0;              // 0: all cores
-  int32_t page_tokens = 16;
+  int32_t page_tokens = kernels::kDefaultPageTokens;
   size_t kv_budget_bytes = size_t{1} << 30;
   // Bytes of the KV budget allocated and backed by memory at Open (see
   // PagePool::Reserve); 0: as pages are first used.

@@ -135,7 +135,7 @@ TEST_F(ConfigTest, NoArgumentsGiveTheDocumentedDefaults) {
   EXPECT_EQ(c.socket_mode, 0660u);
   EXPECT_EQ(c.config_path, "");
   EXPECT_EQ(c.threads, d.threads);
-  EXPECT_EQ(c.page_tokens, 16);
+  EXPECT_EQ(c.page_tokens, 64);
   EXPECT_EQ(c.t0_budget_bytes, 1ull << 30);
   EXPECT_EQ(c.t1_budget_bytes, 4ull << 30);
   EXPECT_EQ(c.t2_budget_bytes, 64ull << 30);

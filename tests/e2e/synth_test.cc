@@ -11,6 +11,7 @@
 #include <gtest/gtest.h>
 
 #include "mnemo/client.h"
+#include "kernels/backend.h"
 #include "model/engine.h"
 #include "tests/testutil/daemon_process.h"
 
@@ -84,7 +85,8 @@ TEST_F(SynthTest, SyntheticSessionIsListedAndResumesWithoutRecompute) {
   EXPECT_TRUE(s.persisted);
   EXPECT_EQ(s.t0_pages, 0u);  // on T2 only until a request needs it
   EXPECT_GT(s.t2_pages, 0u);
-  EXPECT_EQ(s.t2_pages % ((kTokens + 15) / 16), 0u);  // whole blocks: every layer of 19 spans
+  constexpr int kPageTokens = kernels::kDefaultPageTokens;
+  EXPECT_EQ(s.t2_pages % ((kTokens + kPageTokens - 1) / kPageTokens), 0u);  // whole blocks: every layer of each span
 
   // The message as the scheduler tokenizes it after a closed assistant turn.
   const std::string message = "Summarize what you said in one sentence.";
