@@ -13,7 +13,7 @@
 # land (measured: up to 20% apart on a virtual disk) is out of the ratio;
 # --fio-reads own reads the file fio wrote.
 #
-#   bench/compare_fio.sh [--dir DIR] [--size 2G] [--block 1M] [--page 12K]
+#   bench/compare_fio.sh [--dir DIR] [--size 2G] [--block 1M] [--page 48K]
 #                        [--qd 16] [--rand-ops N] [--reps 2] [--fio-reads store|own]
 #                        [--json]
 #
@@ -24,7 +24,7 @@ cd "$(dirname "$0")/.."
 DIR=${TMPDIR:-/var/tmp}/mnemo-t2-compare
 SIZE=2G
 BLOCK=1M
-PAGE=12K
+PAGE=48K  # one KV page of the default model (64 tokens)
 QD=16
 RAND_OPS=""
 REPS=2

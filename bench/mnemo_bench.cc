@@ -481,7 +481,7 @@ int main(int argc, char** argv) {
                  "  serve      [--socket S] --clients N --turns T [--max-tokens M --prompt-tokens P\n"
                  "             --long-prompt-tokens L --temperature T --seed S] [--json]\n"
                  "             (a chat load against a running mnemod, see serve_bench.cc)\n"
-                 "  t2         --dir D [--size 2G --block 1M --page 12K --qd 16 --rand-ops N --engine uring|pread\n"
+                 "  t2         --dir D [--size 2G --block 1M --page 48K --qd 16 --rand-ops N --engine uring|pread\n"
                  "             --phase all|write|read|rand --keep] [--json]\n"
                  "             (T2 page store throughput, see t2_bench.cc and compare_fio.sh)\n"
                  "  synth      --session NAME --tokens N [--uid U --turn-tokens T --seed S --text-file F]\n"

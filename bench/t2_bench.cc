@@ -63,7 +63,7 @@ struct T2Options {
   std::string dir;
   uint64_t size_bytes = uint64_t{2} << 30;
   uint64_t block_bytes = uint64_t{1} << 20;
-  uint64_t page_bytes = 12 << 10;   // random reads: one layer page
+  uint64_t page_bytes = 48 << 10;   // random reads: one layer page (64 tokens of the default model)
   uint64_t slab_bytes = uint64_t{1} << 30;
   uint32_t qd = 16;
   uint64_t rand_ops = 0;            // 0: size / page / 4, at most 65536

@@ -282,6 +282,33 @@ HWY_INLINE void TilePvF16R(float* const* HWY_RESTRICT acc, const float* const* H
 // of 8 summed ((e0+e4)+(e2+e6))+((e1+e5)+(e3+e7)) in float, the groups in
 // double.
 HWY_INLINE double TileExpSum(const float* HWY_RESTRICT e) {
+#if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
+  // The same float additions, eight groups at once: halves added (e_i +
+  // e_{i+4}), then lanes two apart, then neighbours, two groups per 128-bit
+  // lane at first and four at the end (float addition commutes exactly).
+  __m256 t[4];
+  for (int p = 0; p < 4; ++p) {
+    const __m256 a = _mm256_loadu_ps(e + 16 * p), b = _mm256_loadu_ps(e + 16 * p + 8);
+    // [t0..t3 of group 2p | t0..t3 of group 2p+1]
+    t[p] = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20), _mm256_permute2f128_ps(a, b, 0x31));
+  }
+  // [t0+t2, t1+t3] of groups (0, 2 | 1, 3) and (4, 6 | 5, 7).
+  const __m256 u0 = _mm256_add_ps(_mm256_shuffle_ps(t[0], t[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm256_shuffle_ps(t[0], t[1], _MM_SHUFFLE(3, 2, 3, 2)));
+  const __m256 u1 = _mm256_add_ps(_mm256_shuffle_ps(t[2], t[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                  _mm256_shuffle_ps(t[2], t[3], _MM_SHUFFLE(3, 2, 3, 2)));
+  // Group sums, lanes [0, 2, 4, 6 | 1, 3, 5, 7].
+  const __m256 w = _mm256_add_ps(_mm256_shuffle_ps(u0, u1, _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm256_shuffle_ps(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
+  alignas(32) float g[8];
+  _mm256_store_ps(g, w);
+  double sum = 0.0;
+  for (int k = 0; k < 4; ++k) {
+    sum += static_cast<double>(g[k]);
+    sum += static_cast<double>(g[k + 4]);
+  }
+  return sum;
+#else
   double sum = 0.0;
   for (int64_t g = 0; g < kTile; g += 8) {
     const float* x = e + g;
@@ -289,6 +316,7 @@ HWY_INLINE double TileExpSum(const float* HWY_RESTRICT e) {
     sum += static_cast<double>((t0 + t2) + (t1 + t3));
   }
   return sum;
+#endif
 }
 
 // Query tokens [t0, t1) of one sequence, the query heads of kv head kvh.
