@@ -94,14 +94,16 @@ hwm_kb=$(awk '/VmHWM/ {print $2}' "/proc/$daemon_pid/status")
 stop_daemon
 grep -i "streaming" "$work/mnemod.log" >&2 || true
 
-# fio reads the session's own slab files (read-only, random 12 KiB pages,
-# --fio-size bytes in all): the same data on the same part of the disk.
+# fio reads the session's own slab files (read-only, random reads of one
+# layer page, --fio-size bytes in all): the same data on the same part of
+# the disk.
 # (the first slabs that hold --fio-size: fio's file list has a length limit)
 fio_bytes=$(numfmt --from=iec "$FIO_SIZE")
 slab_bytes=$(stat -c %s "$(ls "$work"/data/pages/slab-* | head -1)")
 n_slabs=$(( (fio_bytes + slab_bytes - 1) / slab_bytes ))
 slabs=$(ls "$work"/data/pages/slab-* | head -n "$n_slabs" | tr '\n' ':' | sed 's/:$//')
-fio --name=scale --filename="$slabs" --readonly --rw=randread --bs=12K --size="$FIO_SIZE" --ioengine=io_uring \
+page_bytes=$(python3 -c "import json; print(json.load(open('$work/synth.json'))['page_bytes'])")
+fio --name=scale --filename="$slabs" --readonly --rw=randread --bs="$page_bytes" --size="$FIO_SIZE" --ioengine=io_uring \
   --direct=1 --iodepth="$QD" --output-format=json > "$work/fio.json"
 load_end=$(cut -d' ' -f1 /proc/loadavg)
 
@@ -124,7 +126,8 @@ print(json.dumps({
                                       "finish_reason", "persisted", "persist_error")},
     "turn_wall_s": float(turn_s),
     "peak_rss_bytes": rss, "rss_limit_bytes": limit, "rss_within_limit": rss <= limit,
-    "decode_step_s": step_s, "io_bound_step_s": io_s, "fio_random_12k_bytes_per_s": bw,
+    "decode_step_s": step_s, "io_bound_step_s": io_s, "fio_random_page_bytes_per_s": bw,
+    "fio_page_bytes": synth["page_bytes"],
     "step_over_io_bound": step_s / io_s if step_s else None,
     "load_average_1m": [float(l0), float(l1)],
     **({"export": {**export, "kv_bytes_at_fio_seq_s": kv / export["fio_seq_1m_bytes_per_s"],

@@ -29,13 +29,6 @@ uint64_t UnixMs() {
                                    .count());
 }
 
-// While requests decode, the prefill rows a step carries are sized by
-// feedback: a step with prefill may take up to kPrefillStepFactor times a
-// decode-only step. The cost of a prefill row depends on the machine, the
-// batch and how deep into a long prompt it attends, so the chunk is measured
-// rather than modelled. A prefill makes progress every step all the same.
-constexpr double kPrefillStepFactor = 2.0;
-constexpr int64_t kMinPrefillChunk = 4;
 // Prompts longer than this report PrefillProgress after each chunk.
 constexpr size_t kProgressMinTokens = 64;
 
@@ -143,7 +136,8 @@ Scheduler::Scheduler(model::Engine* engine, SchedulerOptions options, Metrics* m
       options_(options),
       metrics_(metrics),
       sessions_(options.max_sessions_per_uid),
-      prefill_budget_(options.step_tokens) {}
+      pacer_(PrefillPacer::Options{.initial_rows = static_cast<double>(options.step_tokens),
+                                   .max_rows = static_cast<double>(options.prefill_chunk)}) {}
 
 Scheduler::~Scheduler() { Shutdown(std::chrono::milliseconds(0)); }
 
@@ -1168,7 +1162,7 @@ void Scheduler::Step() {
   if (streamed && others) stream_turn_ = !stream_turn_;
   std::vector<Entry> entries;
   entries.reserve(running_.size());
-  bool any_decoder = false;
+  int64_t n_decoders = 0;
   for (auto& up : running_) {
     ActiveRequest* r = up.get();
     if (stream_step ? r != streamed : r->stream != nullptr) continue;
@@ -1177,24 +1171,27 @@ void Scheduler::Step() {
     const int64_t kv_len = *kv.Length(s->seq);
     const int64_t feed = static_cast<int64_t>(s->tokens.size()) - kv_len;
     MNEMO_CHECK(feed >= 1);
-    if (feed == 1) any_decoder = true;
+    if (feed == 1) ++n_decoders;
     entries.push_back({r, kv_len, feed});
   }
-  // Prefill rows this step: the feedback-sized chunk beside decoders, a
-  // whole prefill_chunk when nobody waits for a token.
-  int64_t budget = any_decoder ? std::max<int64_t>(kMinPrefillChunk, static_cast<int64_t>(prefill_budget_))
-                               : options_.prefill_chunk;
-  const int64_t budget0 = budget;
+  const bool any_decoder = n_decoders > 0;
+  // Prefill rows this step: the paced chunk beside decoders (none in a step
+  // that measures the decoders alone), a whole prefill_chunk when nobody
+  // waits for a token.
+  const int64_t budget0 = any_decoder ? pacer_.Budget(n_decoders) : options_.prefill_chunk;
+  std::vector<int64_t> needs;
+  for (const Entry& e : entries)
+    if (e.n > 1) needs.push_back(e.n);
+  const std::vector<int64_t> grants = SharePrefillRows(needs, budget0);
   int64_t prefill_rows = 0;
+  for (size_t i = 0, k = 0; i < entries.size(); ++i) {
+    if (entries[i].n <= 1) continue;
+    entries[i].n = grants[k++];
+    prefill_rows += entries[i].n;
+  }
   std::vector<Entry> batch_entries;
   for (Entry& e : entries) {
-    if (e.n > 1) {
-      const int64_t n = std::min(e.n, budget);
-      if (n <= 0) continue;  // the budget went to earlier prompts
-      budget -= n;
-      prefill_rows += n;
-      e.n = n;
-    }
+    if (e.n == 0) continue;  // a prompt that gets no rows this step
     // Reserve per entry so a full pool is charged to the request that needs
     // the pages; idle sessions' KV goes first.
     Status st = kv.Reserve(e.r->session->seq, e.n);
@@ -1247,18 +1244,7 @@ void Scheduler::Step() {
                   pipelined->session->name, gate->hits(), gate->stalls(), gate->stall_seconds() * 1e3,
                   (t_step0 - pipelined->t_arrive) * 1e3, step_ms, (NowSeconds() - t_step0) * 1e3 - step_ms);
   }
-  if (any_decoder && st.ok() && !stream_step) {
-    if (prefill_rows == 0) {
-      decode_step_ms_ = decode_step_ms_ > 0 ? 0.8 * decode_step_ms_ + 0.2 * step_ms : step_ms;
-    } else if (decode_step_ms_ > 0) {
-      const double target = kPrefillStepFactor * decode_step_ms_;
-      if (step_ms > target) {
-        prefill_budget_ = std::max<double>(kMinPrefillChunk, prefill_budget_ * std::max(0.5, target / step_ms));
-      } else if (step_ms < 0.8 * target && prefill_rows >= budget0) {
-        prefill_budget_ = std::min<double>(options_.prefill_chunk, prefill_budget_ * 1.15 + 1);
-      }
-    }
-  }
+  if (any_decoder && st.ok() && !stream_step) pacer_.Observe(n_decoders, prefill_rows, budget0, step_ms);
   if (!st.ok()) {
     spdlog::error("model step failed: {}", st.ToString());
     for (const Entry& e : batch_entries) Fail(e.r, st);

@@ -25,6 +25,7 @@
 
 #include "daemon/flow_window.h"
 #include "daemon/metrics.h"
+#include "daemon/prefill_pacer.h"
 #include "daemon/session.h"
 #include "model/engine.h"
 #include "protocol/messages.h"
@@ -221,9 +222,7 @@ class Scheduler {
   bool draining_local_ = false;
   bool stream_turn_ = false;  // Step alternates streamed and other requests
   std::vector<float> logits_;
-  // Feedback state of chunked prefill (see Step).
-  double decode_step_ms_ = 0;   // moving average of decode-only steps
-  double prefill_budget_ = 0;   // prefill rows beside decoders
+  PrefillPacer pacer_;  // prompt rows of a step beside decoders
 };
 
 }  // namespace mnemo::daemon
