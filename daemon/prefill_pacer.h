@@ -31,7 +31,7 @@ class PrefillPacer {
     double max_rows = 512;      // the prefill chunk
     double min_rows = 4;        // a prompt moves every step all the same
     double step_factor = 2.0;
-    double min_target_ms = 50.0;
+    double min_target_ms = 25.0;
     // Steps between two forced decode-only steps at most (a decoder count
     // that changes every step must not stall the prompts).
     int64_t min_steps_between_references = 4;
