@@ -11,7 +11,11 @@
 // size every chunk against the one-decoder step of the first, and their
 // prompts would trickle in a few tokens a step. The floor keeps a lone
 // decoder (a few milliseconds a step) from holding the prompts of those
-// behind it to a handful of tokens.
+// behind it to a handful of tokens. Each time the reference is taken, the
+// chunk starts again from what the target allows at the measured cost of a
+// prompt row (steps that only prefill measure it), and feedback goes on
+// from there: a long prompt arriving beside a decoder does not start with a
+// chunk sized for another batch.
 //
 // Thread-compatible; the scheduler thread owns it.
 #pragma once
@@ -46,9 +50,16 @@ class PrefillPacer {
     return static_cast<int64_t>(rows_ < o_.min_rows ? o_.min_rows : rows_);
   }
 
-  // After a step with n_decoders (> 0) decode rows and prefill_rows prompt
-  // rows, given `budget` rows, that took step_ms.
+  // After a step with n_decoders decode rows and prefill_rows prompt rows,
+  // given `budget` rows, that took step_ms.
   void Observe(int64_t n_decoders, int64_t prefill_rows, int64_t budget, double step_ms) {
+    if (n_decoders == 0) {  // prompts alone: what a prompt row costs
+      if (prefill_rows > 0) {
+        const double r = step_ms / static_cast<double>(prefill_rows);
+        row_ms_ = row_ms_ > 0 ? 0.8 * row_ms_ + 0.2 * r : r;
+      }
+      return;
+    }
     ++steps_since_reference_;
     if (prefill_rows == 0) {
       if (decode_ms_ > 0 && !Moved(n_decoders)) {
@@ -56,6 +67,7 @@ class PrefillPacer {
       } else {
         decode_ms_ = step_ms;
         ref_decoders_ = n_decoders;
+        if (row_ms_ > 0) rows_ = std::clamp((Target() - decode_ms_) / row_ms_, o_.min_rows, o_.max_rows);
       }
       steps_since_reference_ = 0;
       return;
@@ -81,6 +93,7 @@ class PrefillPacer {
   double decode_step_ms() const { return decode_ms_; }
   int64_t reference_decoders() const { return ref_decoders_; }
   double rows() const { return rows_; }
+  double prompt_row_ms() const { return row_ms_; }
 
  private:
   bool Moved(int64_t n) const { return 4 * n > 5 * ref_decoders_ || 5 * n < 4 * ref_decoders_; }
@@ -92,6 +105,7 @@ class PrefillPacer {
   const Options o_;
   double rows_;
   double decode_ms_ = 0;  // moving average of decode-only steps
+  double row_ms_ = 0;     // moving average of a prompt row in prompt-only steps
   int64_t ref_decoders_ = 0;
   int64_t steps_since_reference_ = 0;
 };

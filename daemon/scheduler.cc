@@ -1244,7 +1244,7 @@ void Scheduler::Step() {
                   pipelined->session->name, gate->hits(), gate->stalls(), gate->stall_seconds() * 1e3,
                   (t_step0 - pipelined->t_arrive) * 1e3, step_ms, (NowSeconds() - t_step0) * 1e3 - step_ms);
   }
-  if (any_decoder && st.ok() && !stream_step) pacer_.Observe(n_decoders, prefill_rows, budget0, step_ms);
+  if (st.ok() && !stream_step && !pipelined) pacer_.Observe(n_decoders, prefill_rows, budget0, step_ms);
   if (!st.ok()) {
     spdlog::error("model step failed: {}", st.ToString());
     for (const Entry& e : batch_entries) Fail(e.r, st);

@@ -69,6 +69,19 @@ TEST(PrefillPacerTest, ADecoderCountThatKeepsChangingDoesNotStallPrompts) {
   EXPECT_GE(decode_only, 2);
 }
 
+// A long prompt arrives beside a decoder: the first chunk follows the
+// measured cost of a prompt row, not the initial 256 rows.
+TEST(PrefillPacerTest, TheFirstChunkFollowsTheMeasuredRowCost) {
+  PrefillPacer p({.initial_rows = 256, .max_rows = 512, .step_factor = 2.0, .min_target_ms = 25.0});
+  p.Observe(0, 100, 512, StepMs(0, 100));  // a prompt alone: 2.04 ms a row
+  EXPECT_NEAR(p.prompt_row_ms(), 2.04, 1e-9);
+  EXPECT_EQ(p.Budget(1), 0);
+  p.Observe(1, 0, 0, StepMs(1, 0));  // the decoder alone: 7 ms
+  // Target max(14, 25) = 25 ms: (25 - 7) / 2.04 = 8 rows.
+  EXPECT_EQ(p.Budget(1), 8);
+  EXPECT_LE(StepMs(1, p.Budget(1)), 25.0);
+}
+
 TEST(PrefillPacerTest, StaysWithinItsBounds) {
   PrefillPacer p({.initial_rows = 256, .max_rows = 300, .min_rows = 4, .min_target_ms = 0.0});
   p.Observe(1, 0, 0, 1.0);
