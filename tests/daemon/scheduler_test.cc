@@ -222,6 +222,29 @@ TEST_F(SchedulerTest, PromptOverContextLimitIsOutOfRangeAndLeavesSessionIntact) 
   EXPECT_LE(As<protocol::SessionInfo>(Call(protocol::GetSessionRequest{"s"})).tokens, 65u);
 }
 
+// A short turn that arrives while a long prompt is prefilled gets rows of
+// the same steps (the shortest prompts go first, the oldest keeps a share):
+// it is answered before the long prompt's first token.
+TEST_F(SchedulerTest, AShortTurnIsNotHeldBehindALongPrompt) {
+  OpenTiny({}, 256u << 20, /*max_context=*/32768);
+  As<protocol::SessionInfo>(Call(protocol::CreateSessionRequest{"long"}));
+  As<protocol::SessionInfo>(Call(protocol::CreateSessionRequest{"short"}));
+  Collector a;
+  Start(&a, Raw("long", std::string(6000, 'x'), 1));
+  // Its first chunk is done (PrefillProgress) and dozens remain.
+  while (a.Count() == 0) std::this_thread::sleep_for(1ms);
+  ASSERT_TRUE(std::holds_alternative<protocol::PrefillProgress>(a.Bodies().front()));
+  Collector b;
+  Start(&b, Raw("short", "hello", 1));
+  const auto db = As<protocol::Done>(b.Wait());
+  EXPECT_EQ(db.generated_tokens, 1u);
+  size_t long_tokens = 0;
+  for (const ResponseBody& body : a.Bodies()) long_tokens += std::holds_alternative<protocol::TokenChunk>(body);
+  EXPECT_EQ(long_tokens, 0u) << "the short turn waited for the long prompt";
+  const auto da = As<protocol::Done>(a.Wait());
+  EXPECT_GT(da.prompt_tokens, 2000u);
+}
+
 TEST_F(SchedulerTest, CancelEndsTheStreamWithCancelled) {
   OpenTiny();
   As<protocol::SessionInfo>(Call(protocol::CreateSessionRequest{"s"}));
