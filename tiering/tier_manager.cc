@@ -139,11 +139,21 @@ Status TierManager::CheckCompatible(const Manifest& m) const {
                                       " was computed with another model file (fingerprint " +
                                       std::to_string(m.model_fingerprint) + ", this daemon's " +
                                       std::to_string(options_.model_fingerprint) + "); it cannot be resumed");
-  if (!(m.kv == options_.kv))
+  if (!(m.kv == options_.kv)) {
+    KvGeometry same_pages = m.kv;
+    same_pages.page_tokens = options_.kv.page_tokens;
+    // Only the page size differs (a daemon whose page_tokens changed, e.g.
+    // across the default's move from 16 to 64): say how to resume it.
+    const std::string hint = same_pages == options_.kv
+                                 ? "; this daemon uses " + std::to_string(options_.kv.page_tokens) +
+                                       "-token pages: run it with --page-tokens " +
+                                       std::to_string(m.kv.page_tokens) + " to resume it"
+                                 : "; it cannot be resumed";
     return Status::FailedPrecondition(SessionLabel(m.owner_uid, m.name) +
                                       " was stored with another KV layout (page tokens " +
                                       std::to_string(m.kv.page_tokens) + ", layers " +
-                                      std::to_string(m.kv.n_layers) + "); it cannot be resumed");
+                                      std::to_string(m.kv.n_layers) + ")" + hint);
+  }
   return Status::Ok();
 }
 

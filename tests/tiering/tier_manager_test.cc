@@ -283,6 +283,28 @@ Ring MakeRing(int32_t window, size_t blocks) {
   return r;
 }
 
+// A manifest from a daemon with another page size is refused with the
+// flag that resumes it; one from another geometry, plainly.
+TEST_F(TierManagerTest, AnotherKvLayoutIsRefusedNamingThePageSizeFlag) {
+  Open(0, 1 << 20);
+  Manifest m;
+  m.owner_uid = 1000;
+  m.name = "s";
+  tier_->Stamp(&m);
+  EXPECT_TRUE(tier_->CheckCompatible(m).ok());
+  Manifest pages = m;
+  pages.kv.page_tokens = 64;
+  const Status st = tier_->CheckCompatible(pages);
+  EXPECT_EQ(st.code(), StatusCode::kFailedPrecondition);
+  EXPECT_NE(st.message().find("--page-tokens 64"), std::string_view::npos) << st.ToString();
+  Manifest layers = pages;
+  layers.kv.n_layers = kLayers + 1;
+  const Status st2 = tier_->CheckCompatible(layers);
+  EXPECT_EQ(st2.code(), StatusCode::kFailedPrecondition);
+  EXPECT_EQ(st2.message().find("--page-tokens"), std::string_view::npos) << st2.ToString();
+  EXPECT_NE(st2.message().find("cannot be resumed"), std::string_view::npos) << st2.ToString();
+}
+
 TEST_F(TierManagerTest, StreamServesEveryLayerStepAfterStepThroughASmallRing) {
   Open(/*t1_budget=*/0, /*extent_bytes=*/kPageBytes);
   const CommittedKv kv = Persist(112);  // 7 full blocks
