@@ -47,7 +47,7 @@ class PrefillPacer {
   // 0 asks for a decode-only step that measures the reference.
   int64_t Budget(int64_t n_decoders) const {
     if (NeedsReference(n_decoders)) return 0;
-    return static_cast<int64_t>(rows_ < o_.min_rows ? o_.min_rows : rows_);
+    return static_cast<int64_t>(std::max(rows_, o_.min_rows));
   }
 
   // After a step with n_decoders decode rows and prefill_rows prompt rows,
@@ -75,20 +75,15 @@ class PrefillPacer {
     if (decode_ms_ <= 0) return;
     const double target = Target();
     if (step_ms > target) {
-      const double f = target / step_ms;
-      rows_ = rows_ * (f < 0.5 ? 0.5 : f);
-      if (rows_ < o_.min_rows) rows_ = o_.min_rows;
+      rows_ = std::max(rows_ * std::max(0.5, target / step_ms), o_.min_rows);
     } else if (step_ms < 0.8 * target && prefill_rows >= budget) {
-      rows_ = rows_ * 1.15 + 1;
-      if (rows_ > o_.max_rows) rows_ = o_.max_rows;
+      rows_ = std::min(rows_ * 1.15 + 1, o_.max_rows);
     }
   }
 
   // What a step with prompt rows may take now (0: not measured yet).
   double Target() const {
-    if (decode_ms_ <= 0) return 0;
-    const double t = o_.step_factor * decode_ms_;
-    return t < o_.min_target_ms ? o_.min_target_ms : t;
+    return decode_ms_ > 0 ? std::max(o_.step_factor * decode_ms_, o_.min_target_ms) : 0;
   }
   double decode_step_ms() const { return decode_ms_; }
   int64_t reference_decoders() const { return ref_decoders_; }
