@@ -496,12 +496,43 @@ HWY_INLINE void TileQ8_0N1(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
   for (int r = 0; r < RM; ++r) y[r] = SumF(acc[r]);
 }
 
-// RM weight rows (of a group of G, starting at w, dd and y) x RN activation
-// rows from i. Per block the RN x vectors stay in registers and each weight
-// row is read from L1 by its abs and sign instructions, so that the RM * RN
-// accumulators fit the register file.
+// The G weight rows of a group copied once into 32-byte aligned scratch as
+// |w| (u8, the unsigned operand of maddubs) and w (whose signs go onto x),
+// with their scales decoded into wd ([b][r]), so that every tile over
+// activation rows reuses them from L1: rows read straight from the matrix
+// (34-byte blocks) split cache lines, and their abs was recomputed per tile.
+// Prefetches the next group's rows at the same pace, as PackQ4 does.
+template <int G>
+HWY_INLINE void PackQ8_0(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
+                         uint8_t* HWY_RESTRICT aw, int8_t* HWY_RESTRICT sw,
+                         float* HWY_RESTRICT wd) {
+  const DI8 di8;
+  const DU8 du8;
+  for (int r = 0; r < G; ++r) {
+    const uint8_t* row = w + r * ws;
+#pragma GCC unroll 4
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = row + b * sizeof(BlockQ8_0);
+      hwy::Prefetch(blk + G * ws);
+      wd[b * G + r] = hn::GetLane(LoadHalfPair(blk));
+      const auto* q = reinterpret_cast<const int8_t*>(blk + 2);
+      for (int p = 0; p < kParts; ++p) {
+        const VI8 v = hn::LoadU(di8, q + p * kN8);
+        const size_t o = static_cast<size_t>(b * G + r) * 32 + p * kN8;
+        hn::Store(v, di8, sw + o);
+        // |-128| wraps to 0x80, which is 128 read as u8.
+        hn::Store(hn::BitCast(du8, hn::Abs(v)), du8, aw + o);
+      }
+    }
+  }
+}
+
+// RM packed weight rows (of a group of G, starting at aw, sw, dd and y) x RN
+// activation rows from i. Per block the RN x vectors stay in registers; each
+// weight row's |w| is loaded once for them and its w read from L1 by the
+// sign instruction, so that the RM * RN accumulators fit the register file.
 template <int RM, int G, int RN>
-HWY_INLINE void TileQ8_0(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
+HWY_INLINE void TileQ8_0(const uint8_t* HWY_RESTRICT aw, const int8_t* HWY_RESTRICT sw, int64_t nb,
                          const float* HWY_RESTRICT dd, const ActView& x, int64_t i,
                          float* HWY_RESTRICT y, int64_t ldy) {
   const DF df;
@@ -512,22 +543,19 @@ HWY_INLINE void TileQ8_0(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
     for (int c = 0; c < RN; ++c) acc[r][c] = hn::Zero(df);
   const int8_t* xq[RN];
   for (int c = 0; c < RN; ++c) xq[c] = x.qs(i + c);
-  const int8_t* wq0 = reinterpret_cast<const int8_t*>(w + 2);
-  for (int64_t b = 0; b < nb; ++b, wq0 += sizeof(BlockQ8_0)) {
+  for (int64_t b = 0; b < nb; ++b) {
     VI8 xv[RN][kParts];
     for (int c = 0; c < RN; ++c)
       for (int p = 0; p < kParts; ++p) xv[c][p] = hn::Load(di8, xq[c] + b * 32 + p * kN8);
     for (int r = 0; r < RM; ++r) {
-      const int8_t* q = wq0 + r * ws;
-      VI8 wq[kParts];
+      const size_t o = static_cast<size_t>(b * G + r) * 32;
       VU8 wa[kParts];
-      for (int p = 0; p < kParts; ++p) {
-        wq[p] = hn::LoadU(di8, q + p * kN8);
-        wa[p] = hn::BitCast(du8, hn::Abs(wq[p]));
-      }
+      for (int p = 0; p < kParts; ++p) wa[p] = hn::Load(du8, aw + o + p * kN8);
       for (int c = 0; c < RN; ++c) {
-        VI32 dot = DotU8I8(wa[0], ApplySign(xv[c][0], wq[0]));
-        if constexpr (kParts == 2) dot = hn::Add(dot, DotU8I8(wa[1], ApplySign(xv[c][1], wq[1])));
+        VI32 dot = DotU8I8(wa[0], ApplySign(xv[c][0], hn::Load(di8, sw + o)));
+        if constexpr (kParts == 2) {
+          dot = hn::Add(dot, DotU8I8(wa[1], ApplySign(xv[c][1], hn::Load(di8, sw + o + kN8))));
+        }
         acc[r][c] =
             hn::MulAdd(hn::ConvertTo(df, dot), hn::Set(df, dd[(b * RN + c) * G + r]), acc[r][c]);
       }
@@ -543,42 +571,46 @@ HWY_INLINE void TileQ8_0(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
   }
 }
 
-// All G weight rows x RN activation rows from i: the scale products once for
-// the group, then tiles of up to kRM rows.
+// All G packed weight rows x RN activation rows from i: the scale products
+// once for the group, then tiles of up to kRM rows.
 template <int G, int RN>
-HWY_INLINE void ColumnsQ8_0(const uint8_t* w, size_t ws, int64_t nb, const float* wd, float* dd,
-                            const ActView& x, int64_t i, float* y, int64_t ldy) {
+HWY_INLINE void ColumnsQ8_0(const uint8_t* aw, const int8_t* sw, int64_t nb, const float* wd,
+                            float* dd, const ActView& x, int64_t i, float* y, int64_t ldy) {
   constexpr int kRM = G < MNEMO_Q8_RM ? G : MNEMO_Q8_RM;
   static_assert(G % kRM == 0);
   const float* xd[RN];
   for (int c = 0; c < RN; ++c) xd[c] = x.d(i + c);
   ScaleProducts<G, RN>(wd, nb, xd, dd);
   for (int r = 0; r < G; r += kRM) {
-    TileQ8_0<kRM, G, RN>(w + r * ws, ws, nb, dd + r, x, i, y + r, ldy);
+    TileQ8_0<kRM, G, RN>(aw + r * 32, sw + r * 32, nb, dd + r, x, i, y + r, ldy);
   }
+}
+
+// Floats of scratch GroupQ8_0 uses for G rows of nb blocks.
+constexpr size_t Q8ScratchFloats(int G, int64_t nb) {
+  return static_cast<size_t>((1 + MNEMO_Q8_RN + 16) * G * nb + 8);
 }
 
 template <int G>
 HWY_INLINE void GroupQ8_0(const uint8_t* w, size_t ws, int64_t nb, const ActView& x, int64_t i0,
                           int64_t i1, float* y, int64_t ldy, float* scratch) {
   constexpr int kRN = MNEMO_Q8_RN;
-  float* wd = scratch;
+  // Packed |w| and w first (32-byte aligned), then wd, dd.
+  uint8_t* aw = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(scratch) + 31) & ~uintptr_t{31});
+  int8_t* sw = reinterpret_cast<int8_t*>(aw + 32 * G * nb);
+  float* wd = reinterpret_cast<float*>(sw + 32 * G * nb);
   float* dd = wd + G * nb;
-  for (int r = 0; r < G; ++r) {
-    for (int64_t b = 0; b < nb; ++b) {
-      wd[b * G + r] = hn::GetLane(LoadHalfPair(w + r * ws + b * sizeof(BlockQ8_0)));
-    }
-  }
+  PackQ8_0<G>(w, ws, nb, aw, sw, wd);
   int64_t i = i0;
-  for (; i + kRN <= i1; i += kRN) ColumnsQ8_0<G, kRN>(w, ws, nb, wd, dd, x, i, y, ldy);
+  for (; i + kRN <= i1; i += kRN) ColumnsQ8_0<G, kRN>(aw, sw, nb, wd, dd, x, i, y, ldy);
   switch (i1 - i) {
     case 0:
       break;
     case 1:
-      ColumnsQ8_0<G, 1>(w, ws, nb, wd, dd, x, i, y, ldy);
+      ColumnsQ8_0<G, 1>(aw, sw, nb, wd, dd, x, i, y, ldy);
       break;
     case 2:
-      if constexpr (kRN > 2) ColumnsQ8_0<G, 2>(w, ws, nb, wd, dd, x, i, y, ldy);
+      if constexpr (kRN > 2) ColumnsQ8_0<G, 2>(aw, sw, nb, wd, dd, x, i, y, ldy);
       break;
     default:
       MNEMO_CHECK(false);
@@ -601,7 +633,7 @@ void GemmQ8_0(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1)
     return;
   }
   constexpr int kG = 8;
-  float* scratch = ScaleScratch(static_cast<size_t>((1 + MNEMO_Q8_RN) * kG * nb));
+  float* scratch = ScaleScratch(Q8ScratchFloats(kG, nb));
   for (int64_t r = r0; r < r1;) {
     const uint8_t* w = a.w + r * a.w_row_bytes;
     float* y = a.y + r;
