@@ -1,15 +1,32 @@
-// mnemo-kernels-bench: throughput of the CPU backend's hot kernels on the
-// shapes of SmolLM2-135M, reported against the read bandwidth measured in
-// the same run (decode) and as GFLOP/s (prefill).
+// mnemo-kernels-bench: the CPU backend's kernels at the default model's
+// shapes, under Google Benchmark. What the engine's speed rests on, one
+// kernel at a time: quantized matmuls (one activation row, the decode
+// regime, which streams the weights; 16 rows, batched decode, which is
+// compute bound; 512 rows, prefill), attention (a turn over a long
+// history, batched decode), and the activation quantization every matmul
+// starts with.
 //
-// Usage: mnemo-kernels-bench [threads] [filter]
+// Counters: `MAC/s` (multiply-accumulates per second, the compute rate),
+// `weight_B/s` (weight bytes streamed per second: for one row, compare with
+// the machine's memory bandwidth), `key_rows/s` for attention (query rows
+// times keys visited per second).
+//
+//   mnemo-kernels-bench                                 # everything, 1 thread and all cores
+//   mnemo-kernels-bench --benchmark_filter='BM_Model'   # one decode step's matmuls
+//   mnemo-kernels-bench --benchmark_filter='BM_MatMul/3/'  # Q4_1 (DType 3)
+//
+// Ratios to read: BM_ModelMatMuls at n=1 against BM_ReadBandwidth with the
+// same threads (decode streams every weight once per token: the weight
+// bytes per second should approach the read bandwidth); MAC/s at n=16 and
+// 512 against the core's peak (compute bound).
+//
+// No assertion here: timings belong to benchmarks, never to tests (CTest's
+// KernelsBenchSmoke runs it briefly to keep it working).
+#include <benchmark/benchmark.h>
+
 #include <algorithm>
-#include <chrono>
-#include <cmath>
-#include <cstdio>
-#include <cstdlib>
+#include <cstdint>
 #include <cstring>
-#include <functional>
 #include <memory>
 #include <random>
 #include <string>
@@ -18,235 +35,326 @@
 
 #include "kernels/backend.h"
 #include "kernels/cpu/quants.h"
-#include "kernels/cpu/simd.h"
-#include "kernels/cpu/thread_pool.h"
 
-namespace mnemo::kernels::cpu {
+namespace mnemo::kernels {
 namespace {
 
-using Clock = std::chrono::steady_clock;
+int AllCores() { return std::max(1, static_cast<int>(std::thread::hardware_concurrency())); }
 
-double Seconds(Clock::time_point a, Clock::time_point b) {
-  return std::chrono::duration<double>(b - a).count();
+// One backend per thread count, kept across benchmarks (its pool spins up
+// once).
+Backend& CpuWithThreads(int threads) {
+  static std::vector<std::unique_ptr<Backend>> backends(257);
+  auto& b = backends[static_cast<size_t>(std::clamp(threads, 1, 256))];
+  if (!b) b = MakeCpuBackend(threads);
+  return *b;
 }
 
-// Best of `reps` timings of fn, in seconds.
-double Best(int reps, const std::function<void()>& fn) {
-  fn();  // warm up
-  double best = 1e30;
-  for (int i = 0; i < reps; ++i) {
-    const auto t0 = Clock::now();
-    fn();
-    best = std::min(best, Seconds(t0, Clock::now()));
-  }
-  return best;
-}
-
-std::vector<uint8_t> RandomBytes(std::mt19937& rng, size_t n) {
-  std::vector<uint8_t> v(n);
-  for (size_t i = 0; i < n; i += 4) {
-    const uint32_t r = rng();
-    std::memcpy(v.data() + i, &r, std::min<size_t>(4, n - i));
-  }
-  return v;
-}
-
-// Weights of `type` with random quants and fp16 scales in a sane range.
-std::vector<uint8_t> RandomWeight(std::mt19937& rng, DType type, int64_t rows, int64_t cols) {
-  std::vector<uint8_t> w = RandomBytes(rng, RowBytes(type, cols) * static_cast<size_t>(rows));
+// Random payload bytes with sane block scales (random f16 scales could be
+// infinities or NaNs, which no real file has and which would time slow
+// paths).
+std::vector<uint8_t> RandomWeights(DType type, int64_t rows, int64_t cols) {
+  std::mt19937 rng(static_cast<uint32_t>(rows * 31 + cols));
+  const size_t row_bytes = RowBytes(type, cols);
+  std::vector<uint8_t> w(row_bytes * static_cast<size_t>(rows));
+  for (uint8_t& b : w) b = static_cast<uint8_t>(rng());
   const int64_t blocks = rows * cols / Info(type).block_elems;
-  const size_t bb = static_cast<size_t>(Info(type).block_bytes);
-  for (int64_t b = 0; b < blocks; ++b) {
-    uint16_t h[2] = {F32ToF16(0.01f), F32ToF16(-0.05f)};
-    if (type == DType::kQ4_0 || type == DType::kQ4_1 || type == DType::kQ8_0) {
-      std::memcpy(w.data() + b * bb, h, type == DType::kQ4_1 ? 4 : 2);
+  const uint16_t d = cpu::F32ToF16(0.01f), m = cpu::F32ToF16(-0.05f);
+  auto set_halves = [&](auto* block, int64_t n, auto&& fn) {
+    for (int64_t i = 0; i < n; ++i) fn(block[i]);
+  };
+  switch (type) {
+    case DType::kQ4_0:
+      set_halves(reinterpret_cast<cpu::BlockQ4_0*>(w.data()), blocks, [&](auto& b) { b.d = d; });
+      break;
+    case DType::kQ4_1:
+      set_halves(reinterpret_cast<cpu::BlockQ4_1*>(w.data()), blocks, [&](auto& b) {
+        b.d = d;
+        b.m = m;
+      });
+      break;
+    case DType::kQ8_0:
+      set_halves(reinterpret_cast<cpu::BlockQ8_0*>(w.data()), blocks, [&](auto& b) { b.d = d; });
+      break;
+    case DType::kQ4_K:
+      set_halves(reinterpret_cast<cpu::BlockQ4_K*>(w.data()), blocks, [&](auto& b) {
+        b.d = d;
+        b.dmin = d;
+      });
+      break;
+    case DType::kQ6_K:
+      set_halves(reinterpret_cast<cpu::BlockQ6_K*>(w.data()), blocks, [&](auto& b) { b.d = d; });
+      break;
+    case DType::kF16: {
+      auto* h = reinterpret_cast<uint16_t*>(w.data());
+      std::uniform_real_distribution<float> u(-0.1f, 0.1f);
+      for (int64_t i = 0; i < rows * cols; ++i) h[i] = cpu::F32ToF16(u(rng));
+      break;
     }
+    default:
+      break;
   }
   return w;
 }
 
-std::vector<float> RandomFloats(std::mt19937& rng, size_t n) {
-  std::normal_distribution<float> dist(0.0f, 1.0f);
+std::vector<float> RandomFloats(size_t n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
   std::vector<float> v(n);
-  for (float& f : v) f = dist(rng);
+  for (float& f : v) f = nd(rng);
   return v;
 }
 
-// Read bandwidth: every thread sums its share of a buffer far larger than
-// the caches.
-double ReadBandwidth(ThreadPool& pool, size_t bytes) {
-  std::vector<uint64_t> buf(bytes / 8, 1);
-  std::vector<uint64_t> sums(64);
-  const int64_t chunks = 256;
-  const size_t per = buf.size() / chunks;
-  const double t = Best(5, [&] {
-    pool.ParallelFor(chunks, [&](int64_t c, int worker) {
-      const uint64_t* p = buf.data() + c * per;
-      uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-      for (size_t i = 0; i < per; i += 4) {
-        s0 += p[i];
-        s1 += p[i + 1];
-        s2 += p[i + 2];
-        s3 += p[i + 3];
+// args: weight type, rows, cols, activation rows, threads.
+void BM_MatMul(benchmark::State& state) {
+  const auto type = static_cast<DType>(state.range(0));
+  const int64_t rows = state.range(1), cols = state.range(2), n = state.range(3);
+  const int threads = static_cast<int>(state.range(4));
+  Backend& be = CpuWithThreads(threads);
+  const auto w = RandomWeights(type, rows, cols);
+  const Weight weight{type, rows, cols, w.data()};
+  const auto x = RandomFloats(static_cast<size_t>(n * cols), 7);
+  std::vector<float> y(static_cast<size_t>(n * rows));
+  for (auto _ : state) {
+    be.MatMul(weight, x.data(), n, y.data());
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  const double calls = static_cast<double>(state.iterations());
+  state.counters["MAC/s"] = benchmark::Counter(calls * static_cast<double>(rows * cols * n),
+                                               benchmark::Counter::kIsRate);
+  state.counters["weight_B/s"] = benchmark::Counter(calls * static_cast<double>(w.size()),
+                                                    benchmark::Counter::kIsRate);
+  state.SetLabel(std::string(Info(type).name) + " " + std::to_string(rows) + "x" +
+                 std::to_string(cols) + " n=" + std::to_string(n) + " threads=" +
+                 std::to_string(threads));
+}
+
+// The default model's matrices (SmolLM2-135M: hidden 576, FFN 1536, 3 KV
+// heads of 64, vocabulary 49152) and the types its file and Q4_K_M files
+// use.
+void MatMulArgs(benchmark::internal::Benchmark* b) {
+  struct Case {
+    DType type;
+    int64_t rows, cols;
+  };
+  const Case cases[] = {
+      {DType::kQ4_1, 576, 576},    // attn_q, attn_output
+      {DType::kQ4_1, 1536, 576},   // ffn_gate, ffn_up
+      {DType::kQ4_1, 576, 1536},   // ffn_down
+      {DType::kQ8_0, 49152, 576},  // token_embd as the output projection
+      {DType::kQ4_K, 1536, 768},   {DType::kQ6_K, 1536, 768}, {DType::kQ4_0, 1536, 576},
+      {DType::kF16, 1536, 576},
+  };
+  for (const Case& c : cases) {
+    for (int64_t n : {1, 16, 512}) {
+      if (c.rows * n > 49152 * 16) continue;  // the output projection at prefill: minutes
+      for (int threads : {1, AllCores()}) {
+        b->Args({static_cast<int64_t>(c.type), c.rows, c.cols, n, threads});
+        if (AllCores() == 1) break;
       }
-      sums[static_cast<size_t>(worker) * 8] += s0 + s1 + s2 + s3;
-    });
-  });
-  return static_cast<double>(per * chunks * 8) / t / 1e9;
-}
-
-struct Mat {
-  std::string name;
-  DType type;
-  int64_t rows, cols;
-};
-
-void Run(int threads, const std::string& filter) {
-  std::mt19937 rng(1);
-  auto backend = MakeCpuBackend(threads);
-  std::printf("mnemo-kernels-bench: %d threads, SIMD target %s\n", backend->threads(),
-              SimdTargetName(SimdTargets().front()).c_str());
-  auto want = [&](const char* name) { return filter.empty() || filter == name; };
-
-  double bw = 0;
-  {
-    ThreadPool pool(threads);
-    bw = ReadBandwidth(pool, size_t{512} << 20);
-    std::printf("read bandwidth (%d threads, 512 MiB): %.1f GB/s\n", threads, bw);
-  }
-
-  // SmolLM2-135M: 30 layers of Q4_1 projections, tied Q8_0 output.
-  const int64_t dim = 576, ffn = 1536, kv = 192, vocab = 49152, layers = 30;
-  const std::vector<Mat> layer = {{"q", DType::kQ4_1, dim, dim},  {"k", DType::kQ4_1, kv, dim},
-                                  {"v", DType::kQ4_1, kv, dim},   {"o", DType::kQ4_1, dim, dim},
-                                  {"gate", DType::kQ4_1, ffn, dim}, {"up", DType::kQ4_1, ffn, dim},
-                                  {"down", DType::kQ4_1, dim, ffn}};
-  std::vector<std::vector<uint8_t>> weights;
-  std::vector<Weight> ws;
-  size_t layer_bytes = 0;
-  for (int64_t l = 0; l < layers; ++l) {
-    for (const Mat& m : layer) {
-      weights.push_back(RandomWeight(rng, m.type, m.rows, m.cols));
-      ws.push_back(Weight{m.type, m.rows, m.cols, weights.back().data()});
-      layer_bytes += weights.back().size();
     }
   }
-  auto out_w = RandomWeight(rng, DType::kQ8_0, vocab, dim);
-  const Weight out{DType::kQ8_0, vocab, dim, out_w.data()};
-  auto x = RandomFloats(rng, 512 * ffn);
-  std::vector<float> y(512 * static_cast<size_t>(vocab > ffn ? ffn : vocab) * 4);
-  std::vector<float> logits(16 * static_cast<size_t>(vocab));
+}
+BENCHMARK(BM_MatMul)->Apply(MatMulArgs)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
-  if (want("decode")) {
-    std::printf("\n-- decode: every weight of the model once per step (%.1f MB Q4_1 + %.1f MB Q8_0)\n",
-                layer_bytes / 1e6, out_w.size() / 1e6);
-    for (int64_t n : {1, 2, 4, 8, 16}) {
-      const double t_layers = Best(5, [&] {
-        for (const Weight& w : ws) backend->MatMul(w, x.data(), n, y.data());
+// args: query tokens per sequence, sequences, context (keys before the new
+// tokens), threads. SmolLM2's 9 query heads over 3 KV heads of 64.
+void BM_Attention(benchmark::State& state) {
+  const int64_t tokens = state.range(0), n_seqs = state.range(1), ctx = state.range(2);
+  const int threads = static_cast<int>(state.range(3));
+  Backend& be = CpuWithThreads(threads);
+  KvLayout layout;
+  layout.n_kv_heads = 3;
+  layout.head_dim = 64;
+  const int32_t heads = 9;
+  const int64_t total = ctx + tokens;
+  const int64_t pages_per_seq = (total + layout.page_tokens - 1) / layout.page_tokens;
+  std::mt19937 rng(3);
+  std::normal_distribution<float> nd(0.0f, 1.0f);
+  std::vector<std::vector<uint16_t>> pages(static_cast<size_t>(pages_per_seq * n_seqs));
+  for (auto& p : pages) {
+    p.resize(layout.page_bytes() / sizeof(uint16_t));
+    for (uint16_t& h : p) h = cpu::F32ToF16(nd(rng));
+  }
+  std::vector<const void*> page_ptrs(pages.size());
+  for (size_t i = 0; i < pages.size(); ++i) page_ptrs[i] = pages[i].data();
+  std::vector<AttentionSeq> seqs(static_cast<size_t>(n_seqs));
+  for (int64_t s = 0; s < n_seqs; ++s) {
+    seqs[static_cast<size_t>(s)].pages = page_ptrs.data() + s * pages_per_seq;
+    seqs[static_cast<size_t>(s)].n_pages = static_cast<int32_t>(pages_per_seq);
+  }
+  const int64_t rows = tokens * n_seqs;
+  const auto q = RandomFloats(static_cast<size_t>(rows * heads * layout.head_dim), 5);
+  std::vector<float> out(q.size());
+  std::vector<int32_t> seq_of(static_cast<size_t>(rows)), kv_len(static_cast<size_t>(rows));
+  for (int64_t s = 0; s < n_seqs; ++s) {
+    for (int64_t t = 0; t < tokens; ++t) {
+      seq_of[static_cast<size_t>(s * tokens + t)] = static_cast<int32_t>(s);
+      kv_len[static_cast<size_t>(s * tokens + t)] = static_cast<int32_t>(ctx + t + 1);
+    }
+  }
+  AttentionArgs a;
+  a.layout = layout;
+  a.n_heads = heads;
+  a.scale = 0.125f;
+  a.n_tokens = rows;
+  a.q = q.data();
+  a.out = out.data();
+  a.seq = seq_of.data();
+  a.kv_len = kv_len.data();
+  a.seqs = seqs.data();
+  a.n_seqs = static_cast<int32_t>(n_seqs);
+  for (auto _ : state) {
+    be.Attention(a);
+    benchmark::DoNotOptimize(out.data());
+    benchmark::ClobberMemory();
+  }
+  double key_rows = 0;
+  for (int64_t r = 0; r < rows; ++r) key_rows += static_cast<double>(kv_len[static_cast<size_t>(r)]) * heads;
+  state.counters["key_rows/s"] =
+      benchmark::Counter(static_cast<double>(state.iterations()) * key_rows, benchmark::Counter::kIsRate);
+  // Q.K and P.V: two head_dim-long multiply-accumulates per key and row.
+  state.counters["MAC/s"] = benchmark::Counter(
+      static_cast<double>(state.iterations()) * key_rows * 2 * layout.head_dim, benchmark::Counter::kIsRate);
+  state.SetLabel(std::to_string(n_seqs) + " seq x " + std::to_string(tokens) + " tokens over " +
+                 std::to_string(ctx) + " keys, threads=" + std::to_string(threads));
+}
+
+void AttentionArgsList(benchmark::internal::Benchmark* b) {
+  for (int threads : {1, AllCores()}) {
+    b->Args({44, 1, 8118, threads});  // a 32-token turn resumed over an 8k history (tiled)
+    b->Args({1, 16, 512, threads});   // batched decode of 16 sequences (one-chunk)
+    b->Args({1, 1, 8192, threads});   // one sequence's decode over 8k (split KV)
+    b->Args({512, 1, 0, threads});    // a fresh 512-token prompt (causal, tiled)
+    if (AllCores() == 1) break;
+  }
+}
+BENCHMARK(BM_Attention)->Apply(AttentionArgsList)->Unit(benchmark::kMicrosecond)->UseRealTime();
+
+
+// Read bandwidth: every thread sums its share of a buffer far larger than
+// the caches. arg: threads.
+void BM_ReadBandwidth(benchmark::State& state) {
+  const int threads = static_cast<int>(state.range(0));
+  Backend& be = CpuWithThreads(threads);
+  (void)be;
+  static std::vector<uint64_t> buf((size_t{512} << 20) / 8, 1);
+  std::vector<uint64_t> sums(static_cast<size_t>(threads) * 8);
+  const size_t per = buf.size() / static_cast<size_t>(threads);
+  for (auto _ : state) {
+    std::vector<std::thread> workers;
+    for (int t = 0; t < threads; ++t) {
+      workers.emplace_back([&, t] {
+        const uint64_t* p = buf.data() + static_cast<size_t>(t) * per;
+        uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        for (size_t i = 0; i + 4 <= per; i += 4) {
+          s0 += p[i];
+          s1 += p[i + 1];
+          s2 += p[i + 2];
+          s3 += p[i + 3];
+        }
+        sums[static_cast<size_t>(t) * 8] += s0 + s1 + s2 + s3;
       });
-      const double t_out = Best(5, [&] { backend->MatMul(out, x.data(), n, logits.data()); });
-      const double gbs_l = layer_bytes / t_layers / 1e9;
-      const double gbs_o = out_w.size() / t_out / 1e9;
-      std::printf(
-          "n=%-2lld Q4_1 layers %6.2f ms %5.1f GB/s (%3.0f%% of read bw) | Q8_0 output %6.2f ms "
-          "%5.1f GB/s (%3.0f%%) | all %6.2f ms\n",
-          static_cast<long long>(n), t_layers * 1e3, gbs_l, 100 * gbs_l / bw, t_out * 1e3, gbs_o,
-          100 * gbs_o / bw, (t_layers + t_out) * 1e3);
     }
+    for (auto& w : workers) w.join();
+    benchmark::DoNotOptimize(sums.data());
   }
+  state.counters["read_B/s"] = benchmark::Counter(
+      static_cast<double>(state.iterations()) * static_cast<double>(per * static_cast<size_t>(threads) * 8),
+      benchmark::Counter::kIsRate);
+  state.SetLabel("512 MiB, threads=" + std::to_string(threads));
+}
 
-  if (want("prefill")) {
-    std::printf("\n-- prefill: n=512 rows of x (GFLOP/s = 2*rows*cols*n / t)\n");
-    const int64_t n = 512;
-    double total_flop = 0, total_t = 0;
-    for (size_t i = 0; i < layer.size(); ++i) {
-      const Weight& w = ws[i];
-      const double t = Best(3, [&] { backend->MatMul(w, x.data(), n, y.data()); });
-      const double flop = 2.0 * w.rows * w.cols * n;
-      total_flop += flop;
-      total_t += t;
-      std::printf("%-5s %4lldx%-4lld Q4_1 %7.2f ms %6.1f GFLOP/s\n", layer[i].name.c_str(),
-                  static_cast<long long>(w.rows), static_cast<long long>(w.cols), t * 1e3,
-                  flop / t / 1e9);
+void PerThreadCount(benchmark::internal::Benchmark* b) {
+  b->Arg(1);
+  if (AllCores() > 1) b->Arg(AllCores());
+}
+BENCHMARK(BM_ReadBandwidth)->Apply(PerThreadCount)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// Every matmul of one SmolLM2-135M step: 30 layers of Q4_1 projections
+// (q, k, v, o, gate, up, down) and the tied Q8_0 output projection, for n
+// activation rows. args: n, threads.
+void BM_ModelMatMuls(benchmark::State& state) {
+  const int64_t n = state.range(0);
+  const int threads = static_cast<int>(state.range(1));
+  Backend& be = CpuWithThreads(threads);
+  const int64_t dim = 576, ffn = 1536, kv = 192, vocab = 49152, layers = 30;
+  struct Mat {
+    int64_t rows, cols;
+  };
+  const Mat layer[] = {{dim, dim}, {kv, dim}, {kv, dim}, {dim, dim}, {ffn, dim}, {ffn, dim}, {dim, ffn}};
+  static std::vector<std::vector<uint8_t>> store;
+  static std::vector<Weight> ws;
+  if (ws.empty()) {
+    for (int64_t l = 0; l < layers; ++l) {
+      for (const Mat& m : layer) {
+        store.push_back(RandomWeights(DType::kQ4_1, m.rows, m.cols));
+        ws.push_back(Weight{DType::kQ4_1, m.rows, m.cols, store.back().data()});
+      }
     }
-    std::printf("layer total: %.2f ms, %.1f GFLOP/s -> %.0f ms for 30 layers\n", total_t * 1e3,
-                total_flop / total_t / 1e9, total_t * 30 * 1e3);
-    const Weight o512{DType::kQ8_0, 4096, dim, out_w.data()};
-    const double t = Best(3, [&] { backend->MatMul(o512, x.data(), n, y.data()); });
-    std::printf("Q8_0  4096x576 n=512: %7.2f ms %6.1f GFLOP/s\n", t * 1e3,
-                2.0 * 4096 * dim * n / t / 1e9);
+    store.push_back(RandomWeights(DType::kQ8_0, vocab, dim));
+    ws.push_back(Weight{DType::kQ8_0, vocab, dim, store.back().data()});
   }
-
-  if (want("attention")) {
-    std::printf("\n-- attention (9 heads, 3 kv heads, head_dim 64, 16-token pages)\n");
-    KvLayout L;
-    L.page_tokens = 16;
-    L.n_kv_heads = 3;
-    L.head_dim = 64;
-    const int64_t ctx = 512;
-    std::vector<std::vector<uint16_t>> pages(ctx / L.page_tokens);
-    std::vector<const void*> page_ptrs;
-    for (auto& p : pages) {
-      p.resize(L.page_bytes() / 2);
-      for (auto& h : p) h = F32ToF16(0.01f * static_cast<float>(rng() % 200) - 1.0f);
-      page_ptrs.push_back(p.data());
-    }
-    AttentionSeq seq{page_ptrs.data(), static_cast<int32_t>(page_ptrs.size())};
-    std::vector<int32_t> seq_ids(ctx, 0), kv_len(ctx);
-    for (int64_t t = 0; t < ctx; ++t) kv_len[t] = static_cast<int32_t>(t + 1);
-    auto q = RandomFloats(rng, ctx * 9 * 64);
-    std::vector<float> o(q.size());
-    AttentionArgs a;
-    a.layout = L;
-    a.n_heads = 9;
-    a.scale = 0.125f;
-    a.q = q.data();
-    a.out = o.data();
-    a.seq = seq_ids.data();
-    a.kv_len = kv_len.data();
-    a.seqs = &seq;
-    a.n_seqs = 1;
-    a.n_tokens = ctx;
-    const double tp = Best(3, [&] { backend->Attention(a); });
-    const double macs = 2.0 * 9 * 64 * (ctx * (ctx + 1) / 2.0);
-    std::printf("prefill 512 causal: %.2f ms (%.1f GFLOP/s) -> %.0f ms for 30 layers\n", tp * 1e3,
-                2 * macs / tp / 1e9, tp * 30 * 1e3);
-    a.n_tokens = 1;
-    std::vector<int32_t> last = {static_cast<int32_t>(ctx)};
-    a.kv_len = last.data();
-    const double td = Best(20, [&] { backend->Attention(a); });
-    std::printf("decode at kv_len 512: %.1f us -> %.2f ms for 30 layers\n", td * 1e6, td * 30 * 1e3);
+  const auto x = RandomFloats(static_cast<size_t>(n * ffn), 11);
+  std::vector<float> y(static_cast<size_t>(n * vocab));
+  double bytes = 0, macs = 0;
+  for (const Weight& w : ws) {
+    bytes += static_cast<double>(w.row_bytes() * static_cast<size_t>(w.rows));
+    macs += static_cast<double>(w.rows * w.cols * n);
   }
+  for (auto _ : state) {
+    for (const Weight& w : ws) be.MatMul(w, x.data(), n, y.data());
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  const double steps = static_cast<double>(state.iterations());
+  state.counters["weight_B/s"] = benchmark::Counter(steps * bytes, benchmark::Counter::kIsRate);
+  state.counters["MAC/s"] = benchmark::Counter(steps * macs, benchmark::Counter::kIsRate);
+  state.counters["rows/s"] = benchmark::Counter(steps * static_cast<double>(n), benchmark::Counter::kIsRate);
+  state.SetLabel("n=" + std::to_string(n) + " threads=" + std::to_string(threads));
+}
 
-  if (want("ops")) {
-    std::printf("\n-- per-op cost at decode size (dim 576)\n");
-    auto g = RandomFloats(rng, ffn);
-    auto u = RandomFloats(rng, ffn);
-    auto gain = RandomFloats(rng, dim);
-    const int reps = 2000;
-    auto per = [&](const std::function<void()>& fn) {
-      return Best(5, [&] {
-               for (int i = 0; i < reps; ++i) fn();
-             }) /
-             reps * 1e6;
-    };
-    std::printf("rmsnorm %.2f us, silu_mul(1536) %.2f us, add %.2f us, matmul q 576x576 %.2f us, "
-                "gate 1536x576 %.2f us, down 576x1536 %.2f us\n",
-                per([&] { backend->RmsNorm(x.data(), gain.data(), 1, dim, 1e-5f, y.data()); }),
-                per([&] { backend->SiluMul(g.data(), u.data(), ffn); }),
-                per([&] { backend->Add(g.data(), u.data(), dim); }),
-                per([&] { backend->MatMul(ws[0], x.data(), 1, y.data()); }),
-                per([&] { backend->MatMul(ws[4], x.data(), 1, y.data()); }),
-                per([&] { backend->MatMul(ws[6], x.data(), 1, y.data()); }));
+void ModelArgs(benchmark::internal::Benchmark* b) {
+  for (int64_t n : {1, 16}) {
+    b->Args({n, 1});
+    if (AllCores() > 1) b->Args({n, AllCores()});
   }
 }
+BENCHMARK(BM_ModelMatMuls)->Apply(ModelArgs)->Unit(benchmark::kMillisecond)->UseRealTime();
+
+// The element-wise operations of a decode step at the model's width.
+// arg: 0 RmsNorm(576), 1 SiluMul(1536), 2 Add(576), 3 Rope(9 heads).
+void BM_DecodeOp(benchmark::State& state) {
+  Backend& be = CpuWithThreads(1);
+  const auto a = RandomFloats(1536, 1), b = RandomFloats(1536, 2);
+  std::vector<float> x = a, y(1536);
+  const int32_t pos = 100;
+  const char* names[] = {"rmsnorm 576", "silu_mul 1536", "add 576", "rope 9x64"};
+  for (auto _ : state) {
+    switch (state.range(0)) {
+      case 0:
+        be.RmsNorm(a.data(), b.data(), 1, 576, 1e-5f, y.data());
+        break;
+      case 1:
+        be.SiluMul(x.data(), b.data(), 1536);
+        break;
+      case 2:
+        be.Add(x.data(), b.data(), 576);
+        break;
+      default:
+        be.Rope(x.data(), 1, 9, 64, 64, &pos, 10000.0f, RopeStyle::kAdjacent);
+        break;
+    }
+    benchmark::DoNotOptimize(x.data());
+    benchmark::DoNotOptimize(y.data());
+    benchmark::ClobberMemory();
+  }
+  state.SetLabel(names[state.range(0)]);
+}
+BENCHMARK(BM_DecodeOp)->DenseRange(0, 3)->Unit(benchmark::kMicrosecond);
 
 }  // namespace
-}  // namespace mnemo::kernels::cpu
+}  // namespace mnemo::kernels
 
-int main(int argc, char** argv) {
-  const int threads = argc > 1 ? std::atoi(argv[1]) : 2;
-  const std::string filter = argc > 2 ? argv[2] : "";
-  mnemo::kernels::cpu::Run(threads, filter);
-  return 0;
-}
+BENCHMARK_MAIN();
