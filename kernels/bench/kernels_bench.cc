@@ -60,30 +60,30 @@ std::vector<uint8_t> RandomWeights(DType type, int64_t rows, int64_t cols) {
   for (uint8_t& b : w) b = static_cast<uint8_t>(rng());
   const int64_t blocks = rows * cols / Info(type).block_elems;
   const uint16_t d = cpu::F32ToF16(0.01f), m = cpu::F32ToF16(-0.05f);
-  auto set_halves = [&](auto* block, int64_t n, auto&& fn) {
+  auto for_each_block = [&](auto* block, int64_t n, auto&& fn) {
     for (int64_t i = 0; i < n; ++i) fn(block[i]);
   };
   switch (type) {
     case DType::kQ4_0:
-      set_halves(reinterpret_cast<cpu::BlockQ4_0*>(w.data()), blocks, [&](auto& b) { b.d = d; });
+      for_each_block(reinterpret_cast<cpu::BlockQ4_0*>(w.data()), blocks, [&](auto& b) { b.d = d; });
       break;
     case DType::kQ4_1:
-      set_halves(reinterpret_cast<cpu::BlockQ4_1*>(w.data()), blocks, [&](auto& b) {
+      for_each_block(reinterpret_cast<cpu::BlockQ4_1*>(w.data()), blocks, [&](auto& b) {
         b.d = d;
         b.m = m;
       });
       break;
     case DType::kQ8_0:
-      set_halves(reinterpret_cast<cpu::BlockQ8_0*>(w.data()), blocks, [&](auto& b) { b.d = d; });
+      for_each_block(reinterpret_cast<cpu::BlockQ8_0*>(w.data()), blocks, [&](auto& b) { b.d = d; });
       break;
     case DType::kQ4_K:
-      set_halves(reinterpret_cast<cpu::BlockQ4_K*>(w.data()), blocks, [&](auto& b) {
+      for_each_block(reinterpret_cast<cpu::BlockQ4_K*>(w.data()), blocks, [&](auto& b) {
         b.d = d;
         b.dmin = d;
       });
       break;
     case DType::kQ6_K:
-      set_halves(reinterpret_cast<cpu::BlockQ6_K*>(w.data()), blocks, [&](auto& b) { b.d = d; });
+      for_each_block(reinterpret_cast<cpu::BlockQ6_K*>(w.data()), blocks, [&](auto& b) { b.d = d; });
       break;
     case DType::kF16: {
       auto* h = reinterpret_cast<uint16_t*>(w.data());
@@ -237,8 +237,6 @@ BENCHMARK(BM_Attention)->Apply(AttentionArgsList)->Unit(benchmark::kMicrosecond)
 // the caches. arg: threads.
 void BM_ReadBandwidth(benchmark::State& state) {
   const int threads = static_cast<int>(state.range(0));
-  Backend& be = CpuWithThreads(threads);
-  (void)be;
   static std::vector<uint64_t> buf((size_t{512} << 20) / 8, 1);
   std::vector<uint64_t> sums(static_cast<size_t>(threads) * 8);
   const size_t per = buf.size() / static_cast<size_t>(threads);
