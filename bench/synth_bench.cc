@@ -398,6 +398,13 @@ int CmdSynth(int argc, char** argv) {
             ? Status::FailedPrecondition(std::string(lock.status().message()) + "; stop it before synth")
             : lock.status());
   }
+  // The page size mnemod would use on this directory (its own, unless
+  // --page-tokens says otherwise), in whole pages per batch again.
+  if (Status s = daemon::AdoptDataDirPageTokens(o.cfg); !s.ok()) Die(s);
+  {
+    const uint64_t page = static_cast<uint64_t>(o.cfg.page_tokens);
+    o.turn_tokens = std::max<uint64_t>(page, o.turn_tokens / page * page);
+  }
 
   // The engine mnemod would run (its KV pool is allocated lazily: only the
   // calibration tokens' pages are).

@@ -305,6 +305,7 @@ Status CheckRange(const OptionSpec& spec, int64_t v, std::string_view shown) {
 Status ApplyInteger(const OptionSpec& spec, DaemonConfig& c, int64_t v) {
   MNEMO_RETURN_IF_ERROR(CheckRange(spec, v, std::to_string(v)));
   StoreInteger(spec, c, v);
+  if (std::string_view(spec.name) == "page-tokens") c.page_tokens_given = true;
   return Status::Ok();
 }
 

@@ -24,6 +24,10 @@ struct DaemonConfig {
   // --- engine ----------------------------------------------------------------
   int threads = 0;                     // --threads; 0: all cores
   int32_t page_tokens = kernels::kDefaultPageTokens;  // --page-tokens
+  // Whether --page-tokens (flag or config file) was given: when not, mnemod
+  // keeps the page size its data directory was created with (an upgrade
+  // that moved the default still opens older data).
+  bool page_tokens_given = false;
   uint64_t t0_budget_bytes = 1ull << 30;   // --t0-budget (KV pages compute reads)
   uint64_t t0_reserve_bytes = 0;           // --t0-reserve (of it, backed by memory at start-up)
   uint64_t t1_budget_bytes = 4ull << 30;   // --t1-budget (host pool, tiering)

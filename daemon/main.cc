@@ -70,7 +70,7 @@ int Run(int argc, char** argv) {
     return 2;
   }
   if (parsed->exit_now) return parsed->exit_code;
-  const DaemonConfig& cfg = parsed->config;
+  DaemonConfig& cfg = parsed->config;
   SetUpLogging(cfg.log_level);
   ::signal(SIGPIPE, SIG_IGN);
 
@@ -87,6 +87,7 @@ int Run(int argc, char** argv) {
 
   Result<int> lock = LockDataDir(cfg.data_dir);
   if (!lock.ok()) return Fail(lock.status());
+  if (Status s = AdoptDataDirPageTokens(cfg); !s.ok()) return Fail(s);
 
   systemd::NotifyStatus("loading model " + cfg.model_path);
   spdlog::info("mnemod {} loading {}", MNEMO_VERSION, cfg.model_path);

@@ -7,6 +7,13 @@
 
 #include <cerrno>
 #include <filesystem>
+#include <memory>
+#include <optional>
+
+#include <spdlog/spdlog.h>
+
+#include "model/gguf.h"
+#include "model/llama.h"
 
 namespace mnemo::daemon {
 
@@ -25,6 +32,29 @@ Result<int> LockDataDir(const std::string& dir) {
     return Status::FromErrno("flock " + path, err);
   }
   return fd;
+}
+
+Status AdoptDataDirPageTokens(DaemonConfig& cfg) {
+  if (cfg.t2_budget_bytes == 0) return Status::Ok();
+  Result<std::unique_ptr<model::GgufFile>> file = model::GgufFile::Open(cfg.model_path);
+  if (!file.ok()) return Status::Ok();
+  Result<model::LlamaConfig> mc = model::ReadLlamaConfig(**file);
+  if (!mc.ok()) return Status::Ok();
+  const tiering::KvGeometry kv{mc->n_layers, cfg.page_tokens, mc->n_kv_heads, mc->head_dim,
+                               tiering::KvDtype::kF16};
+  Result<std::optional<int32_t>> stored = tiering::DataDirPageTokens(cfg.data_dir, kv);
+  if (!stored.ok()) return stored.status().WithContext("data directory " + cfg.data_dir);
+  if (!stored->has_value() || **stored == cfg.page_tokens) return Status::Ok();
+  if (cfg.page_tokens_given)
+    return Status::FailedPrecondition(
+        "data directory " + cfg.data_dir + " was created with " + std::to_string(**stored) +
+        "-token KV pages, and its sessions are stored in them; --page-tokens " + std::to_string(cfg.page_tokens) +
+        " cannot open it. Leave --page-tokens out (or set it to " + std::to_string(**stored) +
+        "), or give another --data-dir");
+  spdlog::info("data directory {} was created with {}-token KV pages: using them (the default is {})",
+               cfg.data_dir, **stored, cfg.page_tokens);
+  cfg.page_tokens = **stored;
+  return Status::Ok();
 }
 
 model::EngineOptions EngineOptionsFor(const DaemonConfig& cfg) {

@@ -19,6 +19,16 @@ namespace mnemo::daemon {
 // AlreadyExists when another process holds it.
 Result<int> LockDataDir(const std::string& dir);
 
+// Matches cfg.page_tokens to an existing data directory, whose page store
+// was laid out for one KV page size. Not given (cfg.page_tokens_given
+// false): it becomes the directory's size, logged when that differs from
+// the default, so that data written before a change of default still
+// opens. Given and different: FailedPrecondition naming both sizes. A
+// directory without a page store, T2 off, or a model that cannot be read
+// here (Engine::Open reports it) leave cfg as it is. Reads only the model's
+// GGUF header.
+Status AdoptDataDirPageTokens(DaemonConfig& cfg);
+
 // The engine mnemod runs with under `cfg`.
 model::EngineOptions EngineOptionsFor(const DaemonConfig& cfg);
 

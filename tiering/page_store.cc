@@ -545,6 +545,19 @@ void IoBufferArena::Release(void* buf) {
 // ---------------------------------------------------------------------------
 // Factory.
 
+Result<std::optional<size_t>> RecordedBlockBytes(const std::string& dir) {
+  const std::string meta_path = dir + "/" + internal::kMetaName;
+  struct stat st {};
+  if (::stat(meta_path.c_str(), &st) != 0) {
+    if (errno == ENOENT) return std::optional<size_t>();
+    return internal::ErrnoStatus("stat " + meta_path, errno);
+  }
+  size_t block_bytes = 0;
+  uint64_t blocks_per_slab = 0;
+  MNEMO_RETURN_IF_ERROR(internal::ReadMeta(meta_path, &block_bytes, &blocks_per_slab));
+  return std::optional<size_t>(block_bytes);
+}
+
 Result<std::unique_ptr<PageStore>> OpenPageStore(const PageStoreOptions& options) {
   using Engine = PageStoreOptions::Engine;
   if (options.engine == Engine::kPread) return OpenPreadPageStore(options);

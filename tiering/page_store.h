@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -191,6 +192,10 @@ class PageStore {
 // modified). A budget below what the slab files already hold keeps them (max_slots
 // covers them). One process at a time: the directory is locked (flock).
 Result<std::unique_ptr<PageStore>> OpenPageStore(const PageStoreOptions& options);
+// The block size recorded in page store directory `dir`, without opening
+// (or locking) it; nullopt when the directory holds no store yet. Errors as
+// OpenPageStore's for a damaged or newer record.
+Result<std::optional<size_t>> RecordedBlockBytes(const std::string& dir);
 // Unsupported when io_uring is unavailable.
 Result<std::unique_ptr<PageStore>> OpenUringPageStore(const PageStoreOptions& options);
 Result<std::unique_ptr<PageStore>> OpenPreadPageStore(const PageStoreOptions& options);

@@ -19,6 +19,37 @@ constexpr size_t kWindowBlocks = 32;
 
 }  // namespace
 
+Result<std::optional<int32_t>> DataDirPageTokens(const std::string& data_dir, const KvGeometry& kv) {
+  const std::string dir = data_dir + "/pages";
+  MNEMO_ASSIGN_OR_RETURN(std::optional<size_t> recorded, RecordedBlockBytes(dir));
+  if (!recorded) return std::optional<int32_t>();
+  std::vector<int32_t> fits, unpadded;
+  for (int32_t pt = 1; pt <= 1024; ++pt) {
+    Result<BlockLayout> layout = BlockLayout::For(kernels::KvLayout{pt, kv.n_kv_heads, kv.head_dim}, kv.n_layers);
+    if (!layout.ok()) return layout.status();
+    if (layout->block_bytes == *recorded) {
+      fits.push_back(pt);
+      if (layout->page_bytes == layout->layer_stride) unpadded.push_back(pt);
+    }
+    if (layout->block_bytes > *recorded) break;
+  }
+  if (fits.size() == 1) return std::optional<int32_t>(fits[0]);
+  if (std::find(fits.begin(), fits.end(), kv.page_tokens) != fits.end())
+    return std::optional<int32_t>(kv.page_tokens);
+  // Pages padded up to the I/O alignment make the same blocks as the size
+  // that fills it exactly (the default model: 11 to 16 tokens, 59 to 64):
+  // that size, the one any default has been, is taken.
+  if (unpadded.size() == 1) return std::optional<int32_t>(unpadded[0]);
+  const std::string what = "the page store in " + dir + " holds blocks of " + std::to_string(*recorded) + " bytes";
+  if (fits.empty())
+    return Status::InvalidArgument(what + ", which no KV page size of this model makes (" +
+                                   std::to_string(kv.n_layers) + " layers, " + std::to_string(kv.n_kv_heads) +
+                                   " KV heads of " + std::to_string(kv.head_dim) +
+                                   "): it was written for another model");
+  return Status::InvalidArgument(what + ", which pages of " + std::to_string(fits.front()) + " to " +
+                                 std::to_string(fits.back()) + " tokens all make: set --page-tokens");
+}
+
 Result<std::unique_ptr<TierManager>> TierManager::Open(const TierOptions& options) {
   if (options.page_bytes == 0) return Status::InvalidArgument("tiering: page_bytes not set");
   kernels::KvLayout kv{options.kv.page_tokens, options.kv.n_kv_heads, options.kv.head_dim};

@@ -23,6 +23,7 @@
 #include <list>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -166,6 +167,19 @@ struct TierStats {
   size_t block_bytes = 0;
   int32_t n_layers = 0;
 };
+
+// The KV page size (tokens) data directory `data_dir` was created with, for
+// a model of geometry `kv`, read from the page store's recorded block size:
+// nullopt when it holds no page store yet. Pages are padded to the I/O
+// alignment in a block, so several sizes can make one block size:
+// kv.page_tokens when it is one of them, else the one whose pages fill the
+// alignment exactly (a padded size, which no default has been, shows up
+// later as each session's recorded page size, and its refusal names it).
+// InvalidArgument,
+// naming the block size, when no page size up to 1024 tokens makes that
+// block for this model (another model's data), or when the candidates
+// leave it open (--page-tokens decides).
+Result<std::optional<int32_t>> DataDirPageTokens(const std::string& data_dir, const KvGeometry& kv);
 
 class TierManager {
  public:

@@ -136,6 +136,7 @@ TEST_F(ConfigTest, NoArgumentsGiveTheDocumentedDefaults) {
   EXPECT_EQ(c.config_path, "");
   EXPECT_EQ(c.threads, d.threads);
   EXPECT_EQ(c.page_tokens, 64);
+  EXPECT_FALSE(c.page_tokens_given);  // a data directory's own size may replace it
   EXPECT_EQ(c.t0_budget_bytes, 1ull << 30);
   EXPECT_EQ(c.t1_budget_bytes, 4ull << 30);
   EXPECT_EQ(c.t2_budget_bytes, 64ull << 30);
@@ -223,6 +224,7 @@ TEST_F(ConfigTest, EveryFlagSetsItsField) {
   EXPECT_EQ(c.socket_mode, 0600u);
   EXPECT_EQ(c.threads, 3);
   EXPECT_EQ(c.page_tokens, 32);
+  EXPECT_TRUE(c.page_tokens_given);
   EXPECT_EQ(c.t0_budget_bytes, 512ull << 20);
   EXPECT_EQ(c.t0_reserve_bytes, 256ull << 20);
   EXPECT_EQ(c.t1_budget_bytes, 3ull << 29);
@@ -418,6 +420,7 @@ TEST_F(ConfigTest, FileAcceptsSectionTables) {
   EXPECT_EQ(c.socket_mode, 0640u);
   EXPECT_EQ(c.t1_budget_bytes, 1ull << 30);
   EXPECT_EQ(c.page_tokens, 32);
+  EXPECT_TRUE(c.page_tokens_given);  // from the file, as from the flag
   EXPECT_EQ(c.max_batch, 4);
   EXPECT_EQ(c.max_queued_requests, 3u);
   EXPECT_DOUBLE_EQ(c.idle_timeout_s, 3600);

@@ -104,7 +104,7 @@ class BadDataDirTest : public ::testing::Test {
 
   // A data directory holding session "s" with one persisted turn.
   void MakeDataDir() {
-    ASSERT_TRUE(d_.Start(kArgs)) << d_.error();
+    ASSERT_TRUE(d_.Start(args_)) << d_.error();
     auto c = Connect();
     ASSERT_TRUE(c.ok()) << c.status().ToString();
     ASSERT_TRUE(c->CreateSession("s").ok());
@@ -125,7 +125,7 @@ class BadDataDirTest : public ::testing::Test {
     if (dir.empty()) dir = index_dir_;
     const auto before = Snapshot(d_.data_dir());
     const size_t log_from = d_.log().size();
-    EXPECT_FALSE(d_.Start(kArgs, 60s)) << "mnemod started on a data directory it must refuse";
+    EXPECT_FALSE(d_.Start(args_, 60s)) << "mnemod started on a data directory it must refuse";
     const int st = d_.Wait(30s);
     EXPECT_TRUE(WIFEXITED(st) && WEXITSTATUS(st) != 0) << "exit status " << st;
     for (const auto& n : d_.notifications()) EXPECT_EQ(n.find("READY=1"), std::string::npos) << n;
@@ -140,7 +140,7 @@ class BadDataDirTest : public ::testing::Test {
 
   // With the damage undone, the old session is there and resumes from T2.
   void ExpectServedAgain() {
-    ASSERT_TRUE(d_.Start(kArgs)) << d_.error();
+    ASSERT_TRUE(d_.Start(args_)) << d_.error();
     auto c = Connect();
     ASSERT_TRUE(c.ok()) << c.status().ToString();
     auto info = c->GetSession("s");
@@ -155,6 +155,7 @@ class BadDataDirTest : public ::testing::Test {
   }
 
   DaemonProcess d_;
+  std::vector<std::string> args_ = kArgs;  // mnemod's flags for the next start
   std::string index_dir_;
   uint32_t tokens_ = 0;
 };
@@ -170,6 +171,27 @@ TEST_F(BadDataDirTest, NewerIndexFormatVersionIsRefusedAndLeftUntouched) {
   }
   ASSERT_NO_FATAL_FAILURE(SetFormatVersion(index_dir_, 1));
   ExpectServedAgain();
+}
+
+// A data directory written with another KV page size than today's default
+// (an upgrade that moved the default): without --page-tokens mnemod keeps
+// the directory's size and resumes its sessions; a --page-tokens that
+// cannot open it is refused, naming both sizes and the flag, and nothing is
+// touched.
+TEST_F(BadDataDirTest, DataDirOfAnotherPageSizeKeepsItsSizeUnlessAFlagConflicts) {
+  args_ = kArgs;
+  args_.insert(args_.end(), {"--page-tokens", "16"});
+  ASSERT_NO_FATAL_FAILURE(MakeDataDir());
+  args_ = kArgs;
+  args_.insert(args_.end(), {"--page-tokens", "64"});
+  const std::string log = ExpectRefusal(d_.data_dir());
+  EXPECT_NE(log.find("created with 16-token KV pages"), std::string::npos) << log;
+  EXPECT_NE(log.find("--page-tokens 64 cannot open it"), std::string::npos) << log;
+  args_ = kArgs;  // the default: 64-token pages for a new directory
+  const size_t log_from = d_.log().size();
+  ExpectServedAgain();
+  EXPECT_NE(d_.log().find("created with 16-token KV pages: using them", log_from), std::string::npos)
+      << d_.log().substr(log_from);
 }
 
 TEST_F(BadDataDirTest, NewerPageStoreFormatVersionIsRefusedAndLeftUntouched) {

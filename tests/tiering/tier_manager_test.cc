@@ -305,6 +305,31 @@ TEST_F(TierManagerTest, AnotherKvLayoutIsRefusedNamingThePageSizeFlag) {
   EXPECT_NE(st2.message().find("cannot be resumed"), std::string_view::npos) << st2.ToString();
 }
 
+TEST_F(TierManagerTest, DataDirPageTokensReadsThePageSizeTheDirectoryWasCreatedWith) {
+  KvGeometry kv{kLayers, 64, kKvHeads, kHeadDim, KvDtype::kF16};
+  auto none = DataDirPageTokens(dir_, kv);
+  ASSERT_TRUE(none.ok()) << none.status().ToString();
+  EXPECT_FALSE(none->has_value());  // no page store yet
+
+  Open(0, 1 << 20);  // kPageTokens: pages of exactly the I/O alignment
+  // Another default (64): the directory's own size, the one that fills the
+  // alignment (1 to 15 tokens make the same padded block).
+  auto stored = DataDirPageTokens(dir_, kv);
+  ASSERT_TRUE(stored.ok()) << stored.status().ToString();
+  ASSERT_TRUE(stored->has_value());
+  EXPECT_EQ(**stored, kPageTokens);
+  // A size that makes the same block is taken as asked.
+  kv.page_tokens = 8;
+  stored = DataDirPageTokens(dir_, kv);
+  ASSERT_TRUE(stored.ok() && stored->has_value());
+  EXPECT_EQ(**stored, 8);
+  // Another model's geometry makes no such block.
+  kv.n_layers = kLayers + 1;
+  const auto other = DataDirPageTokens(dir_, kv);
+  EXPECT_EQ(other.status().code(), StatusCode::kInvalidArgument);
+  EXPECT_NE(other.status().message().find("another model"), std::string_view::npos) << other.status().ToString();
+}
+
 TEST_F(TierManagerTest, StreamServesEveryLayerStepAfterStepThroughASmallRing) {
   Open(/*t1_budget=*/0, /*extent_bytes=*/kPageBytes);
   const CommittedKv kv = Persist(112);  // 7 full blocks
