@@ -194,9 +194,6 @@ SynthOptions ParseOptions(int argc, char** argv) {
     Die(Status::InvalidArgument("--tokens " + std::to_string(o.tokens) + " is over the manifest limit of " +
                                 std::to_string(tiering::kMaxManifestTokens)));
   if (o.cfg.t2_budget_bytes == 0) Die(Status::InvalidArgument("--t2-budget 0 leaves nowhere to write the session"));
-  const uint64_t pt = static_cast<uint64_t>(o.cfg.page_tokens);
-  // Whole pages per batch: only the session's last block is ever partial.
-  o.turn_tokens = std::max<uint64_t>(pt, o.turn_tokens / pt * pt);
   return o;
 }
 
@@ -399,7 +396,8 @@ int CmdSynth(int argc, char** argv) {
             : lock.status());
   }
   // The page size mnemod would use on this directory (its own, unless
-  // --page-tokens says otherwise), in whole pages per batch again.
+  // --page-tokens says otherwise); whole pages per batch, so that only the
+  // session's last block is ever partial.
   if (Status s = daemon::AdoptDataDirPageTokens(o.cfg); !s.ok()) Die(s);
   {
     const uint64_t page = static_cast<uint64_t>(o.cfg.page_tokens);

@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <memory>
 #include <random>
 #include <string>
@@ -44,8 +45,8 @@ int AllCores() { return std::max(1, static_cast<int>(std::thread::hardware_concu
 // One backend per thread count, kept across benchmarks (its pool spins up
 // once).
 Backend& CpuWithThreads(int threads) {
-  static std::vector<std::unique_ptr<Backend>> backends(257);
-  auto& b = backends[static_cast<size_t>(std::clamp(threads, 1, 256))];
+  static std::map<int, std::unique_ptr<Backend>> backends;
+  auto& b = backends[threads];
   if (!b) b = MakeCpuBackend(threads);
   return *b;
 }
@@ -58,41 +59,22 @@ std::vector<uint8_t> RandomWeights(DType type, int64_t rows, int64_t cols) {
   const size_t row_bytes = RowBytes(type, cols);
   std::vector<uint8_t> w(row_bytes * static_cast<size_t>(rows));
   for (uint8_t& b : w) b = static_cast<uint8_t>(rng());
-  const int64_t blocks = rows * cols / Info(type).block_elems;
+  if (type == DType::kF16) {
+    auto* h = reinterpret_cast<uint16_t*>(w.data());
+    std::uniform_real_distribution<float> u(-0.1f, 0.1f);
+    for (int64_t i = 0; i < rows * cols; ++i) h[i] = cpu::F32ToF16(u(rng));
+    return w;
+  }
+  if (Info(type).block_elems == 1) return w;  // no block scales
+  // Where each block keeps its fp16 scales: d first (Q6_K: last), then
+  // Q4_1's m or Q4_K's dmin.
   const uint16_t d = cpu::F32ToF16(0.01f), m = cpu::F32ToF16(-0.05f);
-  auto for_each_block = [&](auto* block, int64_t n, auto&& fn) {
-    for (int64_t i = 0; i < n; ++i) fn(block[i]);
-  };
-  switch (type) {
-    case DType::kQ4_0:
-      for_each_block(reinterpret_cast<cpu::BlockQ4_0*>(w.data()), blocks, [&](auto& b) { b.d = d; });
-      break;
-    case DType::kQ4_1:
-      for_each_block(reinterpret_cast<cpu::BlockQ4_1*>(w.data()), blocks, [&](auto& b) {
-        b.d = d;
-        b.m = m;
-      });
-      break;
-    case DType::kQ8_0:
-      for_each_block(reinterpret_cast<cpu::BlockQ8_0*>(w.data()), blocks, [&](auto& b) { b.d = d; });
-      break;
-    case DType::kQ4_K:
-      for_each_block(reinterpret_cast<cpu::BlockQ4_K*>(w.data()), blocks, [&](auto& b) {
-        b.d = d;
-        b.dmin = d;
-      });
-      break;
-    case DType::kQ6_K:
-      for_each_block(reinterpret_cast<cpu::BlockQ6_K*>(w.data()), blocks, [&](auto& b) { b.d = d; });
-      break;
-    case DType::kF16: {
-      auto* h = reinterpret_cast<uint16_t*>(w.data());
-      std::uniform_real_distribution<float> u(-0.1f, 0.1f);
-      for (int64_t i = 0; i < rows * cols; ++i) h[i] = cpu::F32ToF16(u(rng));
-      break;
-    }
-    default:
-      break;
+  const size_t bb = static_cast<size_t>(Info(type).block_bytes);
+  const bool second = type == DType::kQ4_1 || type == DType::kQ4_K;
+  const size_t d_at = type == DType::kQ6_K ? bb - 2 : 0;
+  for (size_t o = 0; o < w.size(); o += bb) {
+    std::memcpy(w.data() + o + d_at, &d, 2);
+    if (second) std::memcpy(w.data() + o + 2, type == DType::kQ4_1 ? &m : &d, 2);
   }
   return w;
 }
