@@ -85,6 +85,12 @@ struct AttentionArgs {
   const int32_t* kv_len = nullptr; // [n_tokens]
   const AttentionSeq* seqs = nullptr;
   int32_t n_seqs = 0;
+  // Optional [n_tokens]: the query rows token t's sequence has in the whole
+  // step when only some of them are computed here (a model's last layer
+  // needs only the rows that give logits). It picks the algorithm, so that
+  // each computed row's result is the same as with every row present.
+  // Null: the rows present.
+  const int64_t* run_rows = nullptr;
 };
 
 // Where each new token's K and V go: page base pointer and slot in the page.

@@ -201,6 +201,31 @@ Status LlamaModel::EnsureScratch(int64_t n, int64_t n_logits) {
   return Status::Ok();
 }
 
+void LlamaModel::KeepLogitRows(std::span<const BatchSeq> batch, int64_t q_dim) {
+  const int64_t dim = cfg_.dim;
+  run_rows_.clear();
+  int64_t r = 0, t = 0;
+  auto keep = [&](int64_t from, int64_t rows) {
+    if (from != r) {  // from > r: rows only move forward
+      std::memmove(q_ + r * q_dim, q_ + from * q_dim, static_cast<size_t>(q_dim) * sizeof(float));
+      std::memmove(x_ + r * dim, x_ + from * dim, static_cast<size_t>(dim) * sizeof(float));
+      tok_seq_[r] = tok_seq_[from];
+      kv_len_[r] = kv_len_[from];
+    }
+    run_rows_.push_back(rows);
+    ++r;
+  };
+  for (const BatchSeq& e : batch) {
+    const int64_t len = static_cast<int64_t>(e.tokens.size());
+    if (e.all_logits) {
+      for (int64_t i = 0; i < len; ++i) keep(t + i, len);
+    } else {
+      keep(t + len - 1, len);
+    }
+    t += len;
+  }
+}
+
 void LlamaModel::Observe(std::string_view name, int layer, const float* data, int64_t rows,
                          int64_t cols) {
   if (!observer_) return;
@@ -270,6 +295,13 @@ Status LlamaModel::Forward(std::span<const BatchSeq> batch, attention::KvCache* 
   be.GetRows(tok_embd_, ids_.data(), n, x_);
 
   att_seqs_.resize(batch.size());
+  // Past the last layer's K and V, only the rows that need logits matter:
+  // its attention, output projection and FFN run on those alone (llama.cpp
+  // trims its last layer the same way, after the attention). m counts the
+  // rows computed; keep_ lists them. With an observer every row runs, so
+  // that each tensor is seen whole, as llama.cpp computes it.
+  int64_t m = n;
+  const bool trim = n_logits < n && !observer_;
   for (int32_t l = 0; l < c.n_layers; ++l) {
     const Layer& L = layers_[l];
     be.RmsNorm(x_, L.attn_norm, n, c.dim, c.rms_eps, xb_);
@@ -318,45 +350,50 @@ Status LlamaModel::Forward(std::span<const BatchSeq> batch, attention::KvCache* 
     w.slot = slot_.data();
     be.WriteKv(w);
 
+    if (trim && l == c.n_layers - 1) {
+      KeepLogitRows(batch, q_dim);
+      m = n_logits;
+    }
     kernels::AttentionArgs a;
     a.layout = layout;
     a.n_heads = c.n_heads;
     a.scale = 1.0f / std::sqrt(static_cast<float>(c.head_dim));
-    a.n_tokens = n;
+    a.n_tokens = m;
     a.q = q_;
     a.out = att_;
     a.seq = tok_seq_.data();
     a.kv_len = kv_len_.data();
     a.seqs = att_seqs_.data();
     a.n_seqs = static_cast<int32_t>(batch.size());
+    if (m < n) a.run_rows = run_rows_.data();
     be.Attention(a);
     if (gate) gate->LayerDone(l);
 
-    Observe("kqv_out", l, att_, n, q_dim);
-    be.MatMul(L.wo, att_, n, xb_);
-    Observe("attn_out", l, xb_, n, c.dim);
-    be.Add(x_, xb_, n * c.dim);
-    Observe("ffn_inp", l, x_, n, c.dim);
-    be.RmsNorm(x_, L.ffn_norm, n, c.dim, c.rms_eps, xb_);
-    Observe("ffn_norm", l, xb_, n, c.dim);
+    Observe("kqv_out", l, att_, m, q_dim);
+    be.MatMul(L.wo, att_, m, xb_);
+    Observe("attn_out", l, xb_, m, c.dim);
+    be.Add(x_, xb_, m * c.dim);
+    Observe("ffn_inp", l, x_, m, c.dim);
+    be.RmsNorm(x_, L.ffn_norm, m, c.dim, c.rms_eps, xb_);
+    Observe("ffn_norm", l, xb_, m, c.dim);
     {
       const Weight gate_up[] = {L.w_gate, L.w_up};
       float* const out[] = {gate_, up_};
-      be.MatMulShared(gate_up, xb_, n, out);
+      be.MatMulShared(gate_up, xb_, m, out);
     }
-    Observe("ffn_gate", l, gate_, n, c.ffn_dim);
-    Observe("ffn_up", l, up_, n, c.ffn_dim);
-    be.SiluMul(gate_, up_, n * c.ffn_dim);
-    Observe("ffn_swiglu", l, gate_, n, c.ffn_dim);
-    be.MatMul(L.w_down, gate_, n, xb_);
-    Observe("ffn_out", l, xb_, n, c.dim);
-    be.Add(x_, xb_, n * c.dim);
-    Observe("l_out", l, x_, n, c.dim);
+    Observe("ffn_gate", l, gate_, m, c.ffn_dim);
+    Observe("ffn_up", l, up_, m, c.ffn_dim);
+    be.SiluMul(gate_, up_, m * c.ffn_dim);
+    Observe("ffn_swiglu", l, gate_, m, c.ffn_dim);
+    be.MatMul(L.w_down, gate_, m, xb_);
+    Observe("ffn_out", l, xb_, m, c.dim);
+    be.Add(x_, xb_, m * c.dim);
+    Observe("l_out", l, x_, m, c.dim);
   }
 
   // Gather the rows that need logits, then norm and project only those.
   const float* rows = x_;
-  if (n_logits != n) {
+  if (m != n_logits) {
     int64_t r = 0, t = 0;
     for (const BatchSeq& e : batch) {
       const int64_t len = static_cast<int64_t>(e.tokens.size());

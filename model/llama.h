@@ -116,6 +116,11 @@ class LlamaModel {
   Result<const float*> BindVector(const std::string& name, int64_t n, bool optional);
   Status EnsureScratch(int64_t n_tokens, int64_t n_logits);
   void Observe(std::string_view name, int layer, const float* data, int64_t rows, int64_t cols);
+  // Moves the rows that need logits (an entry's last, or all of an
+  // all_logits entry) to the front of q_, x_, tok_seq_ and kv_len_, in
+  // order, and sets run_rows_ to the rows each one's sequence has in the
+  // step (which picks its attention algorithm).
+  void KeepLogitRows(std::span<const BatchSeq> batch, int64_t q_dim);
 
   // constant after Load
   std::shared_ptr<const GgufFile> file_;
@@ -145,6 +150,7 @@ class LlamaModel {
   float* logits_ = nullptr;    // [n_logits][vocab]
   // Per-step host metadata, reused across steps.
   std::vector<int32_t> ids_, pos_, tok_seq_, kv_len_, slot_;
+  std::vector<int64_t> run_rows_;
   std::vector<void*> kv_page_;
   std::vector<const void*> page_ptrs_;
   std::vector<kernels::AttentionSeq> att_seqs_;

@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <bit>
 #include <cmath>
 #include <random>
 
@@ -273,6 +274,53 @@ TEST(Llama, MixedBatchEqualsSeparateRuns) {
   ASSERT_EQ(out.size(), 3u * V);
   for (int s = 0; s < 3; ++s)
     for (int i = 0; i < V; ++i) ASSERT_NEAR(out[s * V + i], want[s][i], 2e-3f) << s << " " << i;
+}
+
+// The last layer computes only the rows that give logits. Each kept row
+// must come out bit for bit as with every row computed (all_logits), with
+// the attention algorithm its whole run picks: a turn over a long history
+// (tiled), a short fresh prompt (one chunk), a decode token past 512 keys
+// (split), side by side in one batch. The KV written is the same too.
+TEST(Llama, LastLayerOnlyForLogitRowsChangesNoBit) {
+  testutil::TinyModelSpec spec = SmolShape();
+  spec.n_layers = 2;
+  spec.context_length = 1024;
+  Loaded l = Load(spec, 2, 16);
+  const int V = l.model->config().vocab_size;
+  const std::vector<std::vector<int32_t>> hist = {RandomTokens(130, V, 31), {}, RandomTokens(600, V, 33)};
+  const std::vector<std::vector<int32_t>> next = {RandomTokens(7, V, 41), RandomTokens(9, V, 42),
+                                                  RandomTokens(1, V, 43)};
+  const std::vector<int32_t> after = RandomTokens(3, V, 51);
+  std::vector<std::vector<float>> last(2), then(2);
+  for (int all = 0; all < 2; ++all) {
+    std::vector<attention::SeqId> ids;
+    for (int s = 0; s < 3; ++s) {
+      ids.push_back(l.kv->CreateSeq());
+      if (hist[s].empty()) continue;
+      std::vector<float> out;
+      BatchSeq h{ids[s], hist[s], false};
+      ASSERT_TRUE(l.model->Forward({&h, 1}, l.kv.get(), &out).ok());
+    }
+    std::vector<BatchSeq> batch;
+    for (int s = 0; s < 3; ++s) batch.push_back({ids[s], next[s], all == 1});
+    std::vector<float> out;
+    ASSERT_TRUE(l.model->Forward(batch, l.kv.get(), &out).ok());
+    size_t row = 0;
+    for (int s = 0; s < 3; ++s) {
+      row += all ? next[s].size() : 1;
+      last[all].insert(last[all].end(), out.begin() + (row - 1) * V, out.begin() + row * V);
+    }
+    ASSERT_EQ(row * V, out.size());
+    batch.clear();
+    for (int s = 0; s < 3; ++s) batch.push_back({ids[s], std::span<const int32_t>(&after[s], 1), false});
+    ASSERT_TRUE(l.model->Forward(batch, l.kv.get(), &then[all]).ok());
+    for (attention::SeqId id : ids) ASSERT_TRUE(l.kv->FreeSeq(id).ok());
+  }
+  ASSERT_EQ(last[0].size(), 3u * V);
+  for (size_t i = 0; i < last[0].size(); ++i)
+    ASSERT_EQ(std::bit_cast<uint32_t>(last[0][i]), std::bit_cast<uint32_t>(last[1][i])) << i / V << " " << i % V;
+  for (size_t i = 0; i < then[0].size(); ++i)
+    ASSERT_EQ(std::bit_cast<uint32_t>(then[0][i]), std::bit_cast<uint32_t>(then[1][i])) << i / V << " " << i % V;
 }
 
 TEST(Llama, ForkContinuesLikeTheOriginal) {
