@@ -161,6 +161,25 @@ HWY_INLINE void KeysTransposedF32(const AttentionSeq& seq, const KvLayout& L, in
   }
 }
 
+// Prefetches the K and V rows of keys [j0, j0 + n) of kv head kvh into L2.
+HWY_INLINE void PrefetchKvL2(const AttentionSeq& seq, const KvLayout& L, int32_t kvh, int64_t j0, int64_t n) {
+  const int64_t P = L.page_tokens;
+  const size_t row_bytes = static_cast<size_t>(L.head_dim) * sizeof(uint16_t);
+  for (int64_t j = 0; j < n;) {
+    const int64_t slot = (j0 + j) % P;
+    const int64_t m = std::min(n - j, P - slot);
+    const auto* page = static_cast<const char*>(seq.pages[(j0 + j) / P]);
+    // A kv head's rows are consecutive within a page.
+    const char* k = page + L.k_offset(kvh, static_cast<int>(slot)) * sizeof(uint16_t);
+    const char* v = page + L.v_offset(kvh, static_cast<int>(slot)) * sizeof(uint16_t);
+    for (size_t off = 0; off < static_cast<size_t>(m) * row_bytes; off += 64) {
+      __builtin_prefetch(k + off, 0, 2);  // prefetcht1 on x86
+      __builtin_prefetch(v + off, 0, 2);
+    }
+    j += m;
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Tiled path (ggml_compute_forward_flash_attn_ext_tiled).
 
@@ -278,10 +297,10 @@ HWY_INLINE void TilePvF16R(float* const* HWY_RESTRICT acc, const float* const* H
   }
 }
 
-// Sum of e[0..kTile) as ggml_vec_soft_max_f32 (AVX2) forms it: each group
-// of 8 summed ((e0+e4)+(e2+e6))+((e1+e5)+(e3+e7)) in float, the groups in
-// double.
-HWY_INLINE double TileExpSum(const float* HWY_RESTRICT e) {
+// The float part of ggml_vec_soft_max_f32's (AVX2) sum of e[0..kTile):
+// each group of 8 summed ((e0+e4)+(e2+e6))+((e1+e5)+(e3+e7)), into g[8].
+// The groups are then added in double (TileExpSums).
+HWY_INLINE void TileGroupSums(const float* HWY_RESTRICT e, float* HWY_RESTRICT g) {
 #if HWY_ARCH_X86 && HWY_TARGET <= HWY_AVX2
   // The same float additions, eight groups at once: halves added (e_i +
   // e_{i+4}), then lanes two apart, then neighbours, two groups per 128-bit
@@ -297,26 +316,30 @@ HWY_INLINE double TileExpSum(const float* HWY_RESTRICT e) {
                                   _mm256_shuffle_ps(t[0], t[1], _MM_SHUFFLE(3, 2, 3, 2)));
   const __m256 u1 = _mm256_add_ps(_mm256_shuffle_ps(t[2], t[3], _MM_SHUFFLE(1, 0, 1, 0)),
                                   _mm256_shuffle_ps(t[2], t[3], _MM_SHUFFLE(3, 2, 3, 2)));
-  // Group sums, lanes [0, 2, 4, 6 | 1, 3, 5, 7].
+  // Group sums, lanes [0, 2, 4, 6 | 1, 3, 5, 7]: stored in group order.
   const __m256 w = _mm256_add_ps(_mm256_shuffle_ps(u0, u1, _MM_SHUFFLE(2, 0, 2, 0)),
                                  _mm256_shuffle_ps(u0, u1, _MM_SHUFFLE(3, 1, 3, 1)));
-  alignas(32) float g[8];
-  _mm256_store_ps(g, w);
-  double sum = 0.0;
-  for (int k = 0; k < 4; ++k) {
-    sum += static_cast<double>(g[k]);
-    sum += static_cast<double>(g[k + 4]);
-  }
-  return sum;
+  _mm256_storeu_ps(g, _mm256_permutevar8x32_ps(w, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7)));
 #else
-  double sum = 0.0;
-  for (int64_t g = 0; g < kTile; g += 8) {
-    const float* x = e + g;
+  for (int64_t k = 0; k < kTile / 8; ++k) {
+    const float* x = e + 8 * k;
     const float t0 = x[0] + x[4], t1 = x[1] + x[5], t2 = x[2] + x[6], t3 = x[3] + x[7];
-    sum += static_cast<double>((t0 + t2) + (t1 + t3));
+    g[k] = (t0 + t2) + (t1 + t3);
   }
-  return sum;
 #endif
+}
+
+// sum[k] = the sum of e[k][0..kTile) as ggml_vec_soft_max_f32 forms it:
+// the group sums added in double from 0, in order. The R rows' chains of
+// dependent additions are interleaved.
+template <int R>
+HWY_INLINE void TileExpSums(float* const* HWY_RESTRICT e, double* HWY_RESTRICT sum) {
+  static_assert(kTile == 64);
+  alignas(32) float g[R][8];
+  for (int k = 0; k < R; ++k) TileGroupSums(e[k], g[k]);
+  for (int k = 0; k < R; ++k) sum[k] = 0.0;
+  for (int i = 0; i < 8; ++i)
+    for (int k = 0; k < R; ++k) sum[k] += static_cast<double>(g[k][i]);
 }
 
 // Query tokens [t0, t1) of one sequence, the query heads of kv head kvh.
@@ -371,31 +394,40 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
     auto query = [&](int64_t r) {
       return a.q + (t0 + r / group) * q_stride + (static_cast<int64_t>(kvh) * group + r % group) * D;
     };
-    // Masks, softmax-updates row r's state for its scores sr; leaves the
-    // exponentials in sr.
-    auto softmax = [&](int64_t r, int64_t valid, float* sr) {
-      for (int64_t j = valid; j < kTile; ++j) sr[j] = -INFINITY;
+    // Masks, softmax-updates the state of rows rr[0..R) for their scores
+    // sr[k]; leaves the exponentials in sr. Each row's arithmetic is its
+    // own; the R rows are interleaved for the out-of-order core.
+    auto softmax = [&]<int R>(const int64_t* rr, const int64_t* valid, float* const* sr) {
+      for (int k = 0; k < R; ++k)
+        for (int64_t j = valid[k]; j < kTile; ++j) sr[k][j] = -INFINITY;
       // The scores are finite (masked ones -inf): the maximum is the same in
       // any order.
-      VF vmx = hn::Set(df, -INFINITY);
-      for (int64_t j = 0; j < kTile; j += N) vmx = hn::Max(vmx, hn::LoadU(df, sr + j));
-      const float tile_max = hn::GetLane(hn::MaxOfLanes(df, vmx));
-      const float m_new = std::fmax(m[r], tile_max);
-      float* o = acc + r * D;
-      if (m_new > m[r]) {
-        const float ms = std::exp(m[r] - m_new);
-        const VF vms = hn::Set(df, ms);
-        int64_t d = 0;
-        for (; d + N <= D; d += N) hn::StoreU(hn::Mul(hn::LoadU(df, o + d), vms), df, o + d);
-        for (; d < D; ++d) o[d] *= ms;
-        l[r] *= ms;
+      VF vmx[R];
+      for (int k = 0; k < R; ++k) vmx[k] = hn::Set(df, -INFINITY);
+      for (int64_t j = 0; j < kTile; j += N)
+        for (int k = 0; k < R; ++k) vmx[k] = hn::Max(vmx[k], hn::LoadU(df, sr[k] + j));
+      VF vmax[R];
+      for (int k = 0; k < R; ++k) {
+        const int64_t r = rr[k];
+        const float m_new = std::fmax(m[r], hn::GetLane(hn::MaxOfLanes(df, vmx[k])));
+        if (m_new > m[r]) {
+          const float ms = std::exp(m[r] - m_new);
+          const VF vms = hn::Set(df, ms);
+          float* o = acc + r * D;
+          int64_t d = 0;
+          for (; d + N <= D; d += N) hn::StoreU(hn::Mul(hn::LoadU(df, o + d), vms), df, o + d);
+          for (; d < D; ++d) o[d] *= ms;
+          l[r] *= ms;
+        }
+        m[r] = m_new;
+        vmax[k] = hn::Set(df, m_new);
       }
-      m[r] = m_new;
-      const VF vmax = hn::Set(df, m_new);
-      for (int64_t j = 0; j < kTile; j += N) {
-        hn::StoreU(GgmlExp(df, hn::Sub(hn::LoadU(df, sr + j), vmax)), df, sr + j);
-      }
-      l[r] = static_cast<float>(static_cast<double>(l[r]) + TileExpSum(sr));
+      for (int64_t j = 0; j < kTile; j += N)
+        for (int k = 0; k < R; ++k)
+          hn::StoreU(GgmlExp(df, hn::Sub(hn::LoadU(df, sr[k] + j), vmax[k])), df, sr[k] + j);
+      double sum[R];
+      TileExpSums<R>(sr, sum);
+      for (int k = 0; k < R; ++k) l[rr[k]] = static_cast<float>(static_cast<double>(l[rr[k]]) + sum[k]);
     };
     auto rows_of = [&]<int R>(int64_t i) {
       const float* qs[R];
@@ -409,12 +441,33 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
         n_max = std::max(n_max, live_valid[i + k]);
       }
       TileScoresR<R>(qs, kt, D, a.scale, ss);
-      for (int k = 0; k < R; ++k) softmax(live[i + k], live_valid[i + k], ss[k]);
+      softmax.template operator()<R>(live + i, live_valid + i, ss);
       TilePvF16R<R>(os, ss, vrow, n_max, D);
     };
+    // The next tile's K and V rows go to L2 while this one computes, a few
+    // keys per group of rows: a tile lies in other pages than the last,
+    // where the hardware prefetcher starts cold. (They are read from
+    // memory once per call.)
+    const int64_t next_n = std::min(kTile, max_len - c0 - kTile);
+    const int64_t groups = (n_live + kRowsTogether - 1) / kRowsTogether;
+    const int64_t per_group = groups > 0 ? (next_n + groups - 1) / groups : next_n;
+    int64_t next_j = 0;
+    auto prefetch_some = [&] {
+      if (next_j >= next_n) return;
+      const int64_t k = std::min(per_group, next_n - next_j);
+      PrefetchKvL2(seq, L, kvh, c0 + kTile + next_j, k);
+      next_j += k;
+    };
     int64_t i = 0;
-    for (; i + kRowsTogether <= n_live; i += kRowsTogether) rows_of.template operator()<kRowsTogether>(i);
-    for (; i < n_live; ++i) rows_of.template operator()<1>(i);
+    for (; i + kRowsTogether <= n_live; i += kRowsTogether) {
+      prefetch_some();
+      rows_of.template operator()<kRowsTogether>(i);
+    }
+    for (; i < n_live; ++i) {
+      prefetch_some();
+      rows_of.template operator()<1>(i);
+    }
+    if (next_j < next_n) PrefetchKvL2(seq, L, kvh, c0 + kTile + next_j, next_n - next_j);
   }
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t t = t0 + r / group;
@@ -1006,7 +1059,7 @@ bool LibmExpVectorizedImpl() {
 void AttentionRowsImpl(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh,
                        float* scratch) {
   const SeqRun run = SeqRunOf(a, t0);
-  const int64_t rows = run.rows;
+  const int64_t rows = a.run_rows ? a.run_rows[t0] : run.rows;
   if (rows > 1 && run.max_kv_len >= kTile) {
     TiledRows(a, t0, t1, kvh, scratch);
     return;
