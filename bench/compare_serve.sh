@@ -7,6 +7,8 @@
 #   mnemo 16 clients / mnemo 1 client       (aggregate generated tokens/s)
 #   mnemo 16 clients / llama-server 16       (aggregate tokens/s; TTFT and
 #                                             inter-token p50/p99 side by side)
+# and, with 16 clients, the engine's matmul bound on 16 vs 1 measured in the
+# same invocation (mnemo-kernels-bench; MNEMO_KERNELS_BENCH overrides it).
 # The machine is shared and noisy: compare only figures from one invocation.
 #
 # With --reps R each of the three runs is repeated R times (mnemo's 1- and
@@ -109,6 +111,21 @@ kill -TERM "$daemon_pid"
 wait "$daemon_pid" 2>/dev/null || true
 daemon_pid=""
 
+# ------------------------------------------------- the engine's matmul bound
+# The step's matmuls alone (mnemo-kernels-bench, this machine, now): rows/s
+# at 16 rows against 1, and the output projection's share of a 16-row step
+# (a prompt row, which needs no logits, skips it). From these, the 16 vs 1
+# ratio the clients would reach if attention, sampling and scheduling cost
+# nothing: 16 decode rows/s / (1 + prompt tokens per generated token x a
+# prompt row's share) / one client's tokens/s. Each kernel's best of 4.
+KB=${MNEMO_KERNELS_BENCH:-build/kernels/mnemo-kernels-bench}
+echo '{}' > "$tmp/kernels.json"
+if [[ -x "$KB" ]]; then
+  "$KB" --benchmark_filter="^BM_ModelMatMuls/(1|16)/$THREADS/|^BM_MatMul/8/49152/576/16/$THREADS/" \
+    --benchmark_min_time=0.5 --benchmark_repetitions=4 --benchmark_format=json > "$tmp/kernels.json" 2> /dev/null ||
+    echo '{}' > "$tmp/kernels.json"
+fi
+
 # ----------------------------------------------------------- llama-server
 if [[ $SKIP_LLAMA == 0 ]]; then
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -175,6 +192,30 @@ out = {
     f"mnemo_{clients}": brief(mn),
     f"mnemo_{clients}_vs_1_tokens_per_s": ratio(mn["tokens_per_s"], m1["tokens_per_s"]),
 }
+# Each kernel's fastest repetition: the machine's noise only slows them.
+kern = {}
+for b in json.load(open(f"{tmp}/kernels.json")).get("benchmarks", []):
+    if b.get("run_type", "iteration") != "iteration":
+        continue
+    name = b["name"].split("/real_time")[0]
+    if name not in kern or b["real_time"] < kern[name]["real_time"]:
+        kern[name] = b
+one, many = kern.get(f"BM_ModelMatMuls/1/{threads}"), kern.get(f"BM_ModelMatMuls/16/{threads}")
+outp = kern.get(f"BM_MatMul/8/49152/576/16/{threads}")
+if clients == 16 and one and many and outp and mn.get("generated_tokens"):
+    step_us = many["real_time"] * (1e3 if many["time_unit"] == "ms" else 1.0)
+    prompt_share = 1.0 - outp["real_time"] / step_us if outp["time_unit"] == "us" else None
+    per_token = mn.get("prompt_tokens", 0) / mn["generated_tokens"]
+    if prompt_share is not None:
+        bound = many["rows/s"] / (1.0 + per_token * prompt_share)
+        out["matmul_bound"] = {
+            "rows_per_s_1": one["rows/s"], "rows_per_s_16": many["rows/s"],
+            "matmul_16_vs_1": many["rows/s"] / one["rows/s"],
+            "prompt_row_share": prompt_share, "prompt_tokens_per_generated": per_token,
+            # Generated tokens/s of 16 clients with free attention and overheads.
+            f"tokens_per_s_{clients}": bound,
+            f"{clients}_vs_1_bound": ratio(bound, m1["tokens_per_s"]),
+        }
 if ln:
     out[f"llama_server_{clients}"] = brief(ln)
     out[f"mnemo_{clients}_vs_llama_server_{clients}"] = {
