@@ -262,13 +262,13 @@ HWY_INLINE void TileScoresR(const float* const* HWY_RESTRICT q, const float* HWY
 }
 
 // TilePv for R query rows at once over the first n keys, reading V straight
-// from the fp16 pages (vrow[j]: key j's V row) as it converts it: each V
+// from the fp16 pages (vrow(j): key j's V row) as it converts it: each V
 // vector loaded once for the R rows, 4R independent FMA chains in flight. A
 // row's keys past its own count have p = 0 exactly, and fma(0, v, o) = o,
 // as in llama.cpp's masked tile.
-template <int R>
-HWY_INLINE void TilePvF16R(float* const* HWY_RESTRICT acc, const float* const* HWY_RESTRICT p,
-                           const uint16_t* const* HWY_RESTRICT vrow, int64_t n, int64_t D) {
+template <int R, class VRow>
+HWY_INLINE void TilePvF16R(float* const* HWY_RESTRICT acc, const float* const* HWY_RESTRICT p, VRow vrow,
+                           int64_t n, int64_t D) {
   const DF df;
   const int64_t N = static_cast<int64_t>(hn::Lanes(df));
   int64_t d = 0;
@@ -279,7 +279,7 @@ HWY_INLINE void TilePvF16R(float* const* HWY_RESTRICT acc, const float* const* H
     for (int64_t j = 0; j < n; ++j) {
       VF x[R];
       for (int r = 0; r < R; ++r) x[r] = hn::Set(df, p[r][j]);
-      const uint16_t* vj = vrow[j] + d;
+      const uint16_t* vj = vrow(j) + d;
       for (int i = 0; i < 4; ++i) {
         const VF vv = LoadF16(df, vj + i * N);
         for (int r = 0; r < R; ++r) a[r][i] = hn::MulAdd(x[r], vv, a[r][i]);
@@ -291,7 +291,7 @@ HWY_INLINE void TilePvF16R(float* const* HWY_RESTRICT acc, const float* const* H
   for (; d < D; ++d) {
     for (int r = 0; r < R; ++r) {
       float o = acc[r][d];
-      for (int64_t j = 0; j < n; ++j) o = std::fma(p[r][j], F16ToF32(vrow[j][d]), o);
+      for (int64_t j = 0; j < n; ++j) o = std::fma(p[r][j], F16ToF32(vrow(j)[d]), o);
       acc[r][d] = o;
     }
   }
@@ -373,10 +373,18 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
   for (int64_t c0 = 0; c0 < max_len; c0 += kTile) {
     const int64_t n = std::min(kTile, max_len - c0);
     KeysTransposedF32(seq, L, kvh, c0, n, kt);
+    // V rows: consecutive (v_tile) when the tile lies in one page, else
+    // listed per key.
+    const uint16_t* v_tile = nullptr;
     const uint16_t* vrow[kTile];
-    for (int64_t j = 0; j < n; ++j) {
-      const auto* page = static_cast<const uint16_t*>(seq.pages[(c0 + j) / L.page_tokens]);
-      vrow[j] = page + L.v_offset(kvh, static_cast<int>((c0 + j) % L.page_tokens));
+    if (c0 % L.page_tokens + n <= L.page_tokens) {
+      v_tile = static_cast<const uint16_t*>(seq.pages[c0 / L.page_tokens]) +
+               L.v_offset(kvh, static_cast<int>(c0 % L.page_tokens));
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        const auto* page = static_cast<const uint16_t*>(seq.pages[(c0 + j) / L.page_tokens]);
+        vrow[j] = page + L.v_offset(kvh, static_cast<int>((c0 + j) % L.page_tokens));
+      }
     }
     // Columns past the keys of any row: finite, and masked below.
     for (int64_t d = 0; d < D && n < kTile; ++d) {
@@ -442,7 +450,11 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
       }
       TileScoresR<R>(qs, kt, D, a.scale, ss);
       softmax.template operator()<R>(live + i, live_valid + i, ss);
-      TilePvF16R<R>(os, ss, vrow, n_max, D);
+      if (v_tile) {  // the tile's V rows are consecutive in one page
+        TilePvF16R<R>(os, ss, [v_tile, D](int64_t j) { return v_tile + j * D; }, n_max, D);
+      } else {
+        TilePvF16R<R>(os, ss, [&vrow](int64_t j) { return vrow[j]; }, n_max, D);
+      }
     };
     // The next tile's K and V rows go to L2 while this one computes, a few
     // keys per group of rows: a tile lies in other pages than the last,

@@ -399,7 +399,9 @@ INSTANTIATE_TEST_SUITE_P(
     AllTargets, AttentionNumericsTest,
     ::testing::Combine(::testing::ValuesIn(SimdTargets()), ::testing::Values(1, 2),
                        ::testing::Values(Geometry{9, 3, 64, 16}, Geometry{4, 2, 40, 5},
-                                         Geometry{4, 1, 128, 16})),
+                                         Geometry{4, 1, 128, 16},
+                                         // A tile per page: V read as one run.
+                                         Geometry{9, 3, 64, 64})),
     [](const ::testing::TestParamInfo<std::tuple<int64_t, int, Geometry>>& info) {
       std::string name = SimdTargetName(std::get<0>(info.param));
       for (char& c : name) {
