@@ -298,8 +298,8 @@ Status LlamaModel::Forward(std::span<const BatchSeq> batch, attention::KvCache* 
   // Past the last layer's K and V, only the rows that need logits matter:
   // its attention, output projection and FFN run on those alone (llama.cpp
   // trims its last layer the same way, after the attention). m counts the
-  // rows computed; keep_ lists them. With an observer every row runs, so
-  // that each tensor is seen whole, as llama.cpp computes it.
+  // rows computed. With an observer every row runs, so that each tensor is
+  // seen whole, as llama.cpp computes it.
   int64_t m = n;
   const bool trim = n_logits < n && !observer_;
   for (int32_t l = 0; l < c.n_layers; ++l) {
@@ -391,24 +391,10 @@ Status LlamaModel::Forward(std::span<const BatchSeq> batch, attention::KvCache* 
     Observe("l_out", l, x_, m, c.dim);
   }
 
-  // Gather the rows that need logits, then norm and project only those.
-  const float* rows = x_;
-  if (m != n_logits) {
-    int64_t r = 0, t = 0;
-    for (const BatchSeq& e : batch) {
-      const int64_t len = static_cast<int64_t>(e.tokens.size());
-      if (e.all_logits) {
-        std::memcpy(out_rows_ + r * c.dim, x_ + t * c.dim, len * c.dim * sizeof(float));
-        r += len;
-      } else {
-        std::memcpy(out_rows_ + r * c.dim, x_ + (t + len - 1) * c.dim, c.dim * sizeof(float));
-        r += 1;
-      }
-      t += len;
-    }
-    rows = out_rows_;
-  }
-  be.RmsNorm(rows, output_norm_, n_logits, c.dim, c.rms_eps, out_rows_);
+  // Norm and project only the rows that need logits (at the front of x_
+  // already when the last layer was trimmed).
+  if (m != n_logits) KeepLogitRows(batch, q_dim);
+  be.RmsNorm(x_, output_norm_, n_logits, c.dim, c.rms_eps, out_rows_);
   Observe("result_norm", -1, out_rows_, n_logits, c.dim);
   be.MatMul(output_, out_rows_, n_logits, logits_);
   Observe("result_output", -1, logits_, n_logits, c.vocab_size);

@@ -146,7 +146,7 @@ class LlamaModel {
   float* att_ = nullptr;   // [n][n_heads*head_dim]
   float* gate_ = nullptr;  // [n][ffn]
   float* up_ = nullptr;
-  float* out_rows_ = nullptr;  // [n_logits][dim]
+  float* out_rows_ = nullptr;  // [n_logits][dim], normed
   float* logits_ = nullptr;    // [n_logits][vocab]
   // Per-step host metadata, reused across steps.
   std::vector<int32_t> ids_, pos_, tok_seq_, kv_len_, slot_;

@@ -280,7 +280,9 @@ TEST(Llama, MixedBatchEqualsSeparateRuns) {
 // must come out bit for bit as with every row computed (all_logits), with
 // the attention algorithm its whole run picks: a turn over a long history
 // (tiled), a short fresh prompt (one chunk), a decode token past 512 keys
-// (split), side by side in one batch. The KV written is the same too.
+// (split), side by side in one batch. The KV written is the same too, and
+// so are the logits with an observer set (every row computed, the logit
+// rows picked after the last layer).
 TEST(Llama, LastLayerOnlyForLogitRowsChangesNoBit) {
   testutil::TinyModelSpec spec = SmolShape();
   spec.n_layers = 2;
@@ -291,8 +293,11 @@ TEST(Llama, LastLayerOnlyForLogitRowsChangesNoBit) {
   const std::vector<std::vector<int32_t>> next = {RandomTokens(7, V, 41), RandomTokens(9, V, 42),
                                                   RandomTokens(1, V, 43)};
   const std::vector<int32_t> after = RandomTokens(3, V, 51);
-  std::vector<std::vector<float>> last(2), then(2);
-  for (int all = 0; all < 2; ++all) {
+  std::vector<std::vector<float>> last(3), then(3);
+  for (int pass = 0; pass < 3; ++pass) {
+    const int all = pass == 1;
+    int observed = 0;
+    if (pass == 2) l.model->set_observer([&](std::string_view, int, const float*, int64_t, int64_t) { ++observed; });
     std::vector<attention::SeqId> ids;
     for (int s = 0; s < 3; ++s) {
       ids.push_back(l.kv->CreateSeq());
@@ -308,19 +313,26 @@ TEST(Llama, LastLayerOnlyForLogitRowsChangesNoBit) {
     size_t row = 0;
     for (int s = 0; s < 3; ++s) {
       row += all ? next[s].size() : 1;
-      last[all].insert(last[all].end(), out.begin() + (row - 1) * V, out.begin() + row * V);
+      last[pass].insert(last[pass].end(), out.begin() + (row - 1) * V, out.begin() + row * V);
     }
     ASSERT_EQ(row * V, out.size());
     batch.clear();
     for (int s = 0; s < 3; ++s) batch.push_back({ids[s], std::span<const int32_t>(&after[s], 1), false});
-    ASSERT_TRUE(l.model->Forward(batch, l.kv.get(), &then[all]).ok());
+    ASSERT_TRUE(l.model->Forward(batch, l.kv.get(), &then[pass]).ok());
     for (attention::SeqId id : ids) ASSERT_TRUE(l.kv->FreeSeq(id).ok());
+    if (pass == 2) {
+      EXPECT_GT(observed, 0);
+      l.model->set_observer(nullptr);
+    }
   }
   ASSERT_EQ(last[0].size(), 3u * V);
-  for (size_t i = 0; i < last[0].size(); ++i)
-    ASSERT_EQ(std::bit_cast<uint32_t>(last[0][i]), std::bit_cast<uint32_t>(last[1][i])) << i / V << " " << i % V;
-  for (size_t i = 0; i < then[0].size(); ++i)
-    ASSERT_EQ(std::bit_cast<uint32_t>(then[0][i]), std::bit_cast<uint32_t>(then[1][i])) << i / V << " " << i % V;
+  for (int pass = 1; pass < 3; ++pass) {
+    SCOPED_TRACE(pass == 1 ? "all_logits" : "observer");
+    for (size_t i = 0; i < last[0].size(); ++i)
+      ASSERT_EQ(std::bit_cast<uint32_t>(last[0][i]), std::bit_cast<uint32_t>(last[pass][i])) << i / V << " " << i % V;
+    for (size_t i = 0; i < then[0].size(); ++i)
+      ASSERT_EQ(std::bit_cast<uint32_t>(then[0][i]), std::bit_cast<uint32_t>(then[pass][i])) << i / V << " " << i % V;
+  }
 }
 
 TEST(Llama, ForkContinuesLikeTheOriginal) {
