@@ -53,6 +53,15 @@ avail=$(df --output=avail -B1 "$DIR" | tail -1)
 ((avail > KV_BYTES * (11 + 10 * EXPORT) / 10 + (4 << 30))) || die "$DIR has $((avail >> 30)) GiB free; the session needs $((KV_BYTES >> 30)) GiB"
 
 sock=$work/mnemod.sock
+# slab_list N: the first N slab files of the store, joined by ':' (fio's
+# file list). A glob, not `ls | head`: under pipefail, head closing the pipe
+# early fails the script with SIGPIPE once the list passes a pipe write
+# (a 1M-token session has ~90 slabs).
+slab_list() {
+  local files=("$work"/data/pages/slab-*)
+  local IFS=:
+  echo "${files[*]:0:$1}"
+}
 T2_BUDGET=$(( (KV_BYTES + (1 << 30)) >> 20 ))M
 common=(--model "$MODEL" --socket "$sock" --data-dir "$work/data" --threads "$THREADS" --t2-budget "$T2_BUDGET"
         --max-context $((TOKENS + 1024)) --log-level info)
@@ -76,7 +85,7 @@ if ((EXPORT)); then
   hwm1=$(awk '/VmHWM/ {print $2}' "/proc/$daemon_pid/status")
   export_bytes=$(stat -c %s "$work/big.mnemo")
   rm -f "$work/big.mnemo"
-  fio --name=seq --filename="$(ls "$work"/data/pages/slab-* | head -n 64 | tr '\n' ':' | sed 's/:$//')" --readonly \
+  fio --name=seq --filename="$(slab_list 64)" --readonly \
     --rw=read --bs=1M --io_size="$FIO_SIZE" --file_service_type=sequential --ioengine=io_uring --direct=1 \
     --iodepth=16 --output-format=json > "$work/fio_seq.json"
   read -r client_kb export_s < "$work/export.time"
@@ -99,9 +108,9 @@ grep -i "streaming" "$work/mnemod.log" >&2 || true
 # the disk.
 # (the first slabs that hold --fio-size: fio's file list has a length limit)
 fio_bytes=$(numfmt --from=iec "$FIO_SIZE")
-slab_bytes=$(stat -c %s "$(ls "$work"/data/pages/slab-* | head -1)")
+slab_bytes=$(stat -c %s "$(slab_list 1)")
 n_slabs=$(( (fio_bytes + slab_bytes - 1) / slab_bytes ))
-slabs=$(ls "$work"/data/pages/slab-* | head -n "$n_slabs" | tr '\n' ':' | sed 's/:$//')
+slabs=$(slab_list "$n_slabs")
 page_bytes=$(python3 -c "import json; print(json.load(open('$work/synth.json'))['page_bytes'])")
 fio --name=scale --filename="$slabs" --readonly --rw=randread --bs="$page_bytes" --size="$FIO_SIZE" --ioengine=io_uring \
   --direct=1 --iodepth="$QD" --output-format=json > "$work/fio.json"
