@@ -617,6 +617,150 @@ HWY_INLINE void GroupQ8_0(const uint8_t* w, size_t ws, int64_t nb, const ActView
   }
 }
 
+#if HWY_TARGET == HWY_AVX3_DL
+// AVX-512 VNNI: vpdpbusd multiplies u8 by s8 into i32 with no i16 step (no
+// saturation), so a weight w goes in as the u8 w + 128 and each lane's sum
+// starts at -128 times the sum of x over its four bytes:
+//   sum (w + 128) x - 128 sum x = sum w x,
+// the very i32 lanes GGML's abs/sign form gives, without the per-row sign
+// instruction and its second weight load.
+#ifndef MNEMO_Q8V_RN
+#define MNEMO_Q8V_RN 4
+#endif
+
+// acc + the u8 x s8 products of u and the 32 bytes at p, 4 per i32 lane.
+HWY_INLINE VI32 DpBusdMem(VI32 acc, VU8 u, const int8_t* HWY_RESTRICT p) {
+  asm("%{evex%} vpdpbusd %2, %1, %0"
+      : "+v"(acc.raw)
+      : "v"(u.raw), "m"(*reinterpret_cast<const __m256i*>(p)));
+  return acc;
+}
+
+// ns[(i - i0) * nb + b]: -128 x (sum of activation row i's block b over
+// each 4 bytes), one vector per block.
+HWY_INLINE void NegSums128(const ActView& x, int64_t i0, int64_t i1, int64_t nb,
+                           int32_t* HWY_RESTRICT ns) {
+  const DU8 du8;
+  const DI32 di32;
+  const VU8 k128 = hn::Set(du8, 0x80);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int8_t* xq = x.qs(i);
+    for (int64_t b = 0; b < nb; ++b) {
+      const VI32 s = DpBusdMem(hn::Zero(di32), k128, xq + b * 32);
+      hn::Store(hn::Neg(s), di32, ns + ((i - i0) * nb + b) * 8);
+    }
+  }
+}
+
+// The G weight rows of a group as w + 128 (u8, 32-byte aligned, [b][r][32])
+// with their scales decoded into wd ([b][r]); next group prefetched as
+// PackQ4 does.
+template <int G>
+HWY_INLINE void PackQ8_0Biased(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
+                               uint8_t* HWY_RESTRICT bw, float* HWY_RESTRICT wd) {
+  const DU8 du8;
+  const VU8 k128 = hn::Set(du8, 0x80);
+  for (int r = 0; r < G; ++r) {
+    const uint8_t* row = w + r * ws;
+#pragma GCC unroll 4
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk = row + b * sizeof(BlockQ8_0);
+      hwy::Prefetch(blk + G * ws);
+      wd[b * G + r] = hn::GetLane(LoadHalfPair(blk));
+      hn::Store(hn::Xor(hn::LoadU(du8, blk + 2), k128), du8, bw + static_cast<size_t>(b * G + r) * 32);
+    }
+  }
+}
+
+// RM biased weight rows (of a group of G) x RN activation rows from i: per
+// (row, activation row, block) one vpdpbusd (x read from memory), one cvt
+// and one fma.
+template <int RM, int G, int RN>
+HWY_INLINE void TileQ8_0Biased(const uint8_t* HWY_RESTRICT bw, int64_t nb,
+                               const float* HWY_RESTRICT dd, const int32_t* HWY_RESTRICT ns,
+                               const ActView& x, int64_t i, float* HWY_RESTRICT y, int64_t ldy) {
+  const DF df;
+  const DU8 du8;
+  const DI32 di32;
+  VF acc[RM][RN];
+  for (int r = 0; r < RM; ++r)
+    for (int c = 0; c < RN; ++c) acc[r][c] = hn::Zero(df);
+  const int8_t* xq[RN];
+  for (int c = 0; c < RN; ++c) xq[c] = x.qs(i + c);
+  for (int64_t b = 0; b < nb; ++b) {
+    VI32 n[RN];
+    for (int c = 0; c < RN; ++c) n[c] = hn::Load(di32, ns + (c * nb + b) * 8);
+    for (int r = 0; r < RM; ++r) {
+      const VU8 wv = hn::Load(du8, bw + static_cast<size_t>(b * G + r) * 32);
+      for (int c = 0; c < RN; ++c) {
+        const VI32 dot = DpBusdMem(n[c], wv, xq[c] + b * 32);
+        acc[r][c] =
+            hn::MulAdd(hn::ConvertTo(df, dot), hn::Set(df, dd[(b * RN + c) * G + r]), acc[r][c]);
+      }
+    }
+  }
+  for (int c = 0; c < RN; ++c) {
+    if constexpr (RM == 4) {
+      const VF v[4] = {acc[0][c], acc[1][c], acc[2][c], acc[3][c]};
+      StoreSums4(v, nullptr, y + (i + c) * ldy);
+    } else {
+      for (int r = 0; r < RM; ++r) y[(i + c) * ldy + r] = SumF(acc[r][c]);
+    }
+  }
+}
+
+template <int G, int RN>
+HWY_INLINE void ColumnsQ8_0Biased(const uint8_t* bw, int64_t nb, const float* wd, float* dd,
+                                  const int32_t* ns, const ActView& x, int64_t i, float* y,
+                                  int64_t ldy) {
+  constexpr int kRM = G < 4 ? G : 4;
+  static_assert(G % kRM == 0);
+  const float* xd[RN];
+  for (int c = 0; c < RN; ++c) xd[c] = x.d(i + c);
+  ScaleProducts<G, RN>(wd, nb, xd, dd);
+  for (int r = 0; r < G; r += kRM) {
+    TileQ8_0Biased<kRM, G, RN>(bw + r * 32, nb, dd + r, ns, x, i, y + r, ldy);
+  }
+}
+
+// Floats of scratch GroupQ8_0Biased uses for G rows of nb blocks (the
+// activation sums come after).
+constexpr size_t Q8BiasedScratchFloats(int G, int64_t nb) {
+  return static_cast<size_t>((8 + 1 + MNEMO_Q8V_RN) * G * nb + 8);
+}
+
+template <int G>
+HWY_INLINE void GroupQ8_0Biased(const uint8_t* w, size_t ws, int64_t nb, const ActView& x,
+                                int64_t i0, int64_t i1, const int32_t* ns, float* y, int64_t ldy,
+                                float* scratch) {
+  constexpr int kRN = MNEMO_Q8V_RN;
+  uint8_t* bw = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(scratch) + 31) & ~uintptr_t{31});
+  float* wd = reinterpret_cast<float*>(bw + 32 * G * nb);
+  float* dd = wd + G * nb;
+  PackQ8_0Biased<G>(w, ws, nb, bw, wd);
+  int64_t i = i0;
+  for (; i + kRN <= i1; i += kRN) {
+    ColumnsQ8_0Biased<G, kRN>(bw, nb, wd, dd, ns + (i - i0) * nb * 8, x, i, y, ldy);
+  }
+  const int32_t* nsi = ns + (i - i0) * nb * 8;
+  switch (i1 - i) {
+    case 0:
+      break;
+    case 1:
+      ColumnsQ8_0Biased<G, 1>(bw, nb, wd, dd, nsi, x, i, y, ldy);
+      break;
+    case 2:
+      if constexpr (kRN > 2) ColumnsQ8_0Biased<G, 2>(bw, nb, wd, dd, nsi, x, i, y, ldy);
+      break;
+    case 3:
+      if constexpr (kRN > 3) ColumnsQ8_0Biased<G, 3>(bw, nb, wd, dd, nsi, x, i, y, ldy);
+      break;
+    default:
+      MNEMO_CHECK(false);
+  }
+}
+#endif  // HWY_TARGET == HWY_AVX3_DL
+
 void GemmQ8_0(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
   const int64_t nb = a.format.blocks;
   const ActView x{a.x, a.format.row_bytes, &a.format};
@@ -633,6 +777,30 @@ void GemmQ8_0(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1)
     return;
   }
   constexpr int kG = 8;
+#if HWY_TARGET == HWY_AVX3_DL
+  {
+    const size_t group_floats = Q8BiasedScratchFloats(kG, nb);
+    float* scratch = ScaleScratch(group_floats + static_cast<size_t>((i1 - i0) * nb * 8) + 16);
+    int32_t* ns = reinterpret_cast<int32_t*>(
+        (reinterpret_cast<uintptr_t>(scratch + group_floats) + 31) & ~uintptr_t{31});
+    NegSums128(x, i0, i1, nb, ns);
+    for (int64_t r = r0; r < r1;) {
+      const uint8_t* w = a.w + r * a.w_row_bytes;
+      float* y = a.y + r;
+      if (r1 - r >= kG) {
+        GroupQ8_0Biased<kG>(w, a.w_row_bytes, nb, x, i0, i1, ns, y, a.ldy, scratch);
+        r += kG;
+      } else if (r1 - r >= 4) {
+        GroupQ8_0Biased<4>(w, a.w_row_bytes, nb, x, i0, i1, ns, y, a.ldy, scratch);
+        r += 4;
+      } else {
+        GroupQ8_0Biased<1>(w, a.w_row_bytes, nb, x, i0, i1, ns, y, a.ldy, scratch);
+        r += 1;
+      }
+    }
+    return;
+  }
+#endif
   float* scratch = ScaleScratch(Q8ScratchFloats(kG, nb));
   for (int64_t r = r0; r < r1;) {
     const uint8_t* w = a.w + r * a.w_row_bytes;
