@@ -761,11 +761,19 @@ HWY_INLINE void OneChunkRowsF16(const AttentionSeq& seq, const KvLayout& L, int3
   const int64_t P = L.page_tokens;
   const uint16_t* kp[kTile];
   const uint16_t* vp[kTile];
-  for (int64_t j = 0; j < n; ++j) {
-    const auto* page = static_cast<const uint16_t*>(seq.pages[(j0 + j) / P]);
-    const int slot = static_cast<int>((j0 + j) % P);
-    kp[j] = page + L.k_offset(kvh, slot);
-    vp[j] = page + L.v_offset(kvh, slot);
+  {
+    // A page's rows of one head are consecutive: one division per tile.
+    int64_t pg = j0 / P;
+    int slot = static_cast<int>(j0 % P);
+    for (int64_t j = 0; j < n; ++j) {
+      const auto* page = static_cast<const uint16_t*>(seq.pages[pg]);
+      kp[j] = page + L.k_offset(kvh, slot);
+      vp[j] = page + L.v_offset(kvh, slot);
+      if (++slot == P) {
+        slot = 0;
+        ++pg;
+      }
+    }
   }
   // Scores, four keys at a time sharing the final reductions (keys past n
   // repeat the last one, in lanes that are never stored). The pages are
@@ -819,33 +827,44 @@ HWY_INLINE void OneChunkRowsF16(const AttentionSeq& seq, const KvLayout& L, int3
   // The per-key recurrence of each row (see OneChunkKeys), its exponentials
   // taken together: the arguments first (the running maximum only moves
   // on a new maximum), then expf of all, then the weights and the sum.
-  for (int r = 0; r < R; ++r) {
-    float* e = ms + r * kTile;  // arguments, then their exponentials
-    float* w = vs + r * kTile;
-    float m_run = m[r];
-    for (int64_t j = 0; j < n; ++j) {
+  // The R rows' chains (running maximum, running sum) advance in one loop,
+  // each row's in its own order, so that their latencies overlap.
+  float m_run[R], l_run[R];
+  for (int r = 0; r < R; ++r) m_run[r] = m[r];
+  for (int64_t j = 0; j < n; ++j) {
+    for (int r = 0; r < R; ++r) {
+      float* e = ms + r * kTile;  // arguments, then their exponentials
+      float* w = vs + r * kTile;
       const float s = sc[r * kTile + j];
-      if (s > m_run) {
-        e[j] = m_run - s;
+      if (s > m_run[r]) {
+        e[j] = m_run[r] - s;
         w[j] = 0.0f;  // marks a new maximum
-        m_run = s;
+        m_run[r] = s;
       } else {
-        e[j] = s - m_run;
+        e[j] = s - m_run[r];
         w[j] = 1.0f;
       }
     }
-    LibmExpF::Row(e, e, n);
-    float l_run = l[r];
-    for (int64_t j = 0; j < n; ++j) {
+  }
+  for (int r = 0; r < R; ++r) {
+    LibmExpF::Row(ms + r * kTile, ms + r * kTile, n);
+    l_run[r] = l[r];
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    for (int r = 0; r < R; ++r) {
+      float* e = ms + r * kTile;
+      float* w = vs + r * kTile;
       const bool new_max = w[j] == 0.0f;
       const float m_scale = new_max ? e[j] : 1.0f;
       const float v_scale = new_max ? 1.0f : e[j];
       e[j] = m_scale;
       w[j] = v_scale;
-      l_run = std::fma(l_run, m_scale, v_scale);
+      l_run[r] = std::fma(l_run[r], m_scale, v_scale);
     }
-    m[r] = m_run;
-    l[r] = l_run;
+  }
+  for (int r = 0; r < R; ++r) {
+    m[r] = m_run[r];
+    l[r] = l_run[r];
   }
   // o = f16(o * ms[j]) on a new maximum, then o = f16(v[j] * vs[j] + o), 32
   // elements of each row's accumulator at a time.
