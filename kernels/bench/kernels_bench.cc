@@ -141,10 +141,13 @@ void MatMulArgs(benchmark::internal::Benchmark* b) {
 BENCHMARK(BM_MatMul)->Apply(MatMulArgs)->Unit(benchmark::kMicrosecond)->UseRealTime();
 
 // args: query tokens per sequence, sequences, context (keys before the new
-// tokens), threads. SmolLM2's 9 query heads over 3 KV heads of 64.
+// tokens), threads, layers. SmolLM2's 9 query heads over 3 KV heads of 64.
+// With layers > 1 each call reads the next layer's pages, so that, as in the
+// daemon's step, the KV is not already in the caches.
 void BM_Attention(benchmark::State& state) {
   const int64_t tokens = state.range(0), n_seqs = state.range(1), ctx = state.range(2);
   const int threads = static_cast<int>(state.range(3));
+  const int64_t layers = state.range(4);
   Backend& be = CpuWithThreads(threads);
   KvLayout layout;
   layout.n_kv_heads = 3;
@@ -154,15 +157,15 @@ void BM_Attention(benchmark::State& state) {
   const int64_t pages_per_seq = (total + layout.page_tokens - 1) / layout.page_tokens;
   std::mt19937 rng(3);
   std::normal_distribution<float> nd(0.0f, 1.0f);
-  std::vector<std::vector<uint16_t>> pages(static_cast<size_t>(pages_per_seq * n_seqs));
+  std::vector<std::vector<uint16_t>> pages(static_cast<size_t>(pages_per_seq * n_seqs * layers));
   for (auto& p : pages) {
     p.resize(layout.page_bytes() / sizeof(uint16_t));
     for (uint16_t& h : p) h = cpu::F32ToF16(nd(rng));
   }
   std::vector<const void*> page_ptrs(pages.size());
   for (size_t i = 0; i < pages.size(); ++i) page_ptrs[i] = pages[i].data();
-  std::vector<AttentionSeq> seqs(static_cast<size_t>(n_seqs));
-  for (int64_t s = 0; s < n_seqs; ++s) {
+  std::vector<AttentionSeq> seqs(static_cast<size_t>(n_seqs * layers));  // [layer][seq]
+  for (int64_t s = 0; s < n_seqs * layers; ++s) {
     seqs[static_cast<size_t>(s)].pages = page_ptrs.data() + s * pages_per_seq;
     seqs[static_cast<size_t>(s)].n_pages = static_cast<int32_t>(pages_per_seq);
   }
@@ -187,7 +190,10 @@ void BM_Attention(benchmark::State& state) {
   a.kv_len = kv_len.data();
   a.seqs = seqs.data();
   a.n_seqs = static_cast<int32_t>(n_seqs);
+  int64_t layer = 0;
   for (auto _ : state) {
+    a.seqs = seqs.data() + layer * n_seqs;
+    layer = (layer + 1) % layers;
     be.Attention(a);
     benchmark::DoNotOptimize(out.data());
     benchmark::ClobberMemory();
@@ -200,15 +206,17 @@ void BM_Attention(benchmark::State& state) {
   state.counters["MAC/s"] = benchmark::Counter(
       static_cast<double>(state.iterations()) * key_rows * 2 * layout.head_dim, benchmark::Counter::kIsRate);
   state.SetLabel(std::to_string(n_seqs) + " seq x " + std::to_string(tokens) + " tokens over " +
-                 std::to_string(ctx) + " keys, threads=" + std::to_string(threads));
+                 std::to_string(ctx) + " keys, threads=" + std::to_string(threads) +
+                 (layers > 1 ? ", " + std::to_string(layers) + " layers" : ""));
 }
 
 void AttentionArgsList(benchmark::internal::Benchmark* b) {
   for (int threads : {1, AllCores()}) {
-    b->Args({44, 1, 8118, threads});  // a 32-token turn resumed over an 8k history (tiled)
-    b->Args({1, 16, 512, threads});   // batched decode of 16 sequences (one-chunk)
-    b->Args({1, 1, 8192, threads});   // one sequence's decode over 8k (split KV)
-    b->Args({512, 1, 0, threads});    // a fresh 512-token prompt (causal, tiled)
+    b->Args({44, 1, 8118, threads, 1});  // a 32-token turn resumed over an 8k history (tiled)
+    b->Args({1, 16, 512, threads, 1});   // batched decode of 16 sequences (one-chunk)
+    b->Args({1, 16, 300, threads, 30});  // the same, all 30 layers' KV in turn (cold caches)
+    b->Args({1, 1, 8192, threads, 1});   // one sequence's decode over 8k (split KV)
+    b->Args({512, 1, 0, threads, 1});    // a fresh 512-token prompt (causal, tiled)
     if (AllCores() == 1) break;
   }
 }

@@ -916,6 +916,10 @@ HWY_INLINE void OneChunkKeys(const AttentionArgs& a, int64_t t0, int32_t kvh,
     float* vs3 = ms3 + 3 * kTile;
     for (int64_t j0 = c0; j0 < c1; j0 += kTile) {
       const int64_t n = std::min(kTile, c1 - j0);
+      // The next tile's K and V rows go to L2 while this one computes:
+      // 16 sequences' pages outgrow the caches, and each tile starts in
+      // another page, where the hardware prefetcher starts cold.
+      if (j0 + kTile < c1) PrefetchKvL2(seq, L, kvh, j0 + kTile, std::min(kTile, c1 - j0 - kTile));
       for (int64_t r = 0; r < rows;) {
         const int64_t valid = std::min(n, a.kv_len[t0 + r / group] - j0);
         const int64_t left = group - r % group;  // rows left of this token
