@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <memory>
 #include <random>
@@ -157,13 +158,16 @@ void BM_Attention(benchmark::State& state) {
   const int64_t pages_per_seq = (total + layout.page_tokens - 1) / layout.page_tokens;
   std::mt19937 rng(3);
   std::normal_distribution<float> nd(0.0f, 1.0f);
-  std::vector<std::vector<uint16_t>> pages(static_cast<size_t>(pages_per_seq * n_seqs * layers));
-  for (auto& p : pages) {
-    p.resize(layout.page_bytes() / sizeof(uint16_t));
-    for (uint16_t& h : p) h = cpu::F32ToF16(nd(rng));
-  }
-  std::vector<const void*> page_ptrs(pages.size());
-  for (size_t i = 0; i < pages.size(); ++i) page_ptrs[i] = pages[i].data();
+  // The pages in one buffer from the backend, as the daemon's KV chunks are
+  // (huge pages where the kernel gives them).
+  const size_t n_pages = static_cast<size_t>(pages_per_seq * n_seqs * layers);
+  const size_t page_halves = layout.page_bytes() / sizeof(uint16_t);
+  std::unique_ptr<void, std::function<void(void*)>> buf(be.AllocBuffer(n_pages * layout.page_bytes()),
+                                                         [&be](void* p) { be.FreeBuffer(p); });
+  auto* halves = static_cast<uint16_t*>(buf.get());
+  for (size_t i = 0; i < n_pages * page_halves; ++i) halves[i] = cpu::F32ToF16(nd(rng));
+  std::vector<const void*> page_ptrs(n_pages);
+  for (size_t i = 0; i < n_pages; ++i) page_ptrs[i] = halves + i * page_halves;
   std::vector<AttentionSeq> seqs(static_cast<size_t>(n_seqs * layers));  // [layer][seq]
   for (int64_t s = 0; s < n_seqs * layers; ++s) {
     seqs[static_cast<size_t>(s)].pages = page_ptrs.data() + s * pages_per_seq;
@@ -214,8 +218,10 @@ void AttentionArgsList(benchmark::internal::Benchmark* b) {
   for (int threads : {1, AllCores()}) {
     b->Args({44, 1, 8118, threads, 1});  // a 32-token turn resumed over an 8k history (tiled)
     b->Args({1, 16, 512, threads, 1});   // batched decode of 16 sequences (one-chunk)
+    b->Args({1, 16, 300, threads, 1});
     b->Args({1, 16, 300, threads, 30});  // the same, all 30 layers' KV in turn (cold caches)
     b->Args({1, 1, 8192, threads, 1});   // one sequence's decode over 8k (split KV)
+    b->Args({1, 1, 8192, threads, 30});
     b->Args({512, 1, 0, threads, 1});    // a fresh 512-token prompt (causal, tiled)
     if (AllCores() == 1) break;
   }
