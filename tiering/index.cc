@@ -28,7 +28,18 @@
 
 namespace mnemo::tiering {
 
+#if MNEMO_HAVE_XXH3_AVX2
+namespace internal {
+uint64_t PageChecksumAvx2(const void* data, size_t bytes);
+}  // namespace internal
+
+uint64_t PageChecksum(const void* data, size_t bytes) {
+  static const bool avx2 = __builtin_cpu_supports("avx2");
+  return avx2 ? internal::PageChecksumAvx2(data, bytes) : XXH3_64bits(data, bytes);
+}
+#else
 uint64_t PageChecksum(const void* data, size_t bytes) { return XXH3_64bits(data, bytes); }
+#endif
 
 namespace {
 
