@@ -173,6 +173,46 @@ HWY_INLINE VI8 ApplySign(VI8 x, VI8 s) {
 #endif
 }
 
+// y[(i + c) * ldy + r] = the sum of acc[r][c]'s lanes (+ add[c * G + r]
+// where add is given), for a tile of RM weight rows x RN activation rows.
+template <int RM, int RN, int G>
+HWY_INLINE void StoreTile(const VF (&acc)[RM][RN], const float* HWY_RESTRICT add, float* HWY_RESTRICT y,
+                          int64_t i, int64_t ldy) {
+  for (int c = 0; c < RN; ++c) {
+    const float* a = add != nullptr ? add + c * G : nullptr;
+    if constexpr (RM == 4) {
+      const VF v[4] = {acc[0][c], acc[1][c], acc[2][c], acc[3][c]};
+      StoreSums4(v, a, y + (i + c) * ldy);
+    } else {
+      for (int r = 0; r < RM; ++r) y[(i + c) * ldy + r] = a != nullptr ? SumF(acc[r][c]) + a[r] : SumF(acc[r][c]);
+    }
+  }
+}
+
+// Activation rows [i0, i1) in column tiles: f.template operator()<RN>(i)
+// for tiles of kRN from i0, then one of the remainder (kRN <= 4).
+template <int kRN, class F>
+HWY_INLINE void ForColumnTiles(int64_t i0, int64_t i1, F&& f) {
+  static_assert(kRN >= 1 && kRN <= 4);
+  int64_t i = i0;
+  for (; i + kRN <= i1; i += kRN) f.template operator()<kRN>(i);
+  switch (i1 - i) {
+    case 0:
+      break;
+    case 1:
+      if constexpr (kRN > 1) f.template operator()<1>(i);
+      break;
+    case 2:
+      if constexpr (kRN > 2) f.template operator()<2>(i);
+      break;
+    case 3:
+      if constexpr (kRN > 3) f.template operator()<3>(i);
+      break;
+    default:
+      MNEMO_CHECK(false);
+  }
+}
+
 // ---------------------------------------------------------------- Q4_0, Q4_1
 
 using D2 = hn::Full64<float>;
@@ -326,14 +366,7 @@ HWY_INLINE void TileQ4(const uint8_t* HWY_RESTRICT uw, int64_t nb, const float* 
       }
     }
   }
-  for (int c = 0; c < RN; ++c) {
-    if constexpr (RM == 4) {
-      const VF v[4] = {acc[0][c], acc[1][c], acc[2][c], acc[3][c]};
-      StoreSums4(v, ms + c * G, y + (i + c) * ldy);
-    } else {
-      for (int r = 0; r < RM; ++r) y[(i + c) * ldy + r] = SumF(acc[r][c]) + ms[c * G + r];
-    }
-  }
+  StoreTile<RM, RN, G>(acc, ms, y, i, ldy);
 }
 
 // Sums over blocks of m * s, fused and in block order as GGML's vec_dot (so
@@ -398,23 +431,9 @@ HWY_INLINE void GroupQ4(const uint8_t* w, size_t ws, int64_t nb, const ActView& 
   float* ms = dd + kRN * G * nb;
   PackQ4<G, kBB, kQO, kQ41>(w, ws, nb, uw, wd, wm);
   SumMs<G>(wm, nb, x, i0, i1, ms);
-  int64_t i = i0;
-  for (; i + kRN <= i1; i += kRN) ColumnsQ4<G, kRN>(uw, nb, wd, ms + (i - i0) * G, dd, x, i, y, ldy);
-  switch (i1 - i) {
-    case 0:
-      break;
-    case 1:
-      ColumnsQ4<G, 1>(uw, nb, wd, ms + (i - i0) * G, dd, x, i, y, ldy);
-      break;
-    case 2:
-      if constexpr (kRN > 2) ColumnsQ4<G, 2>(uw, nb, wd, ms + (i - i0) * G, dd, x, i, y, ldy);
-      break;
-    case 3:
-      if constexpr (kRN > 3) ColumnsQ4<G, 3>(uw, nb, wd, ms + (i - i0) * G, dd, x, i, y, ldy);
-      break;
-    default:
-      MNEMO_CHECK(false);
-  }
+  ForColumnTiles<kRN>(i0, i1, [&]<int RN>(int64_t i) {
+    ColumnsQ4<G, RN>(uw, nb, wd, ms + (i - i0) * G, dd, x, i, y, ldy);
+  });
 }
 
 template <bool kQ41>
@@ -561,14 +580,7 @@ HWY_INLINE void TileQ8_0(const uint8_t* HWY_RESTRICT aw, const int8_t* HWY_RESTR
       }
     }
   }
-  for (int c = 0; c < RN; ++c) {
-    if constexpr (RM == 4) {
-      const VF v[4] = {acc[0][c], acc[1][c], acc[2][c], acc[3][c]};
-      StoreSums4(v, nullptr, y + (i + c) * ldy);
-    } else {
-      for (int r = 0; r < RM; ++r) y[(i + c) * ldy + r] = SumF(acc[r][c]);
-    }
-  }
+  StoreTile<RM, RN, G>(acc, nullptr, y, i, ldy);
 }
 
 // All G packed weight rows x RN activation rows from i: the scale products
@@ -601,20 +613,9 @@ HWY_INLINE void GroupQ8_0(const uint8_t* w, size_t ws, int64_t nb, const ActView
   float* wd = reinterpret_cast<float*>(sw + 32 * G * nb);
   float* dd = wd + G * nb;
   PackQ8_0<G>(w, ws, nb, aw, sw, wd);
-  int64_t i = i0;
-  for (; i + kRN <= i1; i += kRN) ColumnsQ8_0<G, kRN>(aw, sw, nb, wd, dd, x, i, y, ldy);
-  switch (i1 - i) {
-    case 0:
-      break;
-    case 1:
-      ColumnsQ8_0<G, 1>(aw, sw, nb, wd, dd, x, i, y, ldy);
-      break;
-    case 2:
-      if constexpr (kRN > 2) ColumnsQ8_0<G, 2>(aw, sw, nb, wd, dd, x, i, y, ldy);
-      break;
-    default:
-      MNEMO_CHECK(false);
-  }
+  ForColumnTiles<kRN>(i0, i1, [&]<int RN>(int64_t i) {
+    ColumnsQ8_0<G, RN>(aw, sw, nb, wd, dd, x, i, y, ldy);
+  });
 }
 
 #if HWY_TARGET == HWY_AVX3_DL
@@ -699,14 +700,7 @@ HWY_INLINE void TileQ8_0Biased(const uint8_t* HWY_RESTRICT bw, int64_t nb,
       }
     }
   }
-  for (int c = 0; c < RN; ++c) {
-    if constexpr (RM == 4) {
-      const VF v[4] = {acc[0][c], acc[1][c], acc[2][c], acc[3][c]};
-      StoreSums4(v, nullptr, y + (i + c) * ldy);
-    } else {
-      for (int r = 0; r < RM; ++r) y[(i + c) * ldy + r] = SumF(acc[r][c]);
-    }
-  }
+  StoreTile<RM, RN, G>(acc, nullptr, y, i, ldy);
 }
 
 template <int G, int RN>
@@ -738,26 +732,9 @@ HWY_INLINE void GroupQ8_0Biased(const uint8_t* w, size_t ws, int64_t nb, const A
   float* wd = reinterpret_cast<float*>(bw + 32 * G * nb);
   float* dd = wd + G * nb;
   PackQ8_0Biased<G>(w, ws, nb, bw, wd);
-  int64_t i = i0;
-  for (; i + kRN <= i1; i += kRN) {
-    ColumnsQ8_0Biased<G, kRN>(bw, nb, wd, dd, ns + (i - i0) * nb * 8, x, i, y, ldy);
-  }
-  const int32_t* nsi = ns + (i - i0) * nb * 8;
-  switch (i1 - i) {
-    case 0:
-      break;
-    case 1:
-      ColumnsQ8_0Biased<G, 1>(bw, nb, wd, dd, nsi, x, i, y, ldy);
-      break;
-    case 2:
-      if constexpr (kRN > 2) ColumnsQ8_0Biased<G, 2>(bw, nb, wd, dd, nsi, x, i, y, ldy);
-      break;
-    case 3:
-      if constexpr (kRN > 3) ColumnsQ8_0Biased<G, 3>(bw, nb, wd, dd, nsi, x, i, y, ldy);
-      break;
-    default:
-      MNEMO_CHECK(false);
-  }
+  ForColumnTiles<kRN>(i0, i1, [&]<int RN>(int64_t i) {
+    ColumnsQ8_0Biased<G, RN>(bw, nb, wd, dd, ns + (i - i0) * nb * 8, x, i, y, ldy);
+  });
 }
 #endif  // HWY_TARGET == HWY_AVX3_DL
 
