@@ -369,6 +369,7 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
   // [rows], at an even float offset (8-byte aligned).
   int64_t* live = reinterpret_cast<int64_t*>(scratch + ((l + rows - scratch + 1) & ~int64_t{1}));
   int64_t* live_valid = live + rows;                        // [rows]
+  const float** q_row = reinterpret_cast<const float**>(live_valid + rows);  // [rows]
   for (int64_t r = 0; r < rows; ++r) {
     m[r] = -INFINITY;
     l[r] = 0.0f;
@@ -376,6 +377,10 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
   std::memset(acc, 0, sizeof(float) * static_cast<size_t>(rows * D));
 
   const int64_t q_stride = static_cast<int64_t>(a.n_heads) * D;
+  // Row r: head r % group (of those sharing kvh) of token t0 + r / group.
+  for (int64_t t = t0, r = 0; t < t1; ++t)
+    for (int32_t h = 0; h < group; ++h, ++r)
+      q_row[r] = a.q + t * q_stride + (static_cast<int64_t>(kvh) * group + h) * D;
   const AttentionSeq& seq = a.seqs[a.seq[t0]];
   int64_t max_len = 0;
   for (int64_t t = t0; t < t1; ++t) max_len = std::max<int64_t>(max_len, a.kv_len[t]);
@@ -404,15 +409,15 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
     // The rows with keys in this tile, kRowsTogether at a time (a row's
     // arithmetic is the same alone or grouped).
     int64_t n_live = 0;
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t valid = std::min(kTile, a.kv_len[t0 + r / group] - c0);
-      if (valid <= 0) continue;  // a fully masked tile: skipped in llama.cpp too
-      live[n_live] = r;
-      live_valid[n_live++] = valid;
+    for (int64_t t = t0, r = 0; t < t1; ++t) {
+      const int64_t valid = std::min(kTile, a.kv_len[t] - c0);
+      for (int32_t h = 0; h < group; ++h, ++r) {
+        if (valid <= 0) continue;  // a fully masked tile: skipped in llama.cpp too
+        live[n_live] = r;
+        live_valid[n_live++] = valid;
+      }
     }
-    auto query = [&](int64_t r) {
-      return a.q + (t0 + r / group) * q_stride + (static_cast<int64_t>(kvh) * group + r % group) * D;
-    };
+    auto query = [&](int64_t r) { return q_row[r]; };
     // Masks, softmax-updates the state of rows rr[0..R) for their scores
     // sr[k]; leaves the exponentials in sr. Each row's arithmetic is its
     // own; the R rows are interleaved for the out-of-order core.
@@ -1142,8 +1147,9 @@ size_t AttentionScratchFloats(const AttentionArgs& args) {
   const size_t D = static_cast<size_t>(args.layout.head_dim);
   const size_t T = static_cast<size_t>(kTile);
   const size_t rows = group * kAttentionBlockTokens;
-  // The K^T tile; kRowsTogether score rows; acc, m, l; two int64 index lists.
-  const size_t tiled = D * T + kRowsTogether * T + rows * D + 3 * rows + 4 * rows;
+  // The K^T tile; kRowsTogether score rows; acc, m, l; two int64 index
+  // lists and the rows' query pointers.
+  const size_t tiled = D * T + kRowsTogether * T + rows * D + 3 * rows + 6 * rows;
   const size_t one_chunk = 3 * rows * D + 4 * rows + 3 * T + 2 * T * D;
   return std::max(tiled, one_chunk) + 16;
 }
