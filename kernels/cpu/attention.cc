@@ -406,7 +406,7 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
     for (int64_t d = 0; d < D && n < kTile; ++d) {
       std::fill(kt + d * kTile + n, kt + (d + 1) * kTile, 0.0f);
     }
-    // The rows with keys in this tile, kRowsTogether at a time (a row's
+    // The rows with keys in this tile, kTiledRows at a time (a row's
     // arithmetic is the same alone or grouped).
     int64_t n_live = 0;
     for (int64_t t = t0, r = 0; t < t1; ++t) {
