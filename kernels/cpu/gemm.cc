@@ -213,6 +213,26 @@ HWY_INLINE void ForColumnTiles(int64_t i0, int64_t i1, F&& f) {
   }
 }
 
+// Weight rows [r0, r1) in groups of kMaxRowGroup, then 4, then 1:
+// f.template operator()<G>(r) for each group starting at r. Callers size
+// their per-group scratch for kMaxRowGroup rows.
+constexpr int kMaxRowGroup = 8;
+template <class F>
+HWY_INLINE void ForRowGroups(int64_t r0, int64_t r1, F&& f) {
+  for (int64_t r = r0; r < r1;) {
+    if (r1 - r >= kMaxRowGroup) {
+      f.template operator()<kMaxRowGroup>(r);
+      r += kMaxRowGroup;
+    } else if (r1 - r >= 4) {
+      f.template operator()<4>(r);
+      r += 4;
+    } else {
+      f.template operator()<1>(r);
+      r += 1;
+    }
+  }
+}
+
 // ---------------------------------------------------------------- Q4_0, Q4_1
 
 using D2 = hn::Full64<float>;
@@ -458,23 +478,12 @@ void GemmQ4(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
   }
   // Groups of 8 weight rows share the m * s sums and scale products over
   // 8 lanes; 4 and 1 for the rest of the range.
-  constexpr int kG = 8;
+  constexpr int kG = kMaxRowGroup;
   float* scratch =
       ScaleScratch(static_cast<size_t>((8 + 2 + MNEMO_Q4_RN) * kG * nb + kG * (i1 - i0) + 8));
-  for (int64_t r = r0; r < r1;) {
-    const uint8_t* w = a.w + r * a.w_row_bytes;
-    float* y = a.y + r;
-    if (r1 - r >= kG) {
-      GroupQ4<kG, kQ41>(w, a.w_row_bytes, nb, x, i0, i1, y, a.ldy, scratch);
-      r += kG;
-    } else if (r1 - r >= 4) {
-      GroupQ4<4, kQ41>(w, a.w_row_bytes, nb, x, i0, i1, y, a.ldy, scratch);
-      r += 4;
-    } else {
-      GroupQ4<1, kQ41>(w, a.w_row_bytes, nb, x, i0, i1, y, a.ldy, scratch);
-      r += 1;
-    }
-  }
+  ForRowGroups(r0, r1, [&]<int G>(int64_t r) {
+    GroupQ4<G, kQ41>(a.w + r * a.w_row_bytes, a.w_row_bytes, nb, x, i0, i1, a.y + r, a.ldy, scratch);
+  });
 }
 
 // ---------------------------------------------------------------------- Q8_0
@@ -753,7 +762,7 @@ void GemmQ8_0(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1)
     for (; r < r1; ++r) TileQ8_0N1<1>(a.w + r * a.w_row_bytes, a.w_row_bytes, nb, xq, xds, y + r);
     return;
   }
-  constexpr int kG = 8;
+  constexpr int kG = kMaxRowGroup;
 #if HWY_TARGET == HWY_AVX3_DL
   {
     const size_t group_floats = Q8BiasedScratchFloats(kG, nb);
@@ -761,38 +770,16 @@ void GemmQ8_0(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1)
     int32_t* ns = reinterpret_cast<int32_t*>(
         (reinterpret_cast<uintptr_t>(scratch + group_floats) + 31) & ~uintptr_t{31});
     NegSums128(x, i0, i1, nb, ns);
-    for (int64_t r = r0; r < r1;) {
-      const uint8_t* w = a.w + r * a.w_row_bytes;
-      float* y = a.y + r;
-      if (r1 - r >= kG) {
-        GroupQ8_0Biased<kG>(w, a.w_row_bytes, nb, x, i0, i1, ns, y, a.ldy, scratch);
-        r += kG;
-      } else if (r1 - r >= 4) {
-        GroupQ8_0Biased<4>(w, a.w_row_bytes, nb, x, i0, i1, ns, y, a.ldy, scratch);
-        r += 4;
-      } else {
-        GroupQ8_0Biased<1>(w, a.w_row_bytes, nb, x, i0, i1, ns, y, a.ldy, scratch);
-        r += 1;
-      }
-    }
+    ForRowGroups(r0, r1, [&]<int G>(int64_t r) {
+      GroupQ8_0Biased<G>(a.w + r * a.w_row_bytes, a.w_row_bytes, nb, x, i0, i1, ns, a.y + r, a.ldy, scratch);
+    });
     return;
   }
 #endif
   float* scratch = ScaleScratch(Q8ScratchFloats(kG, nb));
-  for (int64_t r = r0; r < r1;) {
-    const uint8_t* w = a.w + r * a.w_row_bytes;
-    float* y = a.y + r;
-    if (r1 - r >= kG) {
-      GroupQ8_0<kG>(w, a.w_row_bytes, nb, x, i0, i1, y, a.ldy, scratch);
-      r += kG;
-    } else if (r1 - r >= 4) {
-      GroupQ8_0<4>(w, a.w_row_bytes, nb, x, i0, i1, y, a.ldy, scratch);
-      r += 4;
-    } else {
-      GroupQ8_0<1>(w, a.w_row_bytes, nb, x, i0, i1, y, a.ldy, scratch);
-      r += 1;
-    }
-  }
+  ForRowGroups(r0, r1, [&]<int G>(int64_t r) {
+    GroupQ8_0<G>(a.w + r * a.w_row_bytes, a.w_row_bytes, nb, x, i0, i1, a.y + r, a.ldy, scratch);
+  });
 }
 
 // ---------------------------------------------------------------- Q4_K, Q6_K
