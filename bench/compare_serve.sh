@@ -127,11 +127,20 @@ if [[ -x "$KB" ]]; then
 fi
 
 # ----------------------------------------------------------- llama-server
+repack=1
 if [[ $SKIP_LLAMA == 0 ]]; then
+  # shellcheck source=bench/llama_extra_bufts.sh
+  source bench/llama_extra_bufts.sh
+  extra=()
+  if ! llama_extra_bufts_work "$LLAMA_BIN" "$MODEL" "$THREADS"; then
+    repack=0
+    extra=(--no-repack)
+    echo "compare_serve: llama.cpp's extra buffer types (AMX) do not run here: llama-server gets --no-repack" >&2
+  fi
   port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
   LD_LIBRARY_PATH="$LLAMA_BIN${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}" "$LLAMA_BIN/llama-server" \
     -m "$MODEL" -np "$CLIENTS" -c $((CLIENTS * CTX)) -t "$THREADS" --host 127.0.0.1 --port "$port" \
-    ${LLAMA_SERVER_ARGS:-} > "$tmp/llama-server.log" 2>&1 &
+    "${extra[@]}" ${LLAMA_SERVER_ARGS:-} > "$tmp/llama-server.log" 2>&1 &
   server_pid=$!
   server_up() {
     python3 - "$port" <<'PY' 2>/dev/null
@@ -158,9 +167,10 @@ PY
   server_pid=""
 fi
 
-python3 - "$tmp" "$CLIENTS" "$THREADS" "$REPS" "$SKIP_LLAMA" <<'PY'
+python3 - "$tmp" "$CLIENTS" "$THREADS" "$REPS" "$SKIP_LLAMA" "$repack" <<'PY'
 import json, sys
 tmp, clients, threads, reps, skip_llama = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
+repack = sys.argv[6] == "1"
 
 all_errors = 0
 
@@ -218,6 +228,8 @@ if clients == 16 and one and many and outp and mn.get("generated_tokens"):
         }
 if ln:
     out[f"llama_server_{clients}"] = brief(ln)
+    # False: llama.cpp's AMX weight path could not run here (--no-repack).
+    out[f"llama_server_{clients}"]["repack"] = repack
     out[f"mnemo_{clients}_vs_llama_server_{clients}"] = {
         "tokens_per_s": ratio(mn["tokens_per_s"], ln["tokens_per_s"]),
         # Latencies: below 1.0 means mnemo is faster.

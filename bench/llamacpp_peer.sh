@@ -41,16 +41,20 @@ BENCH="$BIN/llama-bench"
 
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
+# shellcheck source=bench/llama_extra_bufts.sh
+source "$(dirname "$0")/llama_extra_bufts.sh"
+repack=1
+llama_extra_bufts_work "$BIN" "$MODEL" "$THREADS" || repack=0
 loadavg=$(cut -d' ' -f1 /proc/loadavg)
 # Separate runs so that prefill is measured at depth 0 and decode at depth 512.
-"$BENCH" -m "$MODEL" -t "$THREADS" -r "$REPS" -p 512 -n 0 -o json \
+"$BENCH" -m "$MODEL" -t "$THREADS" -r "$REPS" --repack "$repack" -p 512 -n 0 -o json \
   >"$tmp/pp.json" 2>"$tmp/pp.err" || { cat "$tmp/pp.err" >&2; die "llama-bench pp failed"; }
-"$BENCH" -m "$MODEL" -t "$THREADS" -r "$REPS" -p 0 -n 128 -d 512 -o json \
+"$BENCH" -m "$MODEL" -t "$THREADS" -r "$REPS" --repack "$repack" -p 0 -n 128 -d 512 -o json \
   >"$tmp/tg.json" 2>"$tmp/tg.err" || { cat "$tmp/tg.err" >&2; die "llama-bench tg failed"; }
 
-python3 - "$tmp/pp.json" "$tmp/tg.json" "$MODEL" "$THREADS" "$BENCH" "$loadavg" <<'EOF'
+python3 - "$tmp/pp.json" "$tmp/tg.json" "$MODEL" "$THREADS" "$BENCH" "$loadavg" "$repack" <<'EOF'
 import json, os, sys
-pp_path, tg_path, model, threads, bench, loadavg = sys.argv[1:]
+pp_path, tg_path, model, threads, bench, loadavg, repack = sys.argv[1:]
 pp = json.load(open(pp_path))[0]
 tg = json.load(open(tg_path))[0]
 print(json.dumps({
@@ -64,6 +68,9 @@ print(json.dumps({
     "threads": int(threads),
     "reps": len(pp["samples_ts"]),
     "flash_attn": pp.get("flash_attn"),
+    # 0: llama.cpp's extra buffer types (AMX) could not run here; see
+    # bench/llama_extra_bufts.sh.
+    "repack": int(repack),
     # Other load on the host skews these; the 1-minute load average before
     # the runs is there to judge that.
     "loadavg_1m": float(loadavg),
