@@ -30,6 +30,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 
 #include "common/check.h"
 #include "kernels/cpu/quants.h"
@@ -747,19 +748,59 @@ struct LibmExpF {
   }
 };
 
+// The weighted sum of OneChunkRowsF16 over elements [d, d + C * NW) of R
+// rows' accumulators (acc: row r at acc + r * D), in registers.
+template <int R, int NW, int C>
+HWY_INLINE void PvRowsF16(const uint16_t* const* vp, int64_t n, int64_t d,
+                          const float* HWY_RESTRICT ms, const float* HWY_RESTRICT vs,
+                          float* HWY_RESTRICT acc, int64_t D) {
+  using DW = hn::CappedTag<float, NW>;
+  using VW = hn::Vec<DW>;
+  const DW dw;
+  VW o[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < C; ++i) o[r][i] = hn::LoadU(dw, acc + r * D + i * NW);
+  for (int64_t j = 0; j < n; ++j) {
+    for (int r = 0; r < R; ++r) {
+      if (ms[r * kTile + j] != 1.0f) {
+        const VW f = hn::Set(dw, ms[r * kTile + j]);
+        for (int i = 0; i < C; ++i) o[r][i] = RoundToF16(dw, hn::Mul(o[r][i], f));
+      }
+    }
+    for (int i = 0; i < C; ++i) {
+      const VW v = LoadF16(dw, vp[j] + d + i * NW);
+      for (int r = 0; r < R; ++r) {
+        o[r][i] = RoundToF16(dw, hn::MulAdd(v, hn::Set(dw, vs[r * kTile + j]), o[r][i]));
+      }
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int i = 0; i < C; ++i) hn::StoreU(o[r][i], dw, acc + r * D + i * NW);
+}
+
 // The one-chunk recurrence for R query rows of one token (heads sharing kv
 // head kvh) over its `n` keys from j0, reading K and V straight from the
 // fp16 pages: each key's K vector is converted once and used by all R rows,
 // and the R rows' f16 accumulators advance together, so that their rounding
 // chains overlap. Per row the operations are exactly those of ScoresF16,
 // the per-key recurrence and PvF16. q16: [R][D]; m, l: [R]; acc: [R][D];
-// sc, ms, vs: [R][kTile]. Requires D % 32 == 0.
-template <int R>
+// sc, ms, vs: [R][kTile]. Requires D % 32 == 0. NW: lanes per vector, 8
+// or 16. With 16 (AVX-512) each vector holds two of ggml's 8-lane
+// accumulators side by side, which add up in the same order (the sum of
+// the two halves of their sum is ggml's (a0 + a2) + (a1 + a3)), and the
+// weighted sum is element-wise: the same bits in half the instructions,
+// where 512-bit ops issue at the 256-bit rate (see WideTiles).
+template <int R, int NW>
 HWY_INLINE void OneChunkRowsF16(const AttentionSeq& seq, const KvLayout& L, int32_t kvh,
                                 const float* HWY_RESTRICT q16, float scale, int64_t j0,
                                 int64_t n, float* HWY_RESTRICT m, float* HWY_RESTRICT l,
                                 float* HWY_RESTRICT acc, float* HWY_RESTRICT sc,
                                 float* HWY_RESTRICT ms, float* HWY_RESTRICT vs) {
+  static_assert(NW == 8 || NW == 16);
+  constexpr int kAcc = 32 / NW;  // vectors per 32 elements
+  using DW = hn::CappedTag<float, NW>;
+  using VW = hn::Vec<DW>;
+  const DW dw;
   const D8 d8;
   const hn::Half<D8> d4;
   const int64_t D = L.head_dim;
@@ -799,19 +840,26 @@ HWY_INLINE void OneChunkRowsF16(const AttentionSeq& seq, const KvLayout& L, int3
         prefetch_row(vp[jb + k]);
       }
       const uint16_t* kr = kp[std::min(jb + k, n - 1)];
-      V8 a[R][4];
+      VW a[R][kAcc];
       for (int r = 0; r < R; ++r)
-        for (int v = 0; v < 4; ++v) a[r][v] = hn::Zero(d8);
+        for (int v = 0; v < kAcc; ++v) a[r][v] = hn::Zero(dw);
       for (int64_t i = 0; i < D; i += 32) {
-        for (int v = 0; v < 4; ++v) {
-          const V8 kv = LoadF16(d8, kr + i + v * 8);
+        for (int v = 0; v < kAcc; ++v) {
+          const VW kv = LoadF16(dw, kr + i + v * NW);
           for (int r = 0; r < R; ++r) {
-            a[r][v] = hn::MulAdd(kv, hn::LoadU(d8, q16 + r * D + i + v * 8), a[r][v]);
+            a[r][v] = hn::MulAdd(kv, hn::LoadU(dw, q16 + r * D + i + v * NW), a[r][v]);
           }
         }
       }
       for (int r = 0; r < R; ++r) {
-        const V8 y = hn::Add(hn::Add(a[r][0], a[r][2]), hn::Add(a[r][1], a[r][3]));
+        V8 y;
+        if constexpr (NW == 8) {
+          y = hn::Add(hn::Add(a[r][0], a[r][2]), hn::Add(a[r][1], a[r][3]));
+        } else {
+          const VW s01 = hn::Add(a[r][0], a[r][1]);  // (a0 + a2 | a1 + a3)
+          const hn::Half<DW> dh;
+          y = V8{hn::Add(hn::LowerHalf(dh, s01), hn::UpperHalf(dh, s01)).raw};
+        }
         t[r][k] = hn::Add(hn::LowerHalf(d4, y), hn::UpperHalf(d4, y));
       }
     }
@@ -871,28 +919,18 @@ HWY_INLINE void OneChunkRowsF16(const AttentionSeq& seq, const KvLayout& L, int3
     m[r] = m_run[r];
     l[r] = l_run[r];
   }
-  // o = f16(o * ms[j]) on a new maximum, then o = f16(v[j] * vs[j] + o), 32
-  // elements of each row's accumulator at a time.
-  for (int64_t d = 0; d < D; d += 32) {
-    V8 o[R][4];
-    for (int r = 0; r < R; ++r)
-      for (int i = 0; i < 4; ++i) o[r][i] = hn::LoadU(d8, acc + r * D + d + i * 8);
-    for (int64_t j = 0; j < n; ++j) {
-      for (int r = 0; r < R; ++r) {
-        if (ms[r * kTile + j] != 1.0f) {
-          const V8 f = hn::Set(d8, ms[r * kTile + j]);
-          for (int i = 0; i < 4; ++i) o[r][i] = RoundToF16(d8, hn::Mul(o[r][i], f));
-        }
-      }
-      for (int i = 0; i < 4; ++i) {
-        const V8 v = LoadF16(d8, vp[j] + d + i * 8);
-        for (int r = 0; r < R; ++r) {
-          o[r][i] = RoundToF16(d8, hn::MulAdd(v, hn::Set(d8, vs[r * kTile + j]), o[r][i]));
-        }
-      }
+  // o = f16(o * ms[j]) on a new maximum, then o = f16(v[j] * vs[j] + o),
+  // 4 * NW elements of each row's accumulator at a time (D % (4 * NW) may
+  // leave 32: then 2 vectors of 16).
+  for (int64_t d = 0; d < D;) {
+    const bool four = d + 4 * NW <= D;
+    if (four) {
+      PvRowsF16<R, NW, 4>(vp, n, d, ms, vs, acc + d, D);
+      d += 4 * NW;
+    } else {
+      PvRowsF16<R, NW, 32 / NW>(vp, n, d, ms, vs, acc + d, D);
+      d += 32;
     }
-    for (int r = 0; r < R; ++r)
-      for (int i = 0; i < 4; ++i) hn::StoreU(o[r][i], d8, acc + r * D + d + i * 8);
   }
 }
 #endif
@@ -919,12 +957,34 @@ HWY_INLINE void OneChunkKeys(const AttentionArgs& a, int64_t t0, int32_t kvh,
     float* sc3 = kf;
     float* ms3 = sc3 + 3 * kTile;
     float* vs3 = ms3 + 3 * kTile;
+#if HWY_TARGET <= HWY_AVX3
+    const bool wide = WideTiles();
+    const bool tile_prefetch = !wide;
+#else
+    const bool tile_prefetch = true;
+#endif
+    auto rows_f16 = [&](auto rows_c, const float* q, int64_t j0, int64_t valid, int64_t r) {
+      constexpr int kR = decltype(rows_c)::value;
+#if HWY_TARGET <= HWY_AVX3
+      if (wide) {
+        OneChunkRowsF16<kR, 16>(seq, L, kvh, q, a.scale, j0, valid, m + r, l + r, acc + r * D, sc3,
+                                ms3, vs3);
+        return;
+      }
+#endif
+      OneChunkRowsF16<kR, 8>(seq, L, kvh, q, a.scale, j0, valid, m + r, l + r, acc + r * D, sc3,
+                             ms3, vs3);
+    };
     for (int64_t j0 = c0; j0 < c1; j0 += kTile) {
       const int64_t n = std::min(kTile, c1 - j0);
       // The next tile's K and V rows go to L2 while this one computes:
       // 16 sequences' pages outgrow the caches, and each tile starts in
       // another page, where the hardware prefetcher starts cold.
-      if (j0 + kTile < c1) PrefetchKvL2(seq, L, kvh, j0 + kTile, std::min(kTile, c1 - j0 - kTile));
+      // (On Intel's cores the burst of prefetches stalls on their fill
+      // buffers instead: 10% slower with the tile warm, no faster cold.)
+      if (tile_prefetch && j0 + kTile < c1) {
+        PrefetchKvL2(seq, L, kvh, j0 + kTile, std::min(kTile, c1 - j0 - kTile));
+      }
       for (int64_t r = 0; r < rows;) {
         const int64_t valid = std::min(n, a.kv_len[t0 + r / group] - j0);
         const int64_t left = group - r % group;  // rows left of this token
@@ -932,14 +992,11 @@ HWY_INLINE void OneChunkKeys(const AttentionArgs& a, int64_t t0, int32_t kvh,
         if (valid > 0) {
           const float* q = q16 + r * D;
           if (rr == 3) {
-            OneChunkRowsF16<3>(seq, L, kvh, q, a.scale, j0, valid, m + r, l + r, acc + r * D, sc3,
-                               ms3, vs3);
+            rows_f16(std::integral_constant<int, 3>{}, q, j0, valid, r);
           } else if (rr == 2) {
-            OneChunkRowsF16<2>(seq, L, kvh, q, a.scale, j0, valid, m + r, l + r, acc + r * D, sc3,
-                               ms3, vs3);
+            rows_f16(std::integral_constant<int, 2>{}, q, j0, valid, r);
           } else {
-            OneChunkRowsF16<1>(seq, L, kvh, q, a.scale, j0, valid, m + r, l + r, acc + r * D, sc3,
-                               ms3, vs3);
+            rows_f16(std::integral_constant<int, 1>{}, q, j0, valid, r);
           }
         }
         r += rr;

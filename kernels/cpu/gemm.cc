@@ -2,7 +2,9 @@
 // Highway target. The int8 dot products use maddubs/madd (SSSE3..AVX-512) or
 // vpdpbusd (AVX-512 VNNI) through small target-specific helpers: Highway
 // 1.0.3 has no u8 x i8 widening multiply-add.
+#include <atomic>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -331,6 +333,109 @@ HWY_INLINE void ScaleProducts(const float* HWY_RESTRICT wd, int64_t nb, const fl
   }
 }
 
+#if HWY_TARGET == HWY_AVX3_DL
+// ------------------------------------------------ 512-bit pair tiles (VNNI)
+//
+// Two weight rows share a 512-bit vector with their 4-byte groups
+// interleaved (even i32 lanes: row r, odd lanes: row r + 1), against x
+// with each 4-byte group twice. One vpdpbusd, one cvt and one fma (the
+// scale pair broadcast from memory) then advance both rows' eight lanes:
+// the very lanes, products and roundings the 256-bit tiles compute, in
+// half the instructions where 512-bit ops issue at the 256-bit rate.
+#ifndef MNEMO_WIDE_RN
+#define MNEMO_WIDE_RN 4
+#endif
+
+// acc + the u8 x s8 products of u and s, 4 per i32 lane (Highway's AVX3_DL
+// target string does not enable the VNNI intrinsics in GCC 12).
+HWY_INLINE __m512i DpBusd512(__m512i acc, __m512i u, __m512i s) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(u), "v"(s));
+  return acc;
+}
+
+// Stores the 32 bytes v of weight row r, block b of a group of G rows, in
+// the pair layout pw[b][r / 2][64].
+HWY_INLINE void StorePairRow(uint8_t* HWY_RESTRICT pw, int64_t b, int G, int r, VU8 v) {
+  const __mmask16 m = (r & 1) != 0 ? 0xAAAA : 0x5555;
+  _mm512_mask_storeu_epi32(pw + (b * G + (r & ~1)) * 32, m,
+                           _mm512_maskz_expand_epi32(m, _mm512_castsi256_si512(v.raw)));
+}
+
+// xw[((i - i0) * nb + b) * 64]: block b of activation row i with each
+// 4-byte group twice; 64-byte aligned.
+HWY_INLINE void DupActivations(const ActView& x, int64_t i0, int64_t i1, int64_t nb,
+                               uint8_t* HWY_RESTRICT xw) {
+  const __m512i idx = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+  for (int64_t i = i0; i < i1; ++i) {
+    const int8_t* q = x.qs(i);
+    for (int64_t b = 0; b < nb; ++b) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + b * 32));
+      _mm512_store_si512(xw + ((i - i0) * nb + b) * 64,
+                         _mm512_permutexvar_epi32(idx, _mm512_castsi256_si512(v)));
+    }
+  }
+}
+
+// Scratch for `rows` activation rows of nb blocks duplicated (64 bytes a
+// block), then room for their -128 sums in that layout (64) and in the
+// 256-bit tiles' (32); 64-byte aligned.
+HWY_INLINE uint8_t* DupScratch(int64_t rows, int64_t nb) {
+  thread_local std::vector<uint8_t> buf;
+  const size_t bytes = static_cast<size_t>(rows * nb) * 160 + 64;
+  if (buf.size() < bytes) buf.resize(bytes);
+  return reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) &
+                                    ~uintptr_t{63});
+}
+
+// G pair-packed weight rows x RN activation rows from xw (duplicated, rows
+// nb * 64 bytes apart), over all blocks; dd, add, y as TileQ4's. With ns
+// (the biased Q8_0 form) each dot product starts from ns's lanes, laid out
+// as xw's, else from 0.
+template <int G, int RN>
+HWY_INLINE void TilePairs(const uint8_t* HWY_RESTRICT pw, int64_t nb, const float* HWY_RESTRICT dd,
+                          const uint8_t* HWY_RESTRICT xw, const int32_t* HWY_RESTRICT ns,
+                          const float* HWY_RESTRICT add, float* HWY_RESTRICT y, int64_t i,
+                          int64_t ldy) {
+  static_assert(G % 4 == 0);
+  constexpr int P = G / 2;
+  __m512 acc[P][RN];
+  for (int p = 0; p < P; ++p)
+    for (int c = 0; c < RN; ++c) acc[p][c] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < nb; ++b) {
+    __m512i xv[RN];
+    for (int c = 0; c < RN; ++c) {
+      xv[c] = _mm512_load_si512(xw + (c * nb + b) * 64);
+    }
+    for (int p = 0; p < P; ++p) {
+      const __m512i w = _mm512_load_si512(pw + (b * G + 2 * p) * 32);
+      for (int c = 0; c < RN; ++c) {
+        const __m512i init =
+            ns != nullptr ? _mm512_load_si512(ns + (c * nb + b) * 16) : _mm512_setzero_si512();
+        const __m512i dot = DpBusd512(init, w, xv[c]);
+        double scales;  // dd of rows 2p and 2p + 1, adjacent
+        std::memcpy(&scales, dd + (b * RN + c) * G + 2 * p, sizeof(scales));
+        acc[p][c] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
+                                    _mm512_castpd_ps(_mm512_set1_pd(scales)), acc[p][c]);
+      }
+    }
+  }
+  // Each row's eight lanes back in order, then summed as the 256-bit tiles do.
+  const __m512i deinterleave =
+      _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  for (int r0 = 0; r0 < G; r0 += 4) {
+    VF part[4][RN];
+    for (int p = r0 / 2; p < r0 / 2 + 2; ++p) {
+      for (int c = 0; c < RN; ++c) {
+        const __m512 v = _mm512_permutexvar_ps(deinterleave, acc[p][c]);
+        part[2 * p - r0][c] = VF{_mm512_castps512_ps256(v)};
+        part[2 * p + 1 - r0][c] = VF{_mm512_extractf32x8_ps(v, 1)};
+      }
+    }
+    StoreTile<4, RN, G>(part, add != nullptr ? add + r0 : nullptr, y + r0, i, ldy);
+  }
+}
+#endif  // HWY_TARGET == HWY_AVX3_DL
+
 // The nibbles of G weight rows unpacked once into `uw` ([b][r][32] u8,
 // 32-byte aligned) and their scales decoded into wd and wm ([b][r]), so that
 // every tile over activation rows reuses them from L1. Reads each row front
@@ -435,11 +540,79 @@ HWY_INLINE void ColumnsQ4(const uint8_t* uw, int64_t nb, const float* wd, const 
   }
 }
 
+#if HWY_TARGET == HWY_AVX3_DL
+// PackQ4 into the pair layout of TilePairs (pw: [b][r / 2][64]), two rows
+// at a time: their 16 nibble bytes side by side, each 4-byte group of
+// either row put in its lane (twice: once for its low nibbles, once for
+// its high nibbles), shifted and masked.
+template <int G, size_t kBlockBytes, size_t kQsOffset, bool kQ41>
+HWY_INLINE void PackQ4Pairs(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
+                            uint8_t* HWY_RESTRICT pw, float* HWY_RESTRICT wd,
+                            float* HWY_RESTRICT wm) {
+  const __m512i spread = _mm512_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7, 0, 4, 1, 5, 2, 6, 3, 7);
+  const __m512i shift = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4, 4, 4, 4, 4);
+  const __m512i low4 = _mm512_set1_epi8(0x0F);
+  for (int r = 0; r < G; r += 2) {
+    const uint8_t* row0 = w + r * ws;
+    const uint8_t* row1 = row0 + ws;
+#pragma GCC unroll 2
+    for (int64_t b = 0; b < nb; ++b) {
+      const uint8_t* blk0 = row0 + b * kBlockBytes;
+      const uint8_t* blk1 = row1 + b * kBlockBytes;
+      hwy::Prefetch(blk0 + G * ws);
+      hwy::Prefetch(blk1 + G * ws);
+      const V2 dm0 = LoadHalfPair(blk0);
+      const V2 dm1 = LoadHalfPair(blk1);
+      wd[b * G + r] = hn::GetLane(dm0);
+      wd[b * G + r + 1] = hn::GetLane(dm1);
+      wm[b * G + r] = kQ41 ? hn::ExtractLane(dm0, 1) : -8.0f * hn::GetLane(dm0);
+      wm[b * G + r + 1] = kQ41 ? hn::ExtractLane(dm1, 1) : -8.0f * hn::GetLane(dm1);
+      const __m256i q = _mm256_inserti128_si256(
+          _mm256_castsi128_si256(
+              _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk0 + kQsOffset))),
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(blk1 + kQsOffset)), 1);
+      const __m512i z = _mm512_permutexvar_epi32(spread, _mm512_castsi256_si512(q));
+      _mm512_store_si512(pw + (b * G + r) * 32,
+                         _mm512_and_si512(_mm512_srlv_epi32(z, shift), low4));
+    }
+  }
+}
+
+// GroupQ4 with pair tiles: x duplicated in xw (DupActivations of [i0, i1)).
+template <int G, bool kQ41>
+HWY_INLINE void GroupQ4Pairs(const uint8_t* w, size_t ws, int64_t nb, const ActView& x, int64_t i0,
+                             int64_t i1, float* y, int64_t ldy, float* scratch, const uint8_t* xw) {
+  constexpr int kRN = MNEMO_WIDE_RN;
+  constexpr size_t kBB = kQ41 ? sizeof(BlockQ4_1) : sizeof(BlockQ4_0);
+  constexpr size_t kQO = kQ41 ? 4 : 2;
+  uint8_t* pw =
+      reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t{63});
+  float* wd = reinterpret_cast<float*>(pw + 32 * G * nb);
+  float* wm = wd + G * nb;
+  float* dd = wm + G * nb;
+  float* ms = dd + kRN * G * nb;
+  PackQ4Pairs<G, kBB, kQO, kQ41>(w, ws, nb, pw, wd, wm);
+  SumMs<G>(wm, nb, x, i0, i1, ms);
+  ForColumnTiles<kRN>(i0, i1, [&]<int RN>(int64_t i) {
+    const float* xd[RN];
+    for (int c = 0; c < RN; ++c) xd[c] = x.d(i + c);
+    ScaleProducts<G, RN>(wd, nb, xd, dd);
+    TilePairs<G, RN>(pw, nb, dd, xw + (i - i0) * nb * 64, nullptr, ms + (i - i0) * G, y, i, ldy);
+  });
+}
+#endif
+
 // One group of G weight rows against activation rows [i0, i1), in column
 // tiles of up to kRN.
 template <int G, bool kQ41>
 HWY_INLINE void GroupQ4(const uint8_t* w, size_t ws, int64_t nb, const ActView& x, int64_t i0,
-                        int64_t i1, float* y, int64_t ldy, float* scratch) {
+                        int64_t i1, float* y, int64_t ldy, float* scratch, const uint8_t* xw) {
+#if HWY_TARGET == HWY_AVX3_DL
+  if constexpr (G % 4 == 0) {
+    if (xw != nullptr) return GroupQ4Pairs<G, kQ41>(w, ws, nb, x, i0, i1, y, ldy, scratch, xw);
+  }
+#endif
+  (void)xw;
   constexpr int kRN = MNEMO_Q4_RN;
   constexpr size_t kBB = kQ41 ? sizeof(BlockQ4_1) : sizeof(BlockQ4_0);
   constexpr size_t kQO = kQ41 ? 4 : 2;
@@ -479,10 +652,20 @@ void GemmQ4(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
   // Groups of 8 weight rows share the m * s sums and scale products over
   // 8 lanes; 4 and 1 for the rest of the range.
   constexpr int kG = kMaxRowGroup;
+  constexpr int kMaxRN = MNEMO_Q4_RN > 4 ? MNEMO_Q4_RN : 4;
   float* scratch =
-      ScaleScratch(static_cast<size_t>((8 + 2 + MNEMO_Q4_RN) * kG * nb + kG * (i1 - i0) + 8));
+      ScaleScratch(static_cast<size_t>((8 + 2 + kMaxRN) * kG * nb + kG * (i1 - i0) + 16));
+  const uint8_t* xw = nullptr;
+#if HWY_TARGET == HWY_AVX3_DL
+  if (WideTiles()) {
+    uint8_t* dup = DupScratch(i1 - i0, nb);
+    DupActivations(x, i0, i1, nb, dup);
+    xw = dup;
+  }
+#endif
   ForRowGroups(r0, r1, [&]<int G>(int64_t r) {
-    GroupQ4<G, kQ41>(a.w + r * a.w_row_bytes, a.w_row_bytes, nb, x, i0, i1, a.y + r, a.ldy, scratch);
+    GroupQ4<G, kQ41>(a.w + r * a.w_row_bytes, a.w_row_bytes, nb, x, i0, i1, a.y + r, a.ldy, scratch,
+                     xw);
   });
 }
 
@@ -665,7 +848,8 @@ HWY_INLINE void NegSums128(const ActView& x, int64_t i0, int64_t i1, int64_t nb,
 // The G weight rows of a group as w + 128 (u8, 32-byte aligned, [b][r][32])
 // with their scales decoded into wd ([b][r]); next group prefetched as
 // PackQ4 does.
-template <int G>
+// With kPairs, bw is in the pair layout of TilePairs instead.
+template <int G, bool kPairs = false>
 HWY_INLINE void PackQ8_0Biased(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb,
                                uint8_t* HWY_RESTRICT bw, float* HWY_RESTRICT wd) {
   const DU8 du8;
@@ -677,7 +861,12 @@ HWY_INLINE void PackQ8_0Biased(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t
       const uint8_t* blk = row + b * sizeof(BlockQ8_0);
       hwy::Prefetch(blk + G * ws);
       wd[b * G + r] = hn::GetLane(LoadHalfPair(blk));
-      hn::Store(hn::Xor(hn::LoadU(du8, blk + 2), k128), du8, bw + static_cast<size_t>(b * G + r) * 32);
+      const VU8 v = hn::Xor(hn::LoadU(du8, blk + 2), k128);
+      if constexpr (kPairs) {
+        StorePairRow(bw, b, G, r, v);
+      } else {
+        hn::Store(v, du8, bw + static_cast<size_t>(b * G + r) * 32);
+      }
     }
   }
 }
@@ -745,6 +934,37 @@ HWY_INLINE void GroupQ8_0Biased(const uint8_t* w, size_t ws, int64_t nb, const A
     ColumnsQ8_0Biased<G, RN>(bw, nb, wd, dd, ns + (i - i0) * nb * 8, x, i, y, ldy);
   });
 }
+
+// -128 x the sums over each 4-byte group of the duplicated activations xw
+// (rows x nb blocks), in xw's layout: ns[(row * nb + b) * 16].
+HWY_INLINE void NegSums128Pairs(const uint8_t* HWY_RESTRICT xw, int64_t rows, int64_t nb,
+                                int32_t* HWY_RESTRICT ns) {
+  const __m512i k128 = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int64_t k = 0; k < rows * nb; ++k) {
+    const __m512i s = DpBusd512(_mm512_setzero_si512(), k128, _mm512_load_si512(xw + k * 64));
+    _mm512_store_si512(ns + k * 16, _mm512_sub_epi32(_mm512_setzero_si512(), s));
+  }
+}
+
+// GroupQ8_0Biased with pair tiles: x duplicated in xw, ns its -128 sums.
+template <int G>
+HWY_INLINE void GroupQ8_0Pairs(const uint8_t* w, size_t ws, int64_t nb, const ActView& x,
+                               int64_t i0, int64_t i1, const uint8_t* xw, const int32_t* ns,
+                               float* y, int64_t ldy, float* scratch) {
+  constexpr int kRN = MNEMO_WIDE_RN;
+  uint8_t* bw =
+      reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t{63});
+  float* wd = reinterpret_cast<float*>(bw + 32 * G * nb);
+  float* dd = wd + G * nb;
+  PackQ8_0Biased<G, true>(w, ws, nb, bw, wd);
+  ForColumnTiles<kRN>(i0, i1, [&]<int RN>(int64_t i) {
+    const float* xd[RN];
+    for (int c = 0; c < RN; ++c) xd[c] = x.d(i + c);
+    ScaleProducts<G, RN>(wd, nb, xd, dd);
+    TilePairs<G, RN>(bw, nb, dd, xw + (i - i0) * nb * 64, ns + (i - i0) * nb * 16, nullptr, y, i,
+                     ldy);
+  });
+}
 #endif  // HWY_TARGET == HWY_AVX3_DL
 
 void GemmQ8_0(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
@@ -764,6 +984,29 @@ void GemmQ8_0(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1)
   }
   constexpr int kG = kMaxRowGroup;
 #if HWY_TARGET == HWY_AVX3_DL
+  if (WideTiles()) {
+    float* scratch = ScaleScratch(Q8BiasedScratchFloats(kG, nb) + 16);
+    uint8_t* xw = DupScratch(i1 - i0, nb);
+    DupActivations(x, i0, i1, nb, xw);
+    int32_t* ns = reinterpret_cast<int32_t*>(xw + (i1 - i0) * nb * 64);
+    NegSums128Pairs(xw, i1 - i0, nb, ns);
+    int32_t* ns8 = nullptr;  // the 256-bit tiles' sums, for the last rows'
+                             // single-row groups
+    if ((r1 - r0) % 4 != 0) {
+      ns8 = ns + (i1 - i0) * nb * 16;
+      NegSums128(x, i0, i1, nb, ns8);
+    }
+    ForRowGroups(r0, r1, [&]<int G>(int64_t r) {
+      if constexpr (G % 4 == 0) {
+        GroupQ8_0Pairs<G>(a.w + r * a.w_row_bytes, a.w_row_bytes, nb, x, i0, i1, xw, ns, a.y + r,
+                          a.ldy, scratch);
+      } else {
+        GroupQ8_0Biased<G>(a.w + r * a.w_row_bytes, a.w_row_bytes, nb, x, i0, i1, ns8, a.y + r,
+                           a.ldy, scratch);
+      }
+    });
+    return;
+  }
   {
     const size_t group_floats = Q8BiasedScratchFloats(kG, nb);
     float* scratch = ScaleScratch(group_floats + static_cast<size_t>((i1 - i0) * nb * 8) + 16);
@@ -1179,6 +1422,28 @@ void QuantizeActRow(const ActFormat& format, const float* x, void* row) {
 void F32ToF16Row(const float* x, uint16_t* y, int64_t n) {
   HWY_DYNAMIC_DISPATCH(F32ToF16RowImpl)(x, y, n);
 }
+
+namespace {
+bool DefaultWideTiles() {
+  if (const char* env = std::getenv("MNEMO_WIDE_TILES"); env != nullptr && *env != '\0') {
+    return std::strcmp(env, "0") != 0;
+  }
+#if HWY_ARCH_X86
+  return __builtin_cpu_is("intel");
+#else
+  return false;
+#endif
+}
+std::atomic<int> g_wide_tiles{-1};
+}  // namespace
+
+bool WideTiles() {
+  static const bool kDefault = DefaultWideTiles();
+  const int forced = g_wide_tiles.load(std::memory_order_relaxed);
+  return forced < 0 ? kDefault : forced != 0;
+}
+
+void SetWideTilesForTest(int wide) { g_wide_tiles.store(wide < 0 ? -1 : wide != 0 ? 1 : 0); }
 
 }  // namespace mnemo::kernels::cpu
 #endif  // HWY_ONCE

@@ -33,6 +33,19 @@ void QuantizeActRow(const ActFormat& format, const float* x, void* row);
 // y[i][r] for weight rows r in [r0, r1) and activation rows i in [i0, i1).
 void Gemm(const GemmArgs& args, int64_t r0, int64_t r1, int64_t i0, int64_t i1);
 
+// Whether the batched Q4_0, Q4_1 and Q8_0 matmuls (AVX-512 VNNI) and the
+// decode attention (AVX-512) use 512-bit tiles rather than 256-bit ones.
+// The bits are the same; the speed is not: Intel's cores issue two 512-bit
+// dot products or FMAs per cycle, as many as 256-bit ones, while Zen 4
+// splits each into two 256-bit halves. With them the decode attention also
+// leaves out its prefetch of the next key tile, which Intel's cores stall
+// on. Default: on Intel CPUs; MNEMO_WIDE_TILES=0 or 1 in the environment
+// overrides it.
+bool WideTiles();
+// 1 on, 0 off, -1 back to the default. Not thread-safe: call while no
+// kernel runs.
+void SetWideTilesForTest(int wide);
+
 // --- Element-wise -------------------------------------------------------------
 
 // y = x * gain / sqrt(mean(x^2) + eps); y may alias x.

@@ -21,6 +21,7 @@
 #include "kernels/backend.h"
 #include "kernels/cpu/quants.h"
 #include "kernels/cpu/simd.h"
+#include "tests/kernels/kernel_test_util.h"
 
 namespace mnemo::kernels::cpu {
 namespace {
@@ -240,6 +241,10 @@ class AttentionNumericsTest
   // One call of Attention over `runs`, each run its own sequence; every
   // output float compared to the model of llama.cpp.
   void Check(const std::vector<QueryRun>& runs, uint32_t seed) {
+    testing::ForEachTileWidth([&] { CheckOnce(runs, seed); });
+  }
+
+  void CheckOnce(const std::vector<QueryRun>& runs, uint32_t seed) {
     const Geometry g = std::get<2>(GetParam());
     const bool exact = ExactTarget(std::get<0>(GetParam()));
     std::mt19937 rng(seed);

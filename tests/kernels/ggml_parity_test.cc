@@ -77,57 +77,63 @@ TEST_P(GgmlParityTest, MatMulBitIdenticalToGgml) {
     GTEST_SKIP() << "bit-exactness is defined for the x86 AVX2/AVX-512 kernels";
   }
   const auto x = GoldenActivations(kN, kCols);
-  for (DType t : {DType::kQ4_1, DType::kQ8_0}) {
-    const uint32_t* want = t == DType::kQ4_1 ? kQ4_1 : kQ8_0;
-    const auto w = GoldenWeights(t, kRows, kCols);
-    const Weight weight{t, kRows, kCols, w.data()};
-    for (int threads : {1, 2}) {
-      auto backend = MakeCpuBackend(threads);
-      // All rows at once (prefill tiles) and one at a time (decode path).
-      std::vector<float> y(kN * kRows);
-      backend->MatMul(weight, x.data(), kN, y.data());
-      for (int64_t i = 0; i < kN; ++i) {
-        std::vector<float> y1(kRows);
-        backend->MatMul(weight, x.data() + i * kCols, 1, y1.data());
-        for (int64_t r = 0; r < kRows; ++r) {
-          EXPECT_EQ(F32ToBits(y[i * kRows + r]), want[i * kRows + r])
-              << Info(t).name << " n=3 i=" << i << " r=" << r;
-          EXPECT_EQ(F32ToBits(y1[r]), want[i * kRows + r]) << Info(t).name << " n=1 i=" << i << " r=" << r;
+  testing::ForEachTileWidth([&] {
+    for (DType t : {DType::kQ4_1, DType::kQ8_0}) {
+      const uint32_t* want = t == DType::kQ4_1 ? kQ4_1 : kQ8_0;
+      const auto w = GoldenWeights(t, kRows, kCols);
+      const Weight weight{t, kRows, kCols, w.data()};
+      for (int threads : {1, 2}) {
+        auto backend = MakeCpuBackend(threads);
+        // All rows at once (prefill tiles) and one at a time (decode path).
+        std::vector<float> y(kN * kRows);
+        backend->MatMul(weight, x.data(), kN, y.data());
+        for (int64_t i = 0; i < kN; ++i) {
+          std::vector<float> y1(kRows);
+          backend->MatMul(weight, x.data() + i * kCols, 1, y1.data());
+          for (int64_t r = 0; r < kRows; ++r) {
+            EXPECT_EQ(F32ToBits(y[i * kRows + r]), want[i * kRows + r])
+                << Info(t).name << " n=3 i=" << i << " r=" << r;
+            EXPECT_EQ(F32ToBits(y1[r]), want[i * kRows + r])
+                << Info(t).name << " n=1 i=" << i << " r=" << r;
+          }
         }
       }
     }
-  }
+  });
 }
 
 // The decode path (n = 1) is pinned to ggml's bits above; every batched
 // shape (row tiles, column tiles and their remainders, the prefill tiling)
 // must return those very bits for each row of x, on every target.
 TEST_P(GgmlParityTest, EveryBatchSizeMatchesOneRowBits) {
-  std::mt19937 rng(7);
-  for (DType t : {DType::kQ4_0, DType::kQ4_1, DType::kQ8_0}) {
-    for (const int64_t cols : {int64_t{576}, int64_t{1536}}) {
-      for (const int64_t rows : {int64_t{1}, int64_t{7}, int64_t{13}, int64_t{36}, int64_t{203}}) {
-        const auto w = testing::RandomWeights(rng, t, rows, cols);
-        const Weight weight{t, rows, cols, w.data()};
-        const int64_t n_max = 50;
-        const auto x = testing::RandomFloats(rng, static_cast<size_t>(n_max * cols));
-        auto backend = MakeCpuBackend(2);
-        std::vector<float> want(static_cast<size_t>(n_max * rows));
-        for (int64_t i = 0; i < n_max; ++i) {
-          backend->MatMul(weight, x.data() + i * cols, 1, want.data() + i * rows);
-        }
-        for (const int64_t n : {2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 50}) {
-          std::vector<float> y(static_cast<size_t>(n * rows));
-          backend->MatMul(weight, x.data(), n, y.data());
-          for (int64_t j = 0; j < n * rows; ++j) {
-            ASSERT_EQ(F32ToBits(y[j]), F32ToBits(want[j]))
-                << Info(t).name << " cols=" << cols << " rows=" << rows << " n=" << n
-                << " i=" << j / rows << " r=" << j % rows;
+  testing::ForEachTileWidth([&] {
+    std::mt19937 rng(7);
+    for (DType t : {DType::kQ4_0, DType::kQ4_1, DType::kQ8_0}) {
+      for (const int64_t cols : {int64_t{576}, int64_t{1536}}) {
+        for (const int64_t rows :
+             {int64_t{1}, int64_t{7}, int64_t{13}, int64_t{36}, int64_t{203}}) {
+          const auto w = testing::RandomWeights(rng, t, rows, cols);
+          const Weight weight{t, rows, cols, w.data()};
+          const int64_t n_max = 50;
+          const auto x = testing::RandomFloats(rng, static_cast<size_t>(n_max * cols));
+          auto backend = MakeCpuBackend(2);
+          std::vector<float> want(static_cast<size_t>(n_max * rows));
+          for (int64_t i = 0; i < n_max; ++i) {
+            backend->MatMul(weight, x.data() + i * cols, 1, want.data() + i * rows);
+          }
+          for (const int64_t n : {2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 50}) {
+            std::vector<float> y(static_cast<size_t>(n * rows));
+            backend->MatMul(weight, x.data(), n, y.data());
+            for (int64_t j = 0; j < n * rows; ++j) {
+              ASSERT_EQ(F32ToBits(y[j]), F32ToBits(want[j]))
+                  << Info(t).name << " cols=" << cols << " rows=" << rows << " n=" << n
+                  << " i=" << j / rows << " r=" << j % rows;
+            }
           }
         }
       }
     }
-  }
+  });
 }
 
 INSTANTIATE_TEST_SUITE_P(AllTargets, GgmlParityTest, ::testing::ValuesIn(SimdTargets()),

@@ -111,6 +111,20 @@ class TargetTest : public ::testing::TestWithParam<int64_t> {
   void TearDown() override { SetSimdTargetForTest(0); }
 };
 
+// Runs f with the 256-bit and then the 512-bit tiles of the matmuls and
+// the decode attention (WideTiles), which must give the same bits. Targets
+// without 512-bit vectors take the same path both times.
+template <class F>
+void ForEachTileWidth(F&& f) {
+  for (const int wide : {0, 1}) {
+    SCOPED_TRACE(wide != 0 ? "512-bit tiles" : "256-bit tiles");
+    SetWideTilesForTest(wide);
+    f();
+    if (::testing::Test::HasFatalFailure()) break;
+  }
+  SetWideTilesForTest(-1);
+}
+
 inline std::string TargetParamName(const ::testing::TestParamInfo<int64_t>& info) {
   std::string name = SimdTargetName(info.param);
   for (char& c : name) {
