@@ -1245,6 +1245,8 @@ void Scheduler::Step() {
                   (t_step0 - pipelined->t_arrive) * 1e3, step_ms, (NowSeconds() - t_step0) * 1e3 - step_ms);
   }
   if (st.ok() && !stream_step && !pipelined) pacer_.Observe(n_decoders, prefill_rows, budget0, step_ms);
+  spdlog::trace("step: {} decode rows, {} prompt rows (budget {}), {:.2f} ms", n_decoders, prefill_rows,
+                budget0, step_ms);
   if (!st.ok()) {
     spdlog::error("model step failed: {}", st.ToString());
     for (const Entry& e : batch_entries) Fail(e.r, st);
