@@ -436,6 +436,23 @@ HWY_INLINE void TilePairs(const uint8_t* HWY_RESTRICT pw, int64_t nb, const floa
 }
 #endif  // HWY_TARGET == HWY_AVX3_DL
 
+// A Q4 group's scratch: the unpacked nibbles (align-byte aligned), then
+// the rows' scales wd and mins wm, the scale products dd of rn activation
+// rows, the m * s sums ms.
+struct Q4Scratch {
+  uint8_t* uw;
+  float *wd, *wm, *dd, *ms;
+};
+HWY_INLINE Q4Scratch CarveQ4Scratch(float* scratch, int G, int64_t nb, int rn, uintptr_t align) {
+  Q4Scratch s;
+  s.uw = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(scratch) + align - 1) & ~(align - 1));
+  s.wd = reinterpret_cast<float*>(s.uw + 32 * G * nb);
+  s.wm = s.wd + G * nb;
+  s.dd = s.wm + G * nb;
+  s.ms = s.dd + rn * G * nb;
+  return s;
+}
+
 // The nibbles of G weight rows unpacked once into `uw` ([b][r][32] u8,
 // 32-byte aligned) and their scales decoded into wd and wm ([b][r]), so that
 // every tile over activation rows reuses them from L1. Reads each row front
@@ -585,12 +602,9 @@ HWY_INLINE void GroupQ4Pairs(const uint8_t* w, size_t ws, int64_t nb, const ActV
   constexpr int kRN = MNEMO_WIDE_RN;
   constexpr size_t kBB = kQ41 ? sizeof(BlockQ4_1) : sizeof(BlockQ4_0);
   constexpr size_t kQO = kQ41 ? 4 : 2;
-  uint8_t* pw =
-      reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(scratch) + 63) & ~uintptr_t{63});
-  float* wd = reinterpret_cast<float*>(pw + 32 * G * nb);
-  float* wm = wd + G * nb;
-  float* dd = wm + G * nb;
-  float* ms = dd + kRN * G * nb;
+  const Q4Scratch sc = CarveQ4Scratch(scratch, G, nb, kRN, 64);
+  uint8_t* pw = sc.uw;
+  float *wd = sc.wd, *wm = sc.wm, *dd = sc.dd, *ms = sc.ms;
   PackQ4Pairs<G, kBB, kQO, kQ41>(w, ws, nb, pw, wd, wm);
   SumMs<G>(wm, nb, x, i0, i1, ms);
   ForColumnTiles<kRN>(i0, i1, [&]<int RN>(int64_t i) {
@@ -616,12 +630,9 @@ HWY_INLINE void GroupQ4(const uint8_t* w, size_t ws, int64_t nb, const ActView& 
   constexpr int kRN = MNEMO_Q4_RN;
   constexpr size_t kBB = kQ41 ? sizeof(BlockQ4_1) : sizeof(BlockQ4_0);
   constexpr size_t kQO = kQ41 ? 4 : 2;
-  // Unpacked nibbles first (32-byte aligned), then wd, wm, dd, ms.
-  uint8_t* uw = reinterpret_cast<uint8_t*>((reinterpret_cast<uintptr_t>(scratch) + 31) & ~uintptr_t{31});
-  float* wd = reinterpret_cast<float*>(uw + 32 * G * nb);
-  float* wm = wd + G * nb;
-  float* dd = wm + G * nb;
-  float* ms = dd + kRN * G * nb;
+  const Q4Scratch sc = CarveQ4Scratch(scratch, G, nb, kRN, 32);
+  uint8_t* uw = sc.uw;
+  float *wd = sc.wd, *wm = sc.wm, *dd = sc.dd, *ms = sc.ms;
   PackQ4<G, kBB, kQO, kQ41>(w, ws, nb, uw, wd, wm);
   SumMs<G>(wm, nb, x, i0, i1, ms);
   ForColumnTiles<kRN>(i0, i1, [&]<int RN>(int64_t i) {
