@@ -35,6 +35,9 @@
 #define MNEMO_Q8_RM 4
 #define MNEMO_Q8_RN 2
 #endif
+#ifndef MNEMO_WIDE_RN  // activation rows per 512-bit pair tile (<= 4)
+#define MNEMO_WIDE_RN 4
+#endif
 
 HWY_BEFORE_NAMESPACE();
 namespace mnemo::kernels::cpu {
@@ -342,9 +345,6 @@ HWY_INLINE void ScaleProducts(const float* HWY_RESTRICT wd, int64_t nb, const fl
 // scale pair broadcast from memory) then advance both rows' eight lanes:
 // the very lanes, products and roundings the 256-bit tiles compute, in
 // half the instructions where 512-bit ops issue at the 256-bit rate.
-#ifndef MNEMO_WIDE_RN
-#define MNEMO_WIDE_RN 4
-#endif
 
 // acc + the u8 x s8 products of u and s, 4 per i32 lane (Highway's AVX3_DL
 // target string does not enable the VNNI intrinsics in GCC 12).
@@ -595,48 +595,44 @@ HWY_INLINE void PackQ4Pairs(const uint8_t* HWY_RESTRICT w, size_t ws, int64_t nb
   }
 }
 
-// GroupQ4 with pair tiles: x duplicated in xw (DupActivations of [i0, i1)).
-template <int G, bool kQ41>
-HWY_INLINE void GroupQ4Pairs(const uint8_t* w, size_t ws, int64_t nb, const ActView& x, int64_t i0,
-                             int64_t i1, float* y, int64_t ldy, float* scratch, const uint8_t* xw) {
-  constexpr int kRN = MNEMO_WIDE_RN;
-  constexpr size_t kBB = kQ41 ? sizeof(BlockQ4_1) : sizeof(BlockQ4_0);
-  constexpr size_t kQO = kQ41 ? 4 : 2;
-  const Q4Scratch sc = CarveQ4Scratch(scratch, G, nb, kRN, 64);
-  uint8_t* pw = sc.uw;
-  float *wd = sc.wd, *wm = sc.wm, *dd = sc.dd, *ms = sc.ms;
-  PackQ4Pairs<G, kBB, kQO, kQ41>(w, ws, nb, pw, wd, wm);
-  SumMs<G>(wm, nb, x, i0, i1, ms);
-  ForColumnTiles<kRN>(i0, i1, [&]<int RN>(int64_t i) {
-    const float* xd[RN];
-    for (int c = 0; c < RN; ++c) xd[c] = x.d(i + c);
-    ScaleProducts<G, RN>(wd, nb, xd, dd);
-    TilePairs<G, RN>(pw, nb, dd, xw + (i - i0) * nb * 64, nullptr, ms + (i - i0) * G, y, i, ldy);
-  });
-}
 #endif
 
 // One group of G weight rows against activation rows [i0, i1), in column
-// tiles of up to kRN.
+// tiles: of up to MNEMO_WIDE_RN in pair tiles where xw is given (x
+// duplicated, DupActivations of [i0, i1)), else of up to MNEMO_Q4_RN.
 template <int G, bool kQ41>
 HWY_INLINE void GroupQ4(const uint8_t* w, size_t ws, int64_t nb, const ActView& x, int64_t i0,
                         int64_t i1, float* y, int64_t ldy, float* scratch, const uint8_t* xw) {
+  constexpr size_t kBB = kQ41 ? sizeof(BlockQ4_1) : sizeof(BlockQ4_0);
+  constexpr size_t kQO = kQ41 ? 4 : 2;
+  constexpr int kRN = MNEMO_Q4_RN > MNEMO_WIDE_RN ? MNEMO_Q4_RN : MNEMO_WIDE_RN;
+  const Q4Scratch sc = CarveQ4Scratch(scratch, G, nb, kRN, 64);
+  bool pairs = false;
+#if HWY_TARGET == HWY_AVX3_DL
+  pairs = G % 4 == 0 && xw != nullptr;
+  if constexpr (G % 4 == 0) {
+    if (pairs) PackQ4Pairs<G, kBB, kQO, kQ41>(w, ws, nb, sc.uw, sc.wd, sc.wm);
+  }
+#endif
+  if (!pairs) PackQ4<G, kBB, kQO, kQ41>(w, ws, nb, sc.uw, sc.wd, sc.wm);
+  SumMs<G>(sc.wm, nb, x, i0, i1, sc.ms);
 #if HWY_TARGET == HWY_AVX3_DL
   if constexpr (G % 4 == 0) {
-    if (xw != nullptr) return GroupQ4Pairs<G, kQ41>(w, ws, nb, x, i0, i1, y, ldy, scratch, xw);
+    if (pairs) {
+      ForColumnTiles<MNEMO_WIDE_RN>(i0, i1, [&]<int RN>(int64_t i) {
+        const float* xd[RN];
+        for (int c = 0; c < RN; ++c) xd[c] = x.d(i + c);
+        ScaleProducts<G, RN>(sc.wd, nb, xd, sc.dd);
+        TilePairs<G, RN>(sc.uw, nb, sc.dd, xw + (i - i0) * nb * 64, nullptr, sc.ms + (i - i0) * G, y,
+                         i, ldy);
+      });
+      return;
+    }
   }
 #endif
   (void)xw;
-  constexpr int kRN = MNEMO_Q4_RN;
-  constexpr size_t kBB = kQ41 ? sizeof(BlockQ4_1) : sizeof(BlockQ4_0);
-  constexpr size_t kQO = kQ41 ? 4 : 2;
-  const Q4Scratch sc = CarveQ4Scratch(scratch, G, nb, kRN, 32);
-  uint8_t* uw = sc.uw;
-  float *wd = sc.wd, *wm = sc.wm, *dd = sc.dd, *ms = sc.ms;
-  PackQ4<G, kBB, kQO, kQ41>(w, ws, nb, uw, wd, wm);
-  SumMs<G>(wm, nb, x, i0, i1, ms);
-  ForColumnTiles<kRN>(i0, i1, [&]<int RN>(int64_t i) {
-    ColumnsQ4<G, RN>(uw, nb, wd, ms + (i - i0) * G, dd, x, i, y, ldy);
+  ForColumnTiles<MNEMO_Q4_RN>(i0, i1, [&]<int RN>(int64_t i) {
+    ColumnsQ4<G, RN>(sc.uw, nb, sc.wd, sc.ms + (i - i0) * G, sc.dd, x, i, y, ldy);
   });
 }
 
