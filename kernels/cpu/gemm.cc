@@ -38,6 +38,8 @@
 #ifndef MNEMO_WIDE_RN  // activation rows per 512-bit pair tile (<= 4)
 #define MNEMO_WIDE_RN 4
 #endif
+// The widest Q4 column tile of either width: what a group's dd holds.
+#define MNEMO_Q4_MAX_RN (MNEMO_Q4_RN > MNEMO_WIDE_RN ? MNEMO_Q4_RN : MNEMO_WIDE_RN)
 
 HWY_BEFORE_NAMESPACE();
 namespace mnemo::kernels::cpu {
@@ -434,6 +436,18 @@ HWY_INLINE void TilePairs(const uint8_t* HWY_RESTRICT pw, int64_t nb, const floa
     StoreTile<4, RN, G>(part, add != nullptr ? add + r0 : nullptr, y + r0, i, ldy);
   }
 }
+
+// All G pair-packed weight rows x RN activation rows from i (xw, ns at
+// row i): the scale products once, then one pair tile.
+template <int G, int RN>
+HWY_INLINE void ColumnsPairs(const uint8_t* pw, int64_t nb, const float* wd, float* dd,
+                             const ActView& x, int64_t i, const uint8_t* xw, const int32_t* ns,
+                             const float* add, float* y, int64_t ldy) {
+  const float* xd[RN];
+  for (int c = 0; c < RN; ++c) xd[c] = x.d(i + c);
+  ScaleProducts<G, RN>(wd, nb, xd, dd);
+  TilePairs<G, RN>(pw, nb, dd, xw, ns, add, y, i, ldy);
+}
 #endif  // HWY_TARGET == HWY_AVX3_DL
 
 // A Q4 group's scratch: the unpacked nibbles (align-byte aligned), then
@@ -605,8 +619,7 @@ HWY_INLINE void GroupQ4(const uint8_t* w, size_t ws, int64_t nb, const ActView& 
                         int64_t i1, float* y, int64_t ldy, float* scratch, const uint8_t* xw) {
   constexpr size_t kBB = kQ41 ? sizeof(BlockQ4_1) : sizeof(BlockQ4_0);
   constexpr size_t kQO = kQ41 ? 4 : 2;
-  constexpr int kRN = MNEMO_Q4_RN > MNEMO_WIDE_RN ? MNEMO_Q4_RN : MNEMO_WIDE_RN;
-  const Q4Scratch sc = CarveQ4Scratch(scratch, G, nb, kRN, 64);
+  const Q4Scratch sc = CarveQ4Scratch(scratch, G, nb, MNEMO_Q4_MAX_RN, 64);
   bool pairs = false;
 #if HWY_TARGET == HWY_AVX3_DL
   pairs = G % 4 == 0 && xw != nullptr;
@@ -620,11 +633,8 @@ HWY_INLINE void GroupQ4(const uint8_t* w, size_t ws, int64_t nb, const ActView& 
   if constexpr (G % 4 == 0) {
     if (pairs) {
       ForColumnTiles<MNEMO_WIDE_RN>(i0, i1, [&]<int RN>(int64_t i) {
-        const float* xd[RN];
-        for (int c = 0; c < RN; ++c) xd[c] = x.d(i + c);
-        ScaleProducts<G, RN>(sc.wd, nb, xd, sc.dd);
-        TilePairs<G, RN>(sc.uw, nb, sc.dd, xw + (i - i0) * nb * 64, nullptr, sc.ms + (i - i0) * G, y,
-                         i, ldy);
+        ColumnsPairs<G, RN>(sc.uw, nb, sc.wd, sc.dd, x, i, xw + (i - i0) * nb * 64, nullptr,
+                            sc.ms + (i - i0) * G, y, ldy);
       });
       return;
     }
@@ -659,9 +669,8 @@ void GemmQ4(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
   // Groups of 8 weight rows share the m * s sums and scale products over
   // 8 lanes; 4 and 1 for the rest of the range.
   constexpr int kG = kMaxRowGroup;
-  constexpr int kMaxRN = MNEMO_Q4_RN > 4 ? MNEMO_Q4_RN : 4;
-  float* scratch =
-      ScaleScratch(static_cast<size_t>((8 + 2 + kMaxRN) * kG * nb + kG * (i1 - i0) + 16));
+  float* scratch = ScaleScratch(
+      static_cast<size_t>((8 + 2 + MNEMO_Q4_MAX_RN) * kG * nb + kG * (i1 - i0) + 16));
   const uint8_t* xw = nullptr;
 #if HWY_TARGET == HWY_AVX3_DL
   if (WideTiles()) {
@@ -965,11 +974,8 @@ HWY_INLINE void GroupQ8_0Pairs(const uint8_t* w, size_t ws, int64_t nb, const Ac
   float* dd = wd + G * nb;
   PackQ8_0Biased<G, true>(w, ws, nb, bw, wd);
   ForColumnTiles<kRN>(i0, i1, [&]<int RN>(int64_t i) {
-    const float* xd[RN];
-    for (int c = 0; c < RN; ++c) xd[c] = x.d(i + c);
-    ScaleProducts<G, RN>(wd, nb, xd, dd);
-    TilePairs<G, RN>(bw, nb, dd, xw + (i - i0) * nb * 64, ns + (i - i0) * nb * 16, nullptr, y, i,
-                     ldy);
+    ColumnsPairs<G, RN>(bw, nb, wd, dd, x, i, xw + (i - i0) * nb * 64, ns + (i - i0) * nb * 16,
+                        nullptr, y, ldy);
   });
 }
 #endif  // HWY_TARGET == HWY_AVX3_DL
