@@ -830,19 +830,6 @@ HWY_INLINE void OneChunkRowsF16(const AttentionSeq& seq, const KvLayout& L, int3
   auto prefetch_row = [&](const uint16_t* p) {
     for (int64_t o = 0; o < row_bytes; o += 64) hwy::Prefetch(reinterpret_cast<const uint8_t*>(p) + o);
   };
-  // V rows go into L2 only on Intel's cores (the 512-bit tiles' CPUs):
-  // there an L1 prefetch ties up a fill buffer until the line arrives, and
-  // V is not needed before the tile's last score (cold KV: 13% faster;
-  // warm: the same).
-  auto prefetch_v_row = [&](const uint16_t* p) {
-    for (int64_t o = 0; o < row_bytes; o += 64) {
-      if constexpr (NW == 16) {
-        __builtin_prefetch(reinterpret_cast<const uint8_t*>(p) + o, 0, 2);  // prefetcht1
-      } else {
-        hwy::Prefetch(reinterpret_cast<const uint8_t*>(p) + o);
-      }
-    }
-  };
   for (int64_t j = 0; j < std::min<int64_t>(n, kPrefetchKeys); ++j) prefetch_row(kp[j]);
   const auto vscale = hn::Set(d4, scale);
   for (int64_t jb = 0; jb < n; jb += 4) {
@@ -850,7 +837,17 @@ HWY_INLINE void OneChunkRowsF16(const AttentionSeq& seq, const KvLayout& L, int3
     for (int k = 0; k < 4; ++k) {
       if (jb + k < n) {
         if (jb + k + kPrefetchKeys < n) prefetch_row(kp[jb + k + kPrefetchKeys]);
-        prefetch_v_row(vp[jb + k]);
+        if constexpr (NW == 16) {
+          // Into L2 only on Intel's cores (the 512-bit tiles' CPUs): there
+          // an L1 prefetch ties up a fill buffer until the line arrives,
+          // and the V rows are not needed before the tile's last score.
+          // (Cold KV: 13% faster; warm: the same.)
+          for (int64_t o = 0; o < row_bytes; o += 64) {
+            __builtin_prefetch(reinterpret_cast<const uint8_t*>(vp[jb + k]) + o, 0, 2);
+          }
+        } else {
+          prefetch_row(vp[jb + k]);
+        }
       }
       const uint16_t* kr = kp[std::min(jb + k, n - 1)];
       VW a[R][kAcc];
