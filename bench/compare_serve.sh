@@ -18,7 +18,10 @@
 # Usage: bench/compare_serve.sh [--model M] [--threads T] [--clients N]
 #          [--turns T] [--max-tokens M] [--prompt-tokens P]
 #          [--long-prompt-tokens L] [--ctx C] [--llama-bin DIR] [--skip-llama]
-#          [--reps R]
+#          [--reps R] [--math exact|fast]
+# --math is mnemod's --math (default fast, as mnemod's: the interleaved
+# Q4_1/Q8_0 matmul, kernels/cpu/interleaved.h; exact: llama.cpp's rounding
+# bit for bit); the matmul bound is measured in the same mode.
 # Environment: MNEMOD (default build/daemon/mnemod), MNEMO_BENCH
 # (build/bench/mnemo-bench), MNEMO_CLI (build/client/mnemo), LLAMA_SERVER_ARGS
 # (extra llama-server flags, e.g. "--poll 0").
@@ -39,6 +42,7 @@ CTX=2048  # per llama-server slot: enough for TURNS x (prompt + reply + template
 LLAMA_BIN=/work/ref/build/bin
 SKIP_LLAMA=0
 REPS=1
+MATH=fast
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --model) MODEL=$2; shift 2 ;;
@@ -52,6 +56,7 @@ while [[ $# -gt 0 ]]; do
     --llama-bin) LLAMA_BIN=$2; shift 2 ;;
     --skip-llama) SKIP_LLAMA=1; shift ;;
     --reps) REPS=$2; shift 2 ;;
+    --math) MATH=$2; shift 2 ;;
     *) echo "compare_serve: unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -93,7 +98,7 @@ serve_args=(--turns "$TURNS" --max-tokens "$MAX_TOKENS" --prompt-tokens "$PROMPT
 # ----------------------------------------------------------------- mnemod
 sock=$tmp/mnemod.sock
 "$MNEMOD" --model "$MODEL" --socket "$sock" --data-dir "$tmp/data" --threads "$THREADS" \
-  --max-batch "$CLIENTS" 2> "$tmp/mnemod.log" &
+  --max-batch "$CLIENTS" --math "$MATH" 2> "$tmp/mnemod.log" &
 daemon_pid=$!
 mnemod_up() { "$CLI" health --socket "$sock" > /dev/null 2>&1; }
 if ! wait_for mnemod_up 180; then
@@ -121,7 +126,7 @@ daemon_pid=""
 KB=${MNEMO_KERNELS_BENCH:-build/kernels/mnemo-kernels-bench}
 echo '{}' > "$tmp/kernels.json"
 if [[ -x "$KB" ]]; then
-  "$KB" --benchmark_filter="^BM_ModelMatMuls/(1|16)/$THREADS/|^BM_MatMul/8/49152/576/16/$THREADS/" \
+  MNEMO_BENCH_MATH=$MATH "$KB" --benchmark_filter="^BM_ModelMatMuls/(1|16)/$THREADS/|^BM_MatMul/8/49152/576/16/$THREADS/" \
     --benchmark_min_time=0.5 --benchmark_repetitions=4 --benchmark_format=json > "$tmp/kernels.json" 2> /dev/null ||
     echo '{}' > "$tmp/kernels.json"
 fi
@@ -167,10 +172,11 @@ PY
   server_pid=""
 fi
 
-python3 - "$tmp" "$CLIENTS" "$THREADS" "$REPS" "$SKIP_LLAMA" "$repack" <<'PY'
+python3 - "$tmp" "$CLIENTS" "$THREADS" "$REPS" "$SKIP_LLAMA" "$repack" "$MATH" <<'PY'
 import json, sys
 tmp, clients, threads, reps, skip_llama = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5] == "1"
 repack = sys.argv[6] == "1"
+math = sys.argv[7]
 
 all_errors = 0
 
@@ -196,6 +202,7 @@ def ratio(a, b):
 
 out = {
     "threads": threads,
+    "math": math,
     "reps": reps,
     "load_average_1m": __import__("os").getloadavg()[0],
     "mnemo_1": brief(m1),

@@ -101,6 +101,10 @@ std::unique_ptr<model::Engine> OpenEngine(Args& args, size_t kv_budget = size_t{
   o.page_tokens = static_cast<int32_t>(args.Num("page-tokens", kernels::kDefaultPageTokens));
   o.prefill_chunk = static_cast<int32_t>(args.Num("chunk", 512));
   o.kv_budget_bytes = static_cast<size_t>(args.Num("kv-budget-mib", kv_budget >> 20)) << 20;
+  const std::string math = args.Str("math", "exact");
+  const std::optional<kernels::MathMode> mode = kernels::ParseMathMode(math);
+  if (!mode) Die("--math must be exact or fast, not '" + math + "'");
+  o.math = *mode;
   auto e = model::Engine::Open(o);
   if (!e.ok()) Die(e.status().ToString());
   return std::move(e).value();
@@ -207,6 +211,7 @@ int CmdGenerate(Args& args) {
     j["model_bytes"] = e->model().file().file_size();
     j["weight_bytes_per_token"] = e->model().weight_bytes();
     j["threads"] = e->backend().threads();
+    j["math"] = std::string(kernels::MathModeName(e->backend().math_mode()));
     std::cout << j.dump() << "\n";
   } else {
     std::fprintf(stderr, "\n[%zu prompt tokens, %.1f tok/s prefill; %zu generated, %.1f tok/s decode; %s]\n",

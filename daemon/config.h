@@ -23,6 +23,7 @@ struct DaemonConfig {
 
   // --- engine ----------------------------------------------------------------
   int threads = 0;                     // --threads; 0: all cores
+  std::string math = "fast";           // --math exact|fast (kernels::MathMode)
   int32_t page_tokens = kernels::kDefaultPageTokens;  // --page-tokens
   // Whether --page-tokens (flag or config file) was given: when not, mnemod
   // keeps the page size its data directory was created with (an upgrade

@@ -97,6 +97,13 @@ int Run(int argc, char** argv) {
   const model::LlamaConfig& mc = (*engine)->model().config();
   spdlog::info("model '{}' ({}, {} layers), context {} tokens, KV budget {} MiB in {}-token pages", mc.name,
                mc.arch, mc.n_layers, (*engine)->max_context(), cfg.t0_budget_bytes >> 20, cfg.page_tokens);
+  const kernels::MathMode math = (*engine)->backend().math_mode();
+  if (math != eo.math) {
+    spdlog::warn("--math {}: this CPU lacks AVX-512 VNNI; computing with --math {}",
+                 kernels::MathModeName(eo.math), kernels::MathModeName(math));
+  } else {
+    spdlog::info("{} compute threads, --math {}", (*engine)->backend().threads(), kernels::MathModeName(math));
+  }
 
   Metrics metrics;
   if (!cfg.metrics_listen.empty()) {

@@ -61,6 +61,7 @@ model::EngineOptions EngineOptionsFor(const DaemonConfig& cfg) {
   model::EngineOptions eo;
   eo.model_path = cfg.model_path;
   eo.threads = cfg.threads;
+  eo.math = kernels::ParseMathMode(cfg.math).value_or(kernels::MathMode::kExact);
   eo.page_tokens = cfg.page_tokens;
   eo.kv_budget_bytes = cfg.t0_budget_bytes;
   eo.kv_reserve_bytes = cfg.t0_reserve_bytes;

@@ -14,6 +14,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string_view>
 
@@ -22,16 +23,41 @@
 
 namespace mnemo::kernels {
 
-// A 2-D weight matrix, row-major: `rows` output features, each a contiguous
-// row of `cols` input features encoded as `type` (GGUF's ne[0] = cols,
-// ne[1] = rows). `data` is backend memory (see Backend::UploadWeight).
+// How a weight's bytes are arranged in backend memory.
+enum class WeightLayout : uint8_t {
+  kRows,         // GGUF's: one row after another
+  kInterleaved,  // the backend's own layout for MathMode::kFast (UploadMatrix)
+};
+
+// A 2-D weight matrix: `rows` output features of `cols` input features
+// encoded as `type` (GGUF's ne[0] = cols, ne[1] = rows). `data` is backend
+// memory (see Backend::UploadWeight and UploadMatrix); with layout kRows each
+// row is contiguous, row_bytes() apart.
 struct Weight {
   DType type = DType::kF32;
   int64_t rows = 0;
   int64_t cols = 0;
   const void* data = nullptr;
+  WeightLayout layout = WeightLayout::kRows;
   size_t row_bytes() const { return RowBytes(type, cols); }
 };
+
+// The arithmetic of the quantized matmuls.
+enum class MathMode : uint8_t {
+  // llama.cpp's rounding, bit for bit (its x86 CPU build without repacking):
+  // logits and greedy output equal llama.cpp's.
+  kExact,
+  // Q4_1 and Q8_0 weights in an interleaved layout, each 32-element block
+  // summed exactly in integers and rounded once (kernels/cpu/interleaved.h):
+  // batched matmuls 2-3x faster on AVX-512 VNNI; results differ from
+  // llama.cpp's in the last bits. Output stays deterministic and the same
+  // whether a sequence runs alone or batched. Needs AVX-512 VNNI; elsewhere
+  // the backend stays exact.
+  kFast,
+};
+std::string_view MathModeName(MathMode mode);
+// "exact" or "fast"; nullopt otherwise.
+std::optional<MathMode> ParseMathMode(std::string_view name);
 
 enum class RopeStyle : uint8_t {
   kAdjacent,  // llama: rotate pairs (x[2i], x[2i+1])
@@ -122,6 +148,16 @@ class Backend {
   // itself (zero-copy over the mmap'd model); a device backend copies.
   // `host` must outlive the returned pointer on the CPU backend.
   virtual Result<const void*> UploadWeight(const void* host, size_t bytes) = 0;
+  // Makes a host weight (layout kRows) usable as a MatMul operand, in the
+  // layout the backend's math mode reads best; the result may not serve
+  // GetRows. Default: UploadWeight of its bytes, layout unchanged.
+  virtual Result<Weight> UploadMatrix(const Weight& host) {
+    Weight w = host;
+    MNEMO_ASSIGN_OR_RETURN(w.data, UploadWeight(host.data, host.row_bytes() * host.rows));
+    return w;
+  }
+  // The arithmetic MatMul applies to UploadMatrix'd weights.
+  virtual MathMode math_mode() const { return MathMode::kExact; }
   virtual void CopyToHost(void* dst_host, const void* src, size_t bytes) = 0;
   virtual void CopyFromHost(void* dst, const void* src_host, size_t bytes) = 0;
 
@@ -137,7 +173,7 @@ class Backend {
                             float* const* y) {
     for (size_t k = 0; k < w.size(); ++k) MatMul(w[k], x, n, y[k]);
   }
-  // out[i][:] = dequantized row ids[i] of `table`.
+  // out[i][:] = dequantized row ids[i] of `table` (layout kRows).
   virtual void GetRows(const Weight& table, const int32_t* ids, int64_t n, float* out) = 0;
   // y = x / rms(x) * gain, per row of `dim`; y may alias x.
   virtual void RmsNorm(const float* x, const float* gain, int64_t n, int64_t dim, float eps,
@@ -158,7 +194,8 @@ class Backend {
 };
 
 // The CPU backend with `threads` workers (0: all cores). Never fails: the CPU
-// path always exists.
-std::unique_ptr<Backend> MakeCpuBackend(int threads);
+// path always exists. MathMode::kFast where the CPU lacks AVX-512 VNNI gives
+// an exact backend (see math_mode()).
+std::unique_ptr<Backend> MakeCpuBackend(int threads, MathMode math = MathMode::kExact);
 
 }  // namespace mnemo::kernels

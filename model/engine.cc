@@ -18,7 +18,7 @@ Result<std::unique_ptr<Engine>> Engine::Open(const EngineOptions& options) {
   if (options.page_tokens <= 0 || options.page_tokens > 4096)
     return Status::InvalidArgument("page_tokens must be in [1, 4096]");
   if (options.prefill_chunk <= 0) return Status::InvalidArgument("prefill_chunk must be > 0");
-  e->backend_ = kernels::MakeCpuBackend(options.threads);
+  e->backend_ = kernels::MakeCpuBackend(options.threads, options.math);
   MNEMO_ASSIGN_OR_RETURN(std::unique_ptr<GgufFile> file, GgufFile::Open(options.model_path));
   e->file_ = std::move(file);
   MNEMO_ASSIGN_OR_RETURN(e->model_, LlamaModel::Load(e->file_, e->backend_.get()));

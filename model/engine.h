@@ -28,6 +28,7 @@ namespace mnemo::model {
 struct EngineOptions {
   std::string model_path;
   int threads = 0;              // 0: all cores
+  kernels::MathMode math = kernels::MathMode::kExact;
   int32_t page_tokens = kernels::kDefaultPageTokens;
   size_t kv_budget_bytes = size_t{1} << 30;
   // Bytes of the KV budget allocated and backed by memory at Open (see

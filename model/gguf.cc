@@ -459,4 +459,11 @@ const GgufTensorInfo* GgufFile::FindTensor(std::string_view name) const {
   return it == tensor_index_.end() ? nullptr : &tensors_[it->second];
 }
 
+void GgufFile::Release(const void* p, size_t bytes) const {
+  if (!mapped_) return;
+  const uintptr_t b = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t lo = (b + 4095) & ~uintptr_t{4095}, hi = (b + bytes) & ~uintptr_t{4095};
+  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_DONTNEED);
+}
+
 }  // namespace mnemo::model

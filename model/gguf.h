@@ -75,6 +75,11 @@ class GgufFile {
   size_t alignment() const { return alignment_; }
   size_t data_offset() const { return data_offset_; }
   const uint8_t* base() const { return base_; }
+  // Tells the kernel that [p, p + bytes) of a mapped file will not be read
+  // for a while (a weight the backend copied): its whole pages leave this
+  // process's resident set and fault back in from the page cache if read.
+  // Nothing for an in-memory copy.
+  void Release(const void* p, size_t bytes) const;
 
   // --- Metadata --------------------------------------------------------------
   bool Has(std::string_view key) const;

@@ -97,7 +97,8 @@ Result<std::unique_ptr<LlamaModel>> LlamaModel::Load(std::shared_ptr<const GgufF
   return m;
 }
 
-Result<Weight> LlamaModel::BindMatrix(const std::string& name, int64_t cols, int64_t rows) {
+Result<Weight> LlamaModel::BindMatrix(const std::string& name, int64_t cols, int64_t rows,
+                                      bool matmul) {
   const GgufTensorInfo* t = file_->FindTensor(name);
   if (t == nullptr) return Status::Corruption("tensor '" + name + "' is missing");
   if (t->dims.size() != 2 || t->dims[0] != cols || t->dims[1] != rows)
@@ -109,7 +110,14 @@ Result<Weight> LlamaModel::BindMatrix(const std::string& name, int64_t cols, int
   w.type = t->type;
   w.cols = cols;
   w.rows = rows;
-  MNEMO_ASSIGN_OR_RETURN(w.data, backend_->UploadWeight(t->data, t->bytes));
+  w.data = t->data;
+  if (matmul) {
+    MNEMO_ASSIGN_OR_RETURN(w, backend_->UploadMatrix(w));
+    // A copy in the backend's own layout: the file's pages are not read again.
+    if (w.layout != kernels::WeightLayout::kRows) file_->Release(t->data, t->bytes);
+  } else {
+    MNEMO_ASSIGN_OR_RETURN(w.data, backend_->UploadWeight(t->data, t->bytes));
+  }
   weight_bytes_ += t->bytes;
   return w;
 }
@@ -142,9 +150,14 @@ Status LlamaModel::Bind() {
   const LlamaConfig& c = cfg_;
   const int64_t q_dim = int64_t{c.n_heads} * c.head_dim;
   const int64_t kv_dim = int64_t{c.n_kv_heads} * c.head_dim;
-  MNEMO_ASSIGN_OR_RETURN(tok_embd_, BindMatrix("token_embd.weight", c.dim, c.vocab_size));
+  MNEMO_ASSIGN_OR_RETURN(tok_embd_,
+                         BindMatrix("token_embd.weight", c.dim, c.vocab_size, /*matmul=*/false));
   if (c.tied_output) {
-    output_ = tok_embd_;
+    MNEMO_ASSIGN_OR_RETURN(output_, backend_->UploadMatrix(tok_embd_));
+    // GetRows reads a few rows of the table a step; they fault back in.
+    if (output_.layout != kernels::WeightLayout::kRows) {
+      file_->Release(tok_embd_.data, tok_embd_.row_bytes() * tok_embd_.rows);
+    }
   } else {
     MNEMO_ASSIGN_OR_RETURN(output_, BindMatrix("output.weight", c.dim, c.vocab_size));
   }

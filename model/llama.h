@@ -112,7 +112,10 @@ class LlamaModel {
   };
   LlamaModel() = default;
   Status Bind();
-  Result<kernels::Weight> BindMatrix(const std::string& name, int64_t cols, int64_t rows);
+  // A matmul operand (Backend::UploadMatrix), or with matmul false a table
+  // for GetRows (UploadWeight, GGUF's rows).
+  Result<kernels::Weight> BindMatrix(const std::string& name, int64_t cols, int64_t rows,
+                                     bool matmul = true);
   Result<const float*> BindVector(const std::string& name, int64_t n, bool optional);
   Status EnsureScratch(int64_t n_tokens, int64_t n_logits);
   void Observe(std::string_view name, int layer, const float* data, int64_t rows, int64_t cols);

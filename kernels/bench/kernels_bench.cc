@@ -43,12 +43,18 @@ namespace {
 
 int AllCores() { return std::max(1, static_cast<int>(std::thread::hardware_concurrency())); }
 
+// MNEMO_BENCH_MATH=fast runs the matmuls in MathMode::kFast.
+MathMode BenchMath() {
+  const char* env = std::getenv("MNEMO_BENCH_MATH");
+  return env != nullptr && ParseMathMode(env) ? *ParseMathMode(env) : MathMode::kExact;
+}
+
 // One backend per thread count, kept across benchmarks (its pool spins up
 // once).
 Backend& CpuWithThreads(int threads) {
   static std::map<int, std::unique_ptr<Backend>> backends;
   auto& b = backends[threads];
-  if (!b) b = MakeCpuBackend(threads);
+  if (!b) b = MakeCpuBackend(threads, BenchMath());
   return *b;
 }
 
@@ -95,7 +101,7 @@ void BM_MatMul(benchmark::State& state) {
   const int threads = static_cast<int>(state.range(4));
   Backend& be = CpuWithThreads(threads);
   const auto w = RandomWeights(type, rows, cols);
-  const Weight weight{type, rows, cols, w.data()};
+  const Weight weight = be.UploadMatrix(Weight{type, rows, cols, w.data()}).value();
   const auto x = RandomFloats(static_cast<size_t>(n * cols), 7);
   std::vector<float> y(static_cast<size_t>(n * rows));
   for (auto _ : state) {
@@ -284,11 +290,12 @@ void BM_ModelMatMuls(benchmark::State& state) {
     for (int64_t l = 0; l < layers; ++l) {
       for (const Mat& m : layer) {
         store.push_back(RandomWeights(DType::kQ4_1, m.rows, m.cols));
-        ws.push_back(Weight{DType::kQ4_1, m.rows, m.cols, store.back().data()});
+        ws.push_back(be.UploadMatrix(Weight{DType::kQ4_1, m.rows, m.cols, store.back().data()})
+                         .value());
       }
     }
     store.push_back(RandomWeights(DType::kQ8_0, vocab, dim));
-    ws.push_back(Weight{DType::kQ8_0, vocab, dim, store.back().data()});
+    ws.push_back(be.UploadMatrix(Weight{DType::kQ8_0, vocab, dim, store.back().data()}).value());
   }
   const auto x = RandomFloats(static_cast<size_t>(n * ffn), 11);
   std::vector<float> y(static_cast<size_t>(n * vocab));

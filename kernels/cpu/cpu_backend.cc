@@ -14,6 +14,7 @@
 
 #include "common/check.h"
 #include "kernels/backend.h"
+#include "kernels/cpu/interleaved.h"
 #include "kernels/cpu/quants.h"
 #include "kernels/cpu/simd.h"
 #include "kernels/cpu/thread_pool.h"
@@ -53,7 +54,11 @@ int64_t CeilDiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // Thread-compatible (see Backend).
 class CpuBackend final : public Backend {
  public:
-  explicit CpuBackend(int threads) : pool_(threads), scratch_(static_cast<size_t>(threads)) {}
+  CpuBackend(int threads, MathMode math)
+      : pool_(threads), scratch_(static_cast<size_t>(threads)), math_(math) {}
+  ~CpuBackend() override {
+    for (void* p : interleaved_) std::free(p);
+  }
 
   std::string_view name() const override { return "cpu"; }
   int threads() const override { return pool_.size(); }
@@ -83,6 +88,24 @@ class CpuBackend final : public Backend {
     for (size_t o = 0; o < bytes; o += 4096) c[o] = 0;
   }
   Result<const void*> UploadWeight(const void* host, size_t bytes) override { return host; }
+  // kFast: Q4_1 and Q8_0 weights are copied into the interleaved layout
+  // (about their GGUF size again; the mmap'd file pages can then be dropped).
+  Result<Weight> UploadMatrix(const Weight& host) override {
+    if (math_ != MathMode::kFast || !HasInterleavedLayout(host.type) ||
+        host.layout != WeightLayout::kRows) {
+      return host;
+    }
+    const size_t bytes = InterleavedBytes(host.type, host.rows, host.cols);
+    void* p = AllocBuffer(bytes);
+    if (p == nullptr) return Status::ResourceExhausted("out of memory for the interleaved weights");
+    interleaved_.push_back(p);
+    Interleave(host.type, host.data, host.rows, host.cols, p);
+    Weight w = host;
+    w.data = p;
+    w.layout = WeightLayout::kInterleaved;
+    return w;
+  }
+  MathMode math_mode() const override { return math_; }
   void CopyToHost(void* dst_host, const void* src, size_t bytes) override {
     std::memcpy(dst_host, src, bytes);
   }
@@ -135,6 +158,8 @@ class CpuBackend final : public Backend {
   std::vector<std::pair<int64_t, int64_t>> blocks_;  // attention token runs
   std::unique_ptr<uint8_t, FreeDeleter> act_;  // quantized activations
   size_t act_bytes_ = 0;
+  const MathMode math_;
+  std::vector<void*> interleaved_;  // UploadMatrix's copies
 };
 
 void CpuBackend::MatMulShared(std::span<const Weight> ws, const float* x, int64_t n,
@@ -176,6 +201,7 @@ void CpuBackend::MatMulShared(std::span<const Weight> ws, const float* x, int64_
   struct Plan {
     GemmArgs args;
     int64_t rows_w, rows_x, tasks_w, first_task;
+    bool interleaved;
   };
   Plan plans[kMaxShared];
   int64_t n_tasks = 0;
@@ -189,11 +215,13 @@ void CpuBackend::MatMulShared(std::span<const Weight> ws, const float* x, int64_
     p.args.format = format;
     p.args.y = ys[k];
     p.args.ldy = w.rows;
+    p.interleaved = w.layout == WeightLayout::kInterleaved;
     if (n <= kDecodeRows) {
       p.rows_x = n;
       // Enough tasks per thread to absorb imbalance, each a multiple of the
-      // 4-row tile.
-      p.rows_w = std::max<int64_t>(16, CeilDiv(CeilDiv(w.rows, 8 * pool_.size()), 4) * 4);
+      // 4-row tile (of the 16-row group when interleaved).
+      const int64_t tile = p.interleaved ? kGroupRows : 4;
+      p.rows_w = std::max<int64_t>(16, CeilDiv(CeilDiv(w.rows, 8 * pool_.size()), tile) * tile);
     } else {
       p.rows_x = kPrefillRowsX;
       p.rows_w = kPrefillRowsW;
@@ -210,12 +238,18 @@ void CpuBackend::MatMulShared(std::span<const Weight> ws, const float* x, int64_
     const int64_t rows = p.args.ldy;
     const int64_t tx = (t - p.first_task) / p.tasks_w;
     const int64_t tw = (t - p.first_task) % p.tasks_w;
-    Gemm(p.args, tw * p.rows_w, std::min(rows, (tw + 1) * p.rows_w), tx * p.rows_x,
-         std::min(n, (tx + 1) * p.rows_x));
+    const int64_t r0 = tw * p.rows_w, r1 = std::min(rows, (tw + 1) * p.rows_w);
+    const int64_t i0 = tx * p.rows_x, i1 = std::min(n, (tx + 1) * p.rows_x);
+    if (p.interleaved) {
+      GemmInterleaved(p.args, r0, r1, i0, i1);
+    } else {
+      Gemm(p.args, r0, r1, i0, i1);
+    }
   });
 }
 
 void CpuBackend::GetRows(const Weight& table, const int32_t* ids, int64_t n, float* out) {
+  MNEMO_CHECK(table.layout == WeightLayout::kRows);
   const size_t row_bytes = table.row_bytes();
   for (int64_t i = 0; i < n; ++i) {
     MNEMO_CHECK(ids[i] >= 0 && ids[i] < table.rows);
@@ -341,10 +375,11 @@ void CpuBackend::Attention(const AttentionArgs& a) {
 }  // namespace
 }  // namespace cpu
 
-std::unique_ptr<Backend> MakeCpuBackend(int threads) {
+std::unique_ptr<Backend> MakeCpuBackend(int threads, MathMode math) {
   if (threads <= 0) threads = cpu::DefaultThreads();
   threads = std::min(threads, 256);
-  return std::make_unique<cpu::CpuBackend>(threads);
+  if (math == MathMode::kFast && !cpu::CpuHasAvx512Vnni()) math = MathMode::kExact;
+  return std::make_unique<cpu::CpuBackend>(threads, math);
 }
 
 }  // namespace mnemo::kernels

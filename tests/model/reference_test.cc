@@ -23,7 +23,8 @@ json ReadJson(const std::string& path) {
   return json::parse(f);
 }
 
-class DefaultModel : public ::testing::Test {
+template <kernels::MathMode kMath>
+class ModelWith : public ::testing::Test {
  protected:
   static void SetUpTestSuite() {
     const std::string path = Src("models/SmolLM2-135M-Instruct.Q4_1.gguf");
@@ -32,6 +33,7 @@ class DefaultModel : public ::testing::Test {
     o.model_path = path;
     o.threads = 2;
     o.kv_budget_bytes = size_t{256} << 20;
+    o.math = kMath;
     auto e = Engine::Open(o);
     ASSERT_TRUE(e.ok()) << e.status().ToString();
     engine_ = std::move(e).value().release();
@@ -44,10 +46,19 @@ class DefaultModel : public ::testing::Test {
     if (engine_ == nullptr)
       GTEST_SKIP() << "default model not fetched (run scripts/fetch-model); the CI test "
                       "command fetches it, so this skip only happens in partial local runs";
+    if (engine_->backend().math_mode() != kMath)
+      GTEST_SKIP() << "this CPU lacks AVX-512 VNNI, which --math fast needs";
   }
   static Engine* engine_;
 };
-Engine* DefaultModel::engine_ = nullptr;
+template <kernels::MathMode kMath>
+Engine* ModelWith<kMath>::engine_ = nullptr;
+
+// llama.cpp's arithmetic, bit for bit.
+using DefaultModel = ModelWith<kernels::MathMode::kExact>;
+// The interleaved matmul (kernels/cpu/interleaved.h): other last bits, the
+// same model.
+using FastMathModel = ModelWith<kernels::MathMode::kFast>;
 
 struct Scores {
   int positions = 0;
@@ -95,10 +106,10 @@ Scores ScoreText(Engine& e, const std::string& name) {
   return r;
 }
 
-TEST_F(DefaultModel, TeacherForcedTop1AndPerplexityMatchLlamaCpp) {
+void ExpectTeacherForcedMatch(Engine& e, double min_agreement) {
   int positions = 0, agree = 0;
   for (const char* name : {"essay", "story", "technical"}) {
-    Scores s = ScoreText(*engine_, name);
+    Scores s = ScoreText(e, name);
     positions += s.positions;
     agree += s.top1_agree;
     std::printf("%-10s top-1 %d/%d  ppl %.4f vs llama.cpp %.4f (%.3f%%)  max top logit diff %.3f\n",
@@ -107,11 +118,14 @@ TEST_F(DefaultModel, TeacherForcedTop1AndPerplexityMatchLlamaCpp) {
     EXPECT_LT(std::fabs(s.ppl / s.ref_ppl - 1.0), 0.01) << name << ": perplexity off by more than 1%";
     EXPECT_GE(s.positions, 512);
   }
-  EXPECT_GE(static_cast<double>(agree) / positions, 0.99)
+  EXPECT_GE(static_cast<double>(agree) / positions, min_agreement)
       << "top-1 agreement " << agree << "/" << positions;
 }
 
-TEST_F(DefaultModel, GreedyChatContinuationsMatchLlamaCpp) {
+// Counts how many of the reference's greedy chat continuations `e`
+// reproduces for their first 32 tokens, and how many there are.
+void GreedyChatMatches(Engine& e, int* identical_out, int* total_out, int* prefix_out = nullptr) {
+  Engine* engine_ = &e;
   json ref = ReadJson(Src("tests/data/ref/greedy.json"));
   ASSERT_GE(ref["cases"].size(), 10u);
   int identical = 0, total = 0;
@@ -130,13 +144,45 @@ TEST_F(DefaultModel, GreedyChatContinuationsMatchLlamaCpp) {
     if (want.size() > 32) want.resize(32);
     const bool same = r->tokens == want;
     identical += same;
+    size_t prefix = 0;
+    while (prefix < want.size() && prefix < r->tokens.size() && r->tokens[prefix] == want[prefix]) ++prefix;
+    if (prefix_out != nullptr) prefix_out[total] = static_cast<int>(prefix);
     ++total;
-    std::printf("%-12s %s  %s\n", c["name"].get<std::string>().c_str(), same ? "same" : "DIFFERS",
-                r->text.substr(0, 60).c_str());
+    std::printf("%-12s %s (first %zu tokens the same)  %s\n", c["name"].get<std::string>().c_str(),
+                same ? "same" : "DIFFERS", prefix, r->text.substr(0, 60).c_str());
   }
+  *identical_out = identical;
+  *total_out = total;
+}
+
+TEST_F(DefaultModel, TeacherForcedTop1AndPerplexityMatchLlamaCpp) {
+  ExpectTeacherForcedMatch(*engine_, 0.99);
+}
+
+TEST_F(DefaultModel, GreedyChatContinuationsMatchLlamaCpp) {
+  int identical = 0, total = 0;
+  GreedyChatMatches(*engine_, &identical, &total);
   // Near-ties may flip a token when activations round differently: at least
   // 90% (9 of 10) must be identical for their first 32 tokens.
   EXPECT_GE(identical * 10, total * 9) << identical << " of " << total << " identical";
+}
+
+// Other rounding, the same model. This model amplifies rounding: merely
+// swapping the order of the two FMAs of a Q4_1 block moved perplexity by up
+// to 0.6% and top-1 agreement with llama.cpp between 1473 and 1474 of 1536
+// (max top-logit difference ~0.65 either way); a broken kernel scores far
+// worse.
+TEST_F(FastMathModel, TeacherForcedTop1AndPerplexityMatchLlamaCpp) {
+  ExpectTeacherForcedMatch(*engine_, 0.95);
+}
+
+TEST_F(FastMathModel, GreedyChatContinuationsStartAsLlamaCpps) {
+  int identical = 0, total = 0, prefix[64] = {};
+  GreedyChatMatches(*engine_, &identical, &total, prefix);
+  int first_same = 0;
+  for (int i = 0; i < total; ++i) first_same += prefix[i] > 0;
+  // Measured: 14 of 16 (two prompts have near-ties at their first token).
+  EXPECT_GE(first_same * 4, total * 3) << first_same << " of " << total;
 }
 
 }  // namespace
