@@ -1,9 +1,8 @@
-// The interleaved-weight matmul (see interleaved.h): a scalar kernel and an
-// AVX-512 VNNI one chosen at run time, plus the layout conversion.
+// The interleaved-weight matmul (see interleaved.h): its AVX-512 VNNI kernel,
+// the layout conversion, and the scalar form that defines its results.
 #include "kernels/cpu/interleaved.h"
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -41,50 +40,6 @@ ActRow Act(const GemmArgs& a, int64_t i) {
   return {reinterpret_cast<const int8_t*>(base),
           reinterpret_cast<const float*>(base + a.format.d_offset),
           reinterpret_cast<const float*>(base + a.format.s_offset)};
-}
-
-// -------------------------------------------------------------- scalar kernel
-
-template <bool kQ4>
-float ScalarDot(const uint8_t* group, int64_t nb, int r, const ActRow& x) {
-  float acc = 0.0f;
-  for (int64_t b = 0; b < nb; ++b) {
-    const uint8_t* blk = group + b * (kQ4 ? kQ4_1BlockBytes : kQ8_0BlockBytes);
-    float dw, mw = 0.0f;
-    std::memcpy(&dw, blk + 4 * r, 4);
-    int32_t isum = 0;
-    if constexpr (kQ4) {
-      std::memcpy(&mw, blk + 64 + 4 * r, 4);
-      for (int j = 0; j < 4; ++j) {
-        for (int i = 0; i < 4; ++i) {
-          const uint8_t q = blk[128 + 64 * j + 4 * r + i];
-          isum += (q & 0xF) * x.q[b * 32 + 4 * j + i] + (q >> 4) * x.q[b * 32 + 16 + 4 * j + i];
-        }
-      }
-    } else {
-      for (int j = 0; j < 8; ++j) {
-        for (int i = 0; i < 4; ++i) {
-          const int w = static_cast<int>(blk[64 + 64 * j + 4 * r + i]) - 128;
-          isum += w * x.q[b * 32 + 4 * j + i];
-        }
-      }
-    }
-    acc = std::fma(static_cast<float>(isum), dw * x.d[b], acc);
-    if constexpr (kQ4) acc = std::fma(mw, x.s[b], acc);
-  }
-  return acc;
-}
-
-template <bool kQ4>
-void GemmScalar(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
-  const int64_t nb = a.format.blocks;
-  const size_t group_bytes = static_cast<size_t>(nb) * BlockBytes(a.w_type);
-  for (int64_t i = i0; i < i1; ++i) {
-    const ActRow x = Act(a, i);
-    for (int64_t r = r0; r < r1; ++r) {
-      a.y[i * a.ldy + r] = ScalarDot<kQ4>(a.w + (r / kG) * group_bytes, nb, r % kG, x);
-    }
-  }
 }
 
 // -------------------------------------------------------------- vector kernel
@@ -196,8 +151,6 @@ bool CpuHasVnni() {
 bool CpuHasVnni() { return false; }
 #endif
 
-std::atomic<bool> g_force_scalar{false};
-
 }  // namespace
 
 bool HasInterleavedLayout(DType type) { return type == DType::kQ4_1 || type == DType::kQ8_0; }
@@ -247,23 +200,15 @@ bool CpuHasAvx512Vnni() {
   return kVnni;
 }
 
-bool InterleavedVectorized() {
-  return CpuHasAvx512Vnni() && !g_force_scalar.load(std::memory_order_relaxed);
-}
-
-void SetInterleavedScalarForTest(bool scalar) { g_force_scalar.store(scalar); }
-
 void GemmInterleaved(const GemmArgs& a, int64_t r0, int64_t r1, int64_t i0, int64_t i1) {
   MNEMO_CHECK(HasInterleavedLayout(a.w_type) && r0 % kG == 0);
+  MNEMO_CHECK_MSG(CpuHasAvx512Vnni(), "the interleaved matmul needs AVX-512 VNNI");
   r1 = std::min(r1, a.ldy);
   if (r0 >= r1 || i0 >= i1) return;
-  const bool q4 = a.w_type == DType::kQ4_1;
 #if defined(__x86_64__)
-  if (InterleavedVectorized()) {
-    return q4 ? GemmVnni<true>(a, r0, r1, i0, i1) : GemmVnni<false>(a, r0, r1, i0, i1);
-  }
+  if (a.w_type == DType::kQ4_1) return GemmVnni<true>(a, r0, r1, i0, i1);
+  return GemmVnni<false>(a, r0, r1, i0, i1);
 #endif
-  return q4 ? GemmScalar<true>(a, r0, r1, i0, i1) : GemmScalar<false>(a, r0, r1, i0, i1);
 }
 
 namespace ref {

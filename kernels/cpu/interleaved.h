@@ -49,23 +49,19 @@ size_t InterleavedBytes(DType type, int64_t rows, int64_t cols);
 // (InterleavedBytes of it, 64-byte aligned).
 void Interleave(DType type, const void* src, int64_t rows, int64_t cols, void* dst);
 
-// Whether this CPU has AVX-512 VNNI, which the fast kernel needs.
+// Whether this CPU has AVX-512 VNNI, which GemmInterleaved needs (a CPU
+// without it computes MathMode::kExact: see MakeCpuBackend).
 bool CpuHasAvx512Vnni();
-// Whether GemmInterleaved runs its AVX-512 VNNI kernel (else the scalar one,
-// which is slow but gives the same bits).
-bool InterleavedVectorized();
-// true: the scalar kernel even where the vector one runs; false: back to the
-// default. Not thread-safe: call while no kernel runs.
-void SetInterleavedScalarForTest(bool scalar);
 
 // y[i][r] for weight rows r in [r0, r1) and activation rows i in [i0, i1),
 // r0 a multiple of kGroupRows. args.w is Interleave's output; args.ldy is the
-// weight's row count (rows at and past it are not written).
+// weight's row count (rows at and past it are not written). AVX-512 VNNI
+// only (CpuHasAvx512Vnni).
 void GemmInterleaved(const GemmArgs& args, int64_t r0, int64_t r1, int64_t i0, int64_t i1);
 
 namespace ref {
-// The defining scalar form of GemmInterleaved over the GGUF rows `w`
-// (args.w, args.w_row_bytes apart): the same bits.
+// The defining scalar form of GemmInterleaved, over the GGUF rows at args.w
+// (args.w_row_bytes apart): the same bits, slowly.
 void GemmInterleaved(const GemmArgs& args, int64_t r0, int64_t r1, int64_t i0, int64_t i1);
 }  // namespace ref
 
