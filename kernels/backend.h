@@ -47,7 +47,7 @@ enum class MathMode : uint8_t {
   // llama.cpp's rounding, bit for bit (its x86 CPU build without repacking):
   // logits and greedy output equal llama.cpp's.
   kExact,
-  // Q4_1 and Q8_0 weights in an interleaved layout, each 32-element block
+  // Q4_0, Q4_1 and Q8_0 weights in an interleaved layout, each 32-element block
   // summed exactly in integers and rounded once (kernels/cpu/interleaved.h):
   // batched matmuls 2-3x faster on AVX-512 VNNI; results differ from
   // llama.cpp's in the last bits. Output stays deterministic and the same

@@ -88,7 +88,7 @@ class CpuBackend final : public Backend {
     for (size_t o = 0; o < bytes; o += 4096) c[o] = 0;
   }
   Result<const void*> UploadWeight(const void* host, size_t bytes) override { return host; }
-  // kFast: Q4_1 and Q8_0 weights are copied into the interleaved layout
+  // kFast: Q4_0, Q4_1 and Q8_0 weights are copied into the interleaved layout
   // (about their GGUF size again; the mmap'd file pages can then be dropped).
   Result<Weight> UploadMatrix(const Weight& host) override {
     if (math_ != MathMode::kFast || !HasInterleavedLayout(host.type) ||

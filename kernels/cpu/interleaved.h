@@ -1,6 +1,6 @@
 // Weights interleaved 16 rows at a time, for the fast matmul (MathMode::kFast).
 //
-// llama.cpp's Q4_1 and Q8_0 dot products keep each block's integer sum in
+// llama.cpp's Q4_0, Q4_1 and Q8_0 dot products keep each block's integer sum in
 // eight 4-product lanes and round each lane into its own float accumulator:
 // two float operations per four products, whatever the kernel. That is what
 // bounds the bit-exact batched matmul. The interleaved layout sums each
@@ -13,7 +13,8 @@
 //                      acc = fma(m_w[b], s_x[b], acc)        (Q4_1 only)
 //   y = acc
 //
-// with isum_b the exact integer dot product of the block's quants, d, m the
+// with isum_b the exact integer dot product of the block's quants (Q4_0's
+// taken as q - 8), d, m the
 // weight's fp16 scale and min, d_x, s_x the activation row's (the same Q8_0 /
 // Q8_1 activations llama.cpp uses). Every kernel here computes exactly that
 // sequence, so a result does not depend on how many activation rows share a
@@ -23,10 +24,14 @@
 // Layout of a weight of `rows` x `cols` (rows padded to a multiple of 16 with
 // zero rows): groups of 16 rows, each the group's blocks in order, each
 // block
-//   Q4_1: d[16] f32 | m[16] f32 | 4 x 64 bytes: byte 4r+i of part j holds
-//         row r's qs[4j+i] (low nibble: element 4j+i, high: 16+4j+i)
+//   Q4_0: d[16] f32 | 4 x 64 bytes: byte 4r+i of part j holds row r's
+//         qs[4j+i] (low nibble: element 4j+i, high: 16+4j+i)
+//   Q4_1: d[16] f32 | m[16] f32 | 4 x 64 bytes as Q4_0's
 //   Q8_0: d[16] f32 | 8 x 64 bytes: byte 4r+i of part j holds row r's
 //         element 4j+i + 128 (as an unsigned byte)
+// The kernel multiplies the stored unsigned quants (vpdpbusd) and starts
+// each block's sum at -8 (Q4_0) or -128 (Q8_0) times the sum of its x
+// quants, which gives the signed product exactly.
 //
 // Stateless; safe for concurrent calls on disjoint outputs.
 #pragma once
@@ -41,7 +46,7 @@ namespace mnemo::kernels::cpu {
 
 inline constexpr int64_t kGroupRows = 16;
 
-// Whether `type` has an interleaved layout (Q4_1, Q8_0).
+// Whether `type` has an interleaved layout (Q4_0, Q4_1, Q8_0).
 bool HasInterleavedLayout(DType type);
 // Bytes of a rows x cols weight of `type` in the interleaved layout.
 size_t InterleavedBytes(DType type, int64_t rows, int64_t cols);

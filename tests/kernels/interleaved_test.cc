@@ -89,6 +89,7 @@ bool SameBits(const std::vector<float>& a, const std::vector<float>& b) {
 }
 
 const Case kCases[] = {
+    {DType::kQ4_0, 16, 32, 1},   {DType::kQ4_0, 40, 96, 3},    {DType::kQ4_0, 48, 1536, 21},
     {DType::kQ4_1, 16, 32, 1},   {DType::kQ4_1, 40, 96, 3},    {DType::kQ4_1, 576, 576, 16},
     {DType::kQ4_1, 48, 1536, 21}, {DType::kQ8_0, 16, 32, 1},   {DType::kQ8_0, 40, 96, 3},
     {DType::kQ8_0, 200, 576, 16}, {DType::kQ8_0, 48, 1536, 21},
@@ -152,7 +153,7 @@ TEST_F(InterleavedTest, BackendGivesARowTheSameResultAloneOrBatched) {
     GTEST_SKIP() << "this CPU lacks AVX-512 VNNI: MathMode::kFast falls back to exact here";
   }
   std::mt19937 rng(7);
-  for (DType type : {DType::kQ4_1, DType::kQ8_0}) {
+  for (DType type : {DType::kQ4_0, DType::kQ4_1, DType::kQ8_0}) {
     const int64_t rows = 1536, cols = 576;
     SCOPED_TRACE(std::string(Info(type).name));
     const std::vector<uint8_t> host = RandomWeights(rng, type, rows, cols);
