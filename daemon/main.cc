@@ -149,6 +149,7 @@ int Run(int argc, char** argv) {
   sopt.daemon_version = MNEMO_VERSION;
   sopt.model_name = mc.name;
   sopt.context_limit = static_cast<uint32_t>((*engine)->max_context());
+  sopt.math = std::string(kernels::MathModeName(math));
   Server server(io, sopt, &scheduler, &metrics);
   if (!activated->empty()) {
     if (Status s = server.Adopt(activated->front()); !s.ok()) return Fail(s);

@@ -228,6 +228,7 @@ class Connection : public std::enable_shared_from_this<Connection> {
       r.model_name = server.options_.model_name;
       r.context_limit = server.options_.context_limit;
       r.max_frame_bytes = server.options_.max_frame_bytes;
+      r.math = server.options_.math;
       if (h->protocol_version != kProtocolVersion)
         spdlog::info("connection {}: client speaks protocol {}, daemon {}", id_, h->protocol_version,
                      kProtocolVersion);

@@ -51,6 +51,7 @@ struct ServerOptions {
   std::string daemon_version;
   std::string model_name;
   uint32_t context_limit = 0;
+  std::string math;  // kernels::MathModeName of the engine's backend
 };
 
 class Connection;

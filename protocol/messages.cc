@@ -172,7 +172,9 @@ fb::Offset<wire::SessionInfo> BuildInfo(fb::FlatBufferBuilder& b, const SessionI
 fb::Offset<void> Build(fb::FlatBufferBuilder& b, const HelloReply& m) {
   auto dv = b.CreateString(m.daemon_version);
   auto mn = b.CreateString(m.model_name);
-  return wire::CreateHelloReply(b, m.protocol_version, dv, mn, m.context_limit, m.max_frame_bytes).Union();
+  auto math = b.CreateString(m.math);
+  return wire::CreateHelloReply(b, m.protocol_version, dv, mn, m.context_limit, m.max_frame_bytes, math)
+      .Union();
 }
 fb::Offset<void> Build(fb::FlatBufferBuilder& b, const TokenChunk& m) {
   auto text = b.CreateString(m.text);
@@ -598,7 +600,7 @@ Result<Response> ParseResponse(const wire::Frame* f) {
     case wire::Message::HelloReply: {
       const auto* m = f->message_as_HelloReply();
       out.body = HelloReply{m->protocol_version(), Str(m->daemon_version()), Str(m->model_name()),
-                            m->context_limit(), m->max_frame_bytes()};
+                            m->context_limit(), m->max_frame_bytes(), Str(m->math())};
       break;
     }
     case wire::Message::TokenChunk: {

@@ -150,6 +150,7 @@ struct HelloReply {
   std::string model_name;
   uint32_t context_limit = 0;
   uint32_t max_frame_bytes = 0;
+  std::string math;  // "exact" or "fast" (mnemod --math); empty from older daemons
   bool operator==(const HelloReply&) const = default;
 };
 

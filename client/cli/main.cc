@@ -662,12 +662,14 @@ int CmdHealth(const GlobalOptions& g) {
                {"message", h->message},
                {"daemon_version", c->hello().daemon_version},
                {"model", c->hello().model_name},
-               {"context_limit", c->hello().context_limit}});
+               {"context_limit", c->hello().context_limit},
+               {"math", c->hello().math}});
   } else {
-    std::printf("%s: %s, model %s%s, up %.1f s%s%s\n", c->socket_path().c_str(),
+    const std::string math = c->hello().math.empty() ? "" : " (--math " + c->hello().math + ")";
+    std::printf("%s: %s, model %s%s%s, up %.1f s%s%s\n", c->socket_path().c_str(),
                 std::string(client::HealthStatusName(h->status)).c_str(), c->hello().model_name.c_str(),
-                h->model_loaded ? " loaded" : " not loaded", h->uptime_s, h->message.empty() ? "" : ": ",
-                h->message.c_str());
+                h->model_loaded ? " loaded" : " not loaded", math.c_str(), h->uptime_s,
+                h->message.empty() ? "" : ": ", h->message.c_str());
   }
   if (healthy) return 0;
   if (!g.json) {

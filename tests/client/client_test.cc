@@ -103,6 +103,7 @@ HelloReply TestHello() {
   h.model_name = "tiny-test";
   h.context_limit = 2048;
   h.max_frame_bytes = 1u << 20;
+  h.math = "exact";
   return h;
 }
 

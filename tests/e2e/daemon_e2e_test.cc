@@ -15,6 +15,7 @@
 
 #include <gtest/gtest.h>
 
+#include "kernels/cpu/interleaved.h"
 #include "mnemo/client.h"
 #include "protocol/messages.h"
 #include "tests/testutil/daemon_process.h"
@@ -157,6 +158,8 @@ TEST_F(DaemonE2ETest, ReadyOnlyAfterModelLoadAndHelloReportsTheModel) {
   EXPECT_EQ(c.hello().protocol_version, protocol::kProtocolVersion);
   EXPECT_FALSE(c.hello().model_name.empty());
   EXPECT_EQ(c.hello().context_limit, 8192u);
+  // mnemod's default arithmetic: fast where the CPU has AVX-512 VNNI.
+  EXPECT_EQ(c.hello().math, kernels::cpu::CpuHasAvx512Vnni() ? "fast" : "exact");
   auto h = c.Health();
   ASSERT_TRUE(h.ok());
   EXPECT_TRUE(h->model_loaded);

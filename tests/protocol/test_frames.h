@@ -99,7 +99,7 @@ inline std::vector<ResponseBody> SampleResponses() {
   st.prometheus_text = "# HELP mnemo_requests_running ...\n";
   st.exports = {7, 5, {{StatusCode::kCancelled, 1}, {StatusCode::kCorruption, 1}}, 1ull << 33};
   st.imports = {2, 1, {{StatusCode::kFailedPrecondition, 1}}, 4096};
-  return {HelloReply{kProtocolVersion, "0.1.0", "SmolLM2-135M-Instruct", 8192, 1u << 20},
+  return {HelloReply{kProtocolVersion, "0.1.0", "SmolLM2-135M-Instruct", 8192, 1u << 20, "fast"},
           TokenChunk{"Hello", {9906, 11}},
           PrefillProgress{512, 8192},
           Done{FinishReason::kLength, 42, 128, 35.5, 48.25, true, StatusCode::kOk, ""},
