@@ -49,10 +49,12 @@ enum class MathMode : uint8_t {
   kExact,
   // Q4_0, Q4_1 and Q8_0 weights in an interleaved layout, each 32-element block
   // summed exactly in integers and rounded once (kernels/cpu/interleaved.h):
-  // batched matmuls 2-3x faster on AVX-512 VNNI; results differ from
-  // llama.cpp's in the last bits. Output stays deterministic and the same
-  // whether a sequence runs alone or batched. Needs AVX-512 VNNI; elsewhere
-  // the backend stays exact.
+  // batched matmuls 2-3x faster on AVX-512 VNNI. Attention takes the tiled
+  // algorithm for every query row (f32 accumulation; llama.cpp's decode and
+  // short prompts accumulate V in fp16 key by key): decode attention ~1.3x
+  // faster. Results differ from llama.cpp's in the last bits; output stays
+  // deterministic and the same whether a sequence runs alone or batched.
+  // Needs AVX-512 VNNI; elsewhere the backend stays exact.
   kFast,
 };
 std::string_view MathModeName(MathMode mode);

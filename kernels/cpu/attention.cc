@@ -1191,6 +1191,11 @@ void AttentionRowsImpl(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t k
   OneChunkRows(a, t0, t1, kvh, rows == 1 && n_kv >= kSplitKeys, scratch);
 }
 
+void AttentionTiledImpl(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh,
+                        float* scratch) {
+  TiledRows(a, t0, t1, kvh, scratch);
+}
+
 }  // namespace HWY_NAMESPACE
 }  // namespace mnemo::kernels::cpu
 HWY_AFTER_NAMESPACE();
@@ -1199,6 +1204,7 @@ HWY_AFTER_NAMESPACE();
 namespace mnemo::kernels::cpu {
 
 HWY_EXPORT(AttentionRowsImpl);
+HWY_EXPORT(AttentionTiledImpl);
 HWY_EXPORT(LibmExpRowImpl);
 HWY_EXPORT(LibmExpVectorizedImpl);
 
@@ -1228,6 +1234,12 @@ void AttentionBlock(const AttentionArgs& args, int64_t t0, int64_t t1, int32_t k
 
 void AttentionItem(const AttentionArgs& args, int64_t t, int32_t kv_head, float* scratch) {
   HWY_DYNAMIC_DISPATCH(AttentionRowsImpl)(args, t, t + 1, kv_head, scratch);
+}
+
+void AttentionTiled(const AttentionArgs& args, int64_t t0, int64_t t1, int32_t kv_head,
+                    float* scratch) {
+  MNEMO_CHECK(t1 - t0 <= kAttentionBlockTokens);
+  HWY_DYNAMIC_DISPATCH(AttentionTiledImpl)(args, t0, t1, kv_head, scratch);
 }
 
 }  // namespace mnemo::kernels::cpu

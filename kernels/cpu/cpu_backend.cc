@@ -364,7 +364,9 @@ void CpuBackend::Attention(const AttentionArgs& a) {
     const auto [t0, t1] = blocks_[static_cast<size_t>(item / kv_heads)];
     const int32_t kvh = static_cast<int32_t>(item % kv_heads);
     float* scratch = scratch_[static_cast<size_t>(worker)].data();
-    if (t1 - t0 == 1) {
+    if (math_ == MathMode::kFast) {
+      AttentionTiled(a, t0, t1, kvh, scratch);
+    } else if (t1 - t0 == 1) {
       AttentionItem(a, t0, kvh, scratch);
     } else {
       AttentionBlock(a, t0, t1, kvh, scratch);

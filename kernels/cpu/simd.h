@@ -91,6 +91,16 @@ inline constexpr int64_t kAttentionBlockTokens = 32;
 void AttentionBlock(const AttentionArgs& args, int64_t t0, int64_t t1, int32_t kv_head,
                     float* scratch);
 
+// Attention of query tokens [t0, t1), all of one sequence, by the tiled
+// algorithm whatever their number and context (MathMode::kFast): f32 scores
+// and f32 accumulation of V over 64-key tiles aligned at key 0. A row's
+// result depends on its query, its keys and nothing else (not the other
+// rows, not the call's split), so decode gives a token the same result
+// alone or batched; llama.cpp's decode instead accumulates V in fp16 key by
+// key (AttentionItem), which costs ~4x as much per key.
+void AttentionTiled(const AttentionArgs& args, int64_t t0, int64_t t1, int32_t kv_head,
+                    float* scratch);
+
 // --- Targets (for tests and benchmarks) ---------------------------------------
 
 // The compiled targets this CPU supports, best first.

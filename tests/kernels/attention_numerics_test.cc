@@ -239,9 +239,16 @@ class AttentionNumericsTest
   }
 
   // One call of Attention over `runs`, each run its own sequence; every
-  // output float compared to the model of llama.cpp.
+  // output float compared to the model of llama.cpp. Then the same call in
+  // MathMode::kFast (where the CPU has it), where every row takes the tiled
+  // algorithm whatever its run.
   void Check(const std::vector<QueryRun>& runs, uint32_t seed) {
     testing::ForEachTileWidth([&] { CheckOnce(runs, seed); });
+    auto fast = MakeCpuBackend(std::get<1>(GetParam()), MathMode::kFast);
+    if (fast->math_mode() != MathMode::kFast) return;  // no AVX-512 VNNI: nothing else to run
+    fast_ = fast.get();
+    CheckOnce(runs, seed);
+    fast_ = nullptr;
   }
 
   void CheckOnce(const std::vector<QueryRun>& runs, uint32_t seed) {
@@ -305,7 +312,7 @@ class AttentionNumericsTest
     a.kv_len = kv_len.data();
     a.seqs = seqs.data();
     a.n_seqs = static_cast<int32_t>(seqs.size());
-    backend_->Attention(a);
+    (fast_ != nullptr ? fast_ : backend_.get())->Attention(a);
 
     for (int64_t t = 0; t < n_tokens; ++t) {
       const int s = tok_seq[t];
@@ -316,14 +323,17 @@ class AttentionNumericsTest
           kv.k.push_back(page + layout.k_offset(h / group, j % g.page_tokens));
           kv.v.push_back(page + layout.v_offset(h / group, j % g.page_tokens));
         }
+        const float* qh = q.data() + t * q_dim + h * D;
         const std::vector<float> want =
-            MnemoRow(q.data() + t * q_dim + h * D, kv, D, a.scale, kv_len[t], runs[s].rows,
-                     runs[s].last_len);
+            fast_ != nullptr
+                ? Tiled(qh, kv, D, a.scale, kv_len[t])
+                : MnemoRow(qh, kv, D, a.scale, kv_len[t], runs[s].rows, runs[s].last_len);
         const float* got = out.data() + t * q_dim + h * D;
         for (int d = 0; d < D; ++d) {
           if (exact) {
-            ASSERT_EQ(got[d], want[d]) << "token " << t << " (seq " << s << ", " << kv_len[t]
-                                       << " keys) head " << h << " dim " << d;
+            ASSERT_EQ(got[d], want[d]) << (fast_ != nullptr ? "fast: " : "") << "token " << t
+                                       << " (seq " << s << ", " << kv_len[t] << " keys) head " << h
+                                       << " dim " << d;
           } else {
             ASSERT_NEAR(got[d], want[d], 5e-3f) << "token " << t << " head " << h << " dim " << d;
           }
@@ -333,6 +343,7 @@ class AttentionNumericsTest
   }
 
   std::unique_ptr<Backend> backend_;
+  Backend* fast_ = nullptr;  // set: CheckOnce runs Attention on this kFast backend
   std::vector<void*> pages_;
 };
 
