@@ -333,7 +333,8 @@ void CpuBackend::Attention(const AttentionArgs& a) {
     if (s.size() < floats) s.resize(floats);
   }
   // Runs of consecutive tokens of one sequence (prefill) share each pass over
-  // the K/V pages; a lone token (decode) takes the per-token path. A run of
+  // the K/V pages; a lone token (decode) takes the per-token path, except in
+  // MathMode::kFast, where every block takes the tiled one. A run of
   // R tokens splits into equal blocks of at most kAttentionBlockTokens,
   // enough of them that with the kv heads they share out evenly over the
   // threads when the call is that one run (a turn over a long history: 44
