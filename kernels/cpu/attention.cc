@@ -454,6 +454,24 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
       TileExpSums<R>(sr, sum);
       for (int k = 0; k < R; ++k) l[rr[k]] = static_cast<float>(static_cast<double>(l[rr[k]]) + sum[k]);
     };
+    // The next tile's K and V rows go to L2 while this one computes, a few
+    // keys per group of rows: a tile lies in other pages than the last,
+    // where the hardware prefetcher starts cold. (They are read from
+    // memory once per call.)
+    const int64_t next_n = std::min(kTile, max_len - c0 - kTile);
+    const int64_t groups = (n_live + kTiledRows - 1) / kTiledRows;
+    // One group alone (a decode token in MathMode::kFast) takes its share in
+    // three pieces, before each phase: a whole tile at once stalls on the
+    // fill buffers of Intel's cores.
+    const int64_t pieces = groups == 1 ? 3 : 1;
+    const int64_t per_group = groups > 0 ? (next_n + groups * pieces - 1) / (groups * pieces) : next_n;
+    int64_t next_j = 0;
+    auto prefetch_some = [&] {
+      if (next_j >= next_n) return;
+      const int64_t k = std::min(per_group, next_n - next_j);
+      PrefetchKvL2(seq, L, kvh, c0 + kTile + next_j, k);
+      next_j += k;
+    };
     auto rows_of = [&]<int R>(int64_t i) {
       const float* qs[R];
       float* ss[R];
@@ -466,26 +484,14 @@ void TiledRows(const AttentionArgs& a, int64_t t0, int64_t t1, int32_t kvh, floa
         n_max = std::max(n_max, live_valid[i + k]);
       }
       TileScoresR<R>(qs, kt, D, a.scale, ss);
+      if (pieces > 1) prefetch_some();
       softmax.template operator()<R>(live + i, live_valid + i, ss);
+      if (pieces > 1) prefetch_some();
       if (v_tile) {  // the tile's V rows are consecutive in one page
         TilePvF16R<R>(os, ss, [v_tile, D](int64_t j) { return v_tile + j * D; }, n_max, D);
       } else {
         TilePvF16R<R>(os, ss, [&vrow](int64_t j) { return vrow[j]; }, n_max, D);
       }
-    };
-    // The next tile's K and V rows go to L2 while this one computes, a few
-    // keys per group of rows: a tile lies in other pages than the last,
-    // where the hardware prefetcher starts cold. (They are read from
-    // memory once per call.)
-    const int64_t next_n = std::min(kTile, max_len - c0 - kTile);
-    const int64_t groups = (n_live + kTiledRows - 1) / kTiledRows;
-    const int64_t per_group = groups > 0 ? (next_n + groups - 1) / groups : next_n;
-    int64_t next_j = 0;
-    auto prefetch_some = [&] {
-      if (next_j >= next_n) return;
-      const int64_t k = std::min(per_group, next_n - next_j);
-      PrefetchKvL2(seq, L, kvh, c0 + kTile + next_j, k);
-      next_j += k;
     };
     int64_t i = 0;
     for (; i + kTiledRows <= n_live; i += kTiledRows) {
