@@ -57,9 +57,15 @@ enum class MathMode : uint8_t {
   // Needs AVX-512 VNNI; elsewhere the backend stays exact.
   kFast,
 };
-std::string_view MathModeName(MathMode mode);
+inline std::string_view MathModeName(MathMode mode) {
+  return mode == MathMode::kFast ? "fast" : "exact";
+}
 // "exact" or "fast"; nullopt otherwise.
-std::optional<MathMode> ParseMathMode(std::string_view name);
+inline std::optional<MathMode> ParseMathMode(std::string_view name) {
+  if (name == "exact") return MathMode::kExact;
+  if (name == "fast") return MathMode::kFast;
+  return std::nullopt;
+}
 
 enum class RopeStyle : uint8_t {
   kAdjacent,  // llama: rotate pairs (x[2i], x[2i+1])

@@ -1,8 +1,6 @@
 // The table of element and block types mnemo understands, keyed by GGML type id.
 #include "kernels/dtype.h"
 
-#include "kernels/backend.h"
-
 #include <array>
 
 namespace mnemo::kernels {
@@ -52,16 +50,6 @@ bool IsWeightType(DType t) {
       return false;
   }
   return false;
-}
-
-std::string_view MathModeName(MathMode mode) {
-  return mode == MathMode::kFast ? "fast" : "exact";
-}
-
-std::optional<MathMode> ParseMathMode(std::string_view name) {
-  if (name == "exact") return MathMode::kExact;
-  if (name == "fast") return MathMode::kFast;
-  return std::nullopt;
 }
 
 }  // namespace mnemo::kernels

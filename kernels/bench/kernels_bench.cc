@@ -46,7 +46,7 @@ int AllCores() { return std::max(1, static_cast<int>(std::thread::hardware_concu
 // MNEMO_BENCH_MATH=fast runs the matmuls in MathMode::kFast.
 MathMode BenchMath() {
   const char* env = std::getenv("MNEMO_BENCH_MATH");
-  return env != nullptr && ParseMathMode(env) ? *ParseMathMode(env) : MathMode::kExact;
+  return ParseMathMode(env != nullptr ? env : "").value_or(MathMode::kExact);
 }
 
 // One backend per thread count, kept across benchmarks (its pool spins up

@@ -3,8 +3,8 @@
 #include "kernels/cpu/interleaved.h"
 
 #include <algorithm>
-#include <cstddef>
 #include <cmath>
+#include <cstddef>
 #include <cstring>
 #include <vector>
 

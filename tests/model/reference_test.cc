@@ -122,37 +122,37 @@ void ExpectTeacherForcedMatch(Engine& e, double min_agreement) {
       << "top-1 agreement " << agree << "/" << positions;
 }
 
-// Counts how many of the reference's greedy chat continuations `e`
-// reproduces for their first 32 tokens, and how many there are.
-void GreedyChatMatches(Engine& e, int* identical_out, int* total_out, int* prefix_out = nullptr) {
-  Engine* engine_ = &e;
+// How `e`'s greedy chat continuations compare with the reference's over
+// their first 32 tokens.
+struct GreedyMatches {
+  int identical = 0;             // continuations the same throughout
+  std::vector<size_t> prefixes;  // per case: leading tokens the same
+};
+
+void GreedyChatMatches(Engine& e, GreedyMatches* out) {
   json ref = ReadJson(Src("tests/data/ref/greedy.json"));
   ASSERT_GE(ref["cases"].size(), 10u);
-  int identical = 0, total = 0;
   for (const json& c : ref["cases"]) {
     const std::string user = c["user"].get<std::string>();
-    auto prompt = engine_->TokenizeChat(user);
+    auto prompt = e.TokenizeChat(user);
     ASSERT_TRUE(prompt.ok()) << prompt.status().ToString();
     EXPECT_EQ(*prompt, c["prompt_ids"].get<std::vector<int32_t>>()) << c["name"] << ": chat prompt differs";
     GenerateOptions g;
     g.max_tokens = 32;
-    auto seq = engine_->kv().CreateSeq();
-    auto r = engine_->Generate(seq, c["prompt_ids"].get<std::vector<int32_t>>(), g);
-    (void)engine_->kv().FreeSeq(seq);
+    auto seq = e.kv().CreateSeq();
+    auto r = e.Generate(seq, c["prompt_ids"].get<std::vector<int32_t>>(), g);
+    (void)e.kv().FreeSeq(seq);
     ASSERT_TRUE(r.ok()) << r.status().ToString();
     std::vector<int32_t> want = c["ids"].get<std::vector<int32_t>>();
     if (want.size() > 32) want.resize(32);
     const bool same = r->tokens == want;
-    identical += same;
+    out->identical += same;
     size_t prefix = 0;
     while (prefix < want.size() && prefix < r->tokens.size() && r->tokens[prefix] == want[prefix]) ++prefix;
-    if (prefix_out != nullptr) prefix_out[total] = static_cast<int>(prefix);
-    ++total;
+    out->prefixes.push_back(prefix);
     std::printf("%-12s %s (first %zu tokens the same)  %s\n", c["name"].get<std::string>().c_str(),
                 same ? "same" : "DIFFERS", prefix, r->text.substr(0, 60).c_str());
   }
-  *identical_out = identical;
-  *total_out = total;
 }
 
 TEST_F(DefaultModel, TeacherForcedTop1AndPerplexityMatchLlamaCpp) {
@@ -160,8 +160,9 @@ TEST_F(DefaultModel, TeacherForcedTop1AndPerplexityMatchLlamaCpp) {
 }
 
 TEST_F(DefaultModel, GreedyChatContinuationsMatchLlamaCpp) {
-  int identical = 0, total = 0;
-  GreedyChatMatches(*engine_, &identical, &total);
+  GreedyMatches m;
+  GreedyChatMatches(*engine_, &m);
+  const int identical = m.identical, total = static_cast<int>(m.prefixes.size());
   // Near-ties may flip a token when activations round differently: at least
   // 90% (9 of 10) must be identical for their first 32 tokens.
   EXPECT_GE(identical * 10, total * 9) << identical << " of " << total << " identical";
@@ -177,10 +178,11 @@ TEST_F(FastMathModel, TeacherForcedTop1AndPerplexityMatchLlamaCpp) {
 }
 
 TEST_F(FastMathModel, GreedyChatContinuationsStartAsLlamaCpps) {
-  int identical = 0, total = 0, prefix[64] = {};
-  GreedyChatMatches(*engine_, &identical, &total, prefix);
+  GreedyMatches m;
+  GreedyChatMatches(*engine_, &m);
+  const int total = static_cast<int>(m.prefixes.size());
   int first_same = 0;
-  for (int i = 0; i < total; ++i) first_same += prefix[i] > 0;
+  for (size_t prefix : m.prefixes) first_same += prefix > 0;
   // Measured: 14 of 16 (two prompts have near-ties at their first token).
   EXPECT_GE(first_same * 4, total * 3) << first_same << " of " << total;
 }
